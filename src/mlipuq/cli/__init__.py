@@ -1,0 +1,61 @@
+"""The ``mlipuq`` command: a thin layer over the Python API.
+
+Each verb lives in its own module ``mlipuq.cli.<verb>`` exposing
+``register(subparsers)``, which adds an ``argparse`` sub-parser and sets its
+``func`` default to a callable ``func(args) -> int``. Heavy imports (torch,
+nequip, faiss) happen inside ``func``, never at module import, so
+``mlipuq --help`` stays fast.
+
+User mistakes (:class:`~mlipuq.exceptions.InputError`) are printed as one line
+``mlipuq: error: ...`` with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from mlipuq.exceptions import MlipuqError
+
+# One entry per verb module, in the order shown by --help.
+COMMAND_MODULES: tuple[str, ...] = (
+    # one line per verb module
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered verb."""
+    from mlipuq import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mlipuq",
+        description="Uncertainty for machine-learning interatomic potentials.",
+    )
+    parser.add_argument("--version", action="version", version=f"mlipuq {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"mlipuq.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mlipuq`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MlipuqError as exc:
+        print(f"mlipuq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mlipuq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""File input/output helpers: reading structures with clear errors, atomic writes.
+
+Nothing half-written is ever left looking complete: every writer here writes to a
+temporary file in the target directory and renames it into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+from mlipuq.exceptions import InputError
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
+
+    On any exception the temporary file is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        _fsync_file(tmp_path)
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def write_json(target: str | os.PathLike, payload: dict) -> None:
+    """Write ``payload`` as indented JSON, atomically."""
+    with atomic_path(target, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON file, raising :class:`InputError` naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON file ({exc})") from None
+
+
+def save_npz(target: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Save arrays to ``target`` (.npz, uncompressed), atomically; no pickled objects."""
+    with atomic_path(target, suffix=".npz") as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load an .npz written by :func:`save_npz` with ``allow_pickle=False``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+
+
+def read_structures(
+    path: str | os.PathLike, *, index: str = ":", require_forces: bool = False
+) -> list[Atoms]:
+    """Read all configurations of an extxyz (or any ASE-readable) file.
+
+    Parameters
+    ----------
+    path : path-like
+        Structure file.
+    index : str
+        ASE index string (default: every frame).
+    require_forces : bool
+        If True, every frame must carry reference forces (eV/Å).
+
+    Raises
+    ------
+    InputError
+        File missing, unreadable, empty, or without forces when they are required.
+    """
+    from ase.io import read
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        frames = read(path, index=index)
+    except Exception as exc:  # ASE raises many types for malformed files
+        raise InputError(f"{path}: cannot read structures ({type(exc).__name__}: {exc})") from None
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise InputError(f"{path}: contains no configurations")
+    if require_forces:
+        for number, atoms in enumerate(frames):
+            if reference_forces(atoms) is None:
+                raise InputError(f"{path}: configuration {number} has no reference forces")
+    return frames
+
+
+def reference_forces(atoms: Atoms) -> np.ndarray | None:
+    """Reference forces (n_atoms, 3) in eV/Å from ``atoms``, or None if absent.
+
+    Looks at the attached (single-point) calculator first, then ``atoms.arrays``
+    under the usual extxyz names.
+    """
+    if atoms.calc is not None and "forces" in getattr(atoms.calc, "results", {}):
+        return np.asarray(atoms.calc.results["forces"], dtype=float)
+    for key in ("forces", "REF_forces", "force"):
+        if key in atoms.arrays:
+            return np.asarray(atoms.arrays[key], dtype=float)
+    return None
+
+
+def reference_energy(atoms: Atoms) -> float | None:
+    """Reference total energy in eV from ``atoms``, or None if absent."""
+    if atoms.calc is not None and "energy" in getattr(atoms.calc, "results", {}):
+        return float(atoms.calc.results["energy"])
+    for key in ("energy", "REF_energy", "Energy"):
+        if key in atoms.info:
+            return float(atoms.info[key])
+    return None
