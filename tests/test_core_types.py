@@ -15,7 +15,8 @@ from mlipuq.validation import as_species, check_array, check_consistent_length
 
 
 def _frame(symbols: str, forces: np.ndarray | None, config_type: str) -> Atoms:
-    atoms = Atoms(symbols, positions=np.arange(3 * len(symbols), dtype=float).reshape(-1, 3))
+    atoms = Atoms(symbols)
+    atoms.positions = np.arange(3 * len(atoms), dtype=float).reshape(-1, 3)
     atoms.info["config_type"] = config_type
     if forces is not None:
         atoms.calc = SinglePointCalculator(atoms, forces=forces, energy=-1.0)

@@ -153,7 +153,9 @@ def _force_norm(atoms: Atoms) -> np.ndarray:
     return np.linalg.norm(forces, axis=1)
 
 
-def config_max(per_atom: np.ndarray, config_index: np.ndarray, n_configs: int | None = None) -> np.ndarray:
+def config_max(
+    per_atom: np.ndarray, config_index: np.ndarray, n_configs: int | None = None
+) -> np.ndarray:
     """Maximum of a per-atom quantity within each configuration.
 
     Parameters
@@ -174,7 +176,9 @@ def config_max(per_atom: np.ndarray, config_index: np.ndarray, n_configs: int | 
     return out
 
 
-def config_mean(per_atom: np.ndarray, config_index: np.ndarray, n_configs: int | None = None) -> np.ndarray:
+def config_mean(
+    per_atom: np.ndarray, config_index: np.ndarray, n_configs: int | None = None
+) -> np.ndarray:
     """Mean of a per-atom quantity within each configuration, shape (C,)."""
     n_configs = int(config_index.max()) + 1 if n_configs is None else n_configs
     sums = np.bincount(config_index, weights=per_atom, minlength=n_configs)
