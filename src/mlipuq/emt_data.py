@@ -81,7 +81,12 @@ def md_frames(
     system.calc = EMT()
     MaxwellBoltzmannDistribution(system, temperature_K=temperature_K, rng=rng)
     dynamics = Langevin(
-        system, timestep_fs * units.fs, temperature_K=temperature_K, friction=0.02, fixcm=False, rng=rng
+        system,
+        timestep_fs * units.fs,
+        temperature_K=temperature_K,
+        friction=0.02,
+        fixcm=False,
+        rng=rng,
     )
     dynamics.run(equilibration)
     frames = []
