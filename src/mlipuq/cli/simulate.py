@@ -1,0 +1,119 @@
+"""``mlipuq simulate``: MD or relaxation with per-step uncertainty logging and a stop rule.
+
+Example::
+
+    mlipuq simulate --run RUN --structure start.xyz --kind md --steps 100 \\
+        --temperature 300 --stop-on ltau_uncertainty --stop-threshold 0.5 --out traj.extxyz
+
+Writes ``traj.extxyz`` (every frame with its per-atom uncertainty arrays, OVITO-ready),
+``traj.csv`` (one row per frame) and ``traj.summary.json`` (initial / final / max /
+mean per uncertainty key); in snapshot mode also ``traj_snapshots.extxyz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``simulate`` sub-command."""
+    parser = subparsers.add_parser(
+        "simulate",
+        help="run MD / a relaxation with a trained model, logging uncertainty every step",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--run", required=True, help="run folder made by `mlipuq train`")
+    parser.add_argument("--doptimality", default=None,
+                        help="saved DOptimalityEstimator file to attach (as 'doptimality')")
+    parser.add_argument("--model-id", default="model_0", help="ensemble member to run")
+    parser.add_argument("--structure", required=True, help="start structure (any ASE format)")
+    parser.add_argument("--index", type=int, default=0, help="frame of --structure (default 0)")
+    parser.add_argument("--kind", choices=["md", "relax"], default="md")
+    parser.add_argument("--steps", type=int, default=100, help="MD steps / max relax steps")
+    parser.add_argument("--temperature", type=float, default=300.0, help="MD temperature in K")
+    parser.add_argument("--timestep", type=float, default=0.5, help="MD time step in fs")
+    parser.add_argument("--thermostat", choices=["langevin", "nve"], default="langevin")
+    parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    parser.add_argument("--optimizer", choices=["bfgs", "fire"], default="bfgs")
+    parser.add_argument("--fmax", type=float, default=0.05, help="relax convergence, eV/Å")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop-on", default=None,
+                        help="uncertainty key of the stop rule, e.g. ltau_uncertainty")
+    parser.add_argument("--stop-threshold", type=float, default=None)
+    parser.add_argument("--stop-mode", choices=["stop", "snapshot"], default="stop")
+    parser.add_argument("--aggregate", choices=["max", "mean"], default="max",
+                        help="per-frame aggregate over atoms for the stop rule and summary")
+    parser.add_argument("--atoms", default=None,
+                        help="comma-separated atom indices to aggregate over (default all)")
+    parser.add_argument("--out", required=True, help="trajectory extxyz")
+    parser.add_argument("--table", default=None, help="per-frame CSV (default <out>.csv)")
+    parser.add_argument("--summary", default=None,
+                        help="summary JSON (default <out>.summary.json)")
+    parser.set_defaults(func=run)
+
+
+def make_calculator(args: argparse.Namespace) -> object:
+    """The UQ calculator of ``--run`` (replaceable in tests)."""
+    from mlipuq.cli.simulate import uq_calculator
+
+    return uq_calculator(args.run, args.model_id, getattr(args, "doptimality", None))
+
+
+def uq_calculator(run_dir: str, model_id: str, doptimality: str | None = None) -> object:
+    """``UQCalculator.from_run`` with the run's own estimators, plus a D-optimality file."""
+    from mlipuq.backends.nequip.calculator import UQCalculator
+
+    if doptimality is None:
+        return UQCalculator.from_run(run_dir, model_id=model_id)
+    from mlipuq.backends.nequip.calculator import auto_estimators
+    from mlipuq.doptimality import DOptimalityEstimator
+    from mlipuq.run_folder import RunFolder
+
+    estimators = dict(auto_estimators(RunFolder.open(run_dir), model_id))
+    estimators["doptimality"] = DOptimalityEstimator.load(doptimality)
+    return UQCalculator.from_run(run_dir, model_id=model_id, estimators=estimators)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``mlipuq simulate``."""
+    from mlipuq.exceptions import InputError
+    from mlipuq.io import read_structures, write_json
+    from mlipuq.simulation import check_stop_threshold, run_simulation, summarise
+
+    if args.stop_on is not None or args.stop_threshold is not None:
+        check_stop_threshold(args.stop_on, args.stop_threshold)
+    frames = read_structures(args.structure)
+    if not -len(frames) <= args.index < len(frames):
+        raise InputError(f"--index: {args.index} out of range for {len(frames)} frames")
+    mask = None
+    if args.atoms:
+        try:
+            mask = [int(x) for x in args.atoms.split(",") if x.strip()]
+        except ValueError:
+            raise InputError(f"--atoms: expected comma-separated integers, got {args.atoms!r}")\
+                from None
+    out = Path(args.out)
+    table = Path(args.table) if args.table else out.with_suffix(".csv")
+    summary_path = Path(args.summary) if args.summary else out.with_suffix(".summary.json")
+    calculator = make_calculator(args)
+    log = run_simulation(
+        frames[args.index], calculator, kind=args.kind, steps=args.steps,
+        temperature_K=args.temperature, timestep_fs=args.timestep, thermostat=args.thermostat,
+        friction_per_fs=args.friction, optimizer=args.optimizer, fmax=args.fmax,
+        seed=args.seed, log_path=out, table_path=table, stop_on=args.stop_on,
+        stop_threshold=args.stop_threshold, stop_mode=args.stop_mode,
+        aggregate=args.aggregate, atoms_mask=mask,
+    )
+    summary = summarise(log)
+    write_json(summary_path, summary)
+    print(f"{log.n_frames} frames -> {out} (table {table}, summary {summary_path})")
+    if log.stopped:
+        print(f"stopped at step {log.stop_step}: {log.stop_on} ({args.aggregate}) > "
+              f"{log.stop_threshold:g}")
+    if log.snapshot_steps and args.stop_mode == "snapshot":
+        print(f"{len(log.snapshot_steps)} snapshot frame(s) -> {log.snapshot_path}")
+    for key, stats in summary["uncertainty"].items():
+        print(f"{key} ({args.aggregate}): initial {stats['initial']:.4g}  final "
+              f"{stats['final']:.4g}  max {stats['max']:.4g}  mean {stats['mean']:.4g}")
+    return 0

@@ -1,0 +1,528 @@
+"""MD and relaxations with per-step uncertainty logging and stop rules (METHODS.md §1.7).
+
+:func:`run_simulation` drives an ASE dynamics (Langevin or velocity Verlet MD, BFGS
+or FIRE relaxation) with ANY ASE calculator whose ``results`` hold per-atom arrays
+named ``*_uncertainty`` (shape (n_atoms,)): the mlipuq NequIP calculator, a
+:class:`~mlipuq.descriptors.DescriptorUQCalculator`, or a user's own.
+
+Every frame (step 0 included) is
+
+- appended to an extxyz file (positions, cell, energy, forces, momenta and every
+  per-atom array of the calculator that is not a standard ASE property, e.g.
+  ``doptimality_uncertainty``): OVITO reads the columns as particle properties;
+- summarised as one CSV row: ``step, time_fs, energy_eV, fmax_eV_per_A`` and
+  ``max_<key>``, ``mean_<key>`` for every uncertainty key (over the atoms of
+  ``atoms_mask``).
+
+Write strategy: both files are opened once (truncated), each frame is formatted in
+memory and written with ONE ``write`` call, then flushed and fsync-ed, so a crash or
+a kill leaves a file of complete frames (at most the frame being written is lost).
+
+Stop rule: with ``stop_on="<key>"`` and ``stop_threshold=t``, the per-frame
+aggregate (``aggregate="max"`` or ``"mean"`` over the masked atoms) is compared with
+t. ``stop_mode="stop"`` ends the run at the FIRST frame whose aggregate exceeds t
+(that frame is logged); ``stop_mode="snapshot"`` appends every such frame to a
+separate snapshot extxyz and carries on (as pacemaker's / MACE's active-learning MD
+collects extrapolative structures).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+from mlipuq.exceptions import InputError
+
+UNCERTAINTY_SUFFIX = "_uncertainty"
+KINDS = ("md", "relax")
+THERMOSTATS = ("langevin", "nve")
+OPTIMIZERS = ("bfgs", "fire")
+AGGREGATES = ("max", "mean")
+STOP_MODES = ("stop", "snapshot")
+# extxyz / ASE names that per-atom arrays must not overwrite
+_RESERVED = {"positions", "numbers", "momenta", "masses", "forces", "energies", "species"}
+_RESERVED |= {"pos", "Z", "charges", "magmoms", "initial_magmoms", "initial_charges"}
+
+
+@dataclass
+class SimulationLog:
+    """What :func:`run_simulation` recorded.
+
+    Attributes
+    ----------
+    kind : str
+        ``"md"`` or ``"relax"``.
+    steps : ndarray of int, shape (F,)
+        Dynamics step of each logged frame (0 = start).
+    times_fs : ndarray of float, shape (F,)
+        Simulation time in fs (MD) or NaN (relaxation).
+    energies : ndarray of float, shape (F,)
+        Potential energy in eV.
+    fmax : ndarray of float, shape (F,)
+        Largest atomic force norm in eV/Å.
+    uncertainty_max, uncertainty_mean : dict of str -> ndarray, shape (F,)
+        Per frame, max / mean over the masked atoms of each ``*_uncertainty`` key.
+    aggregate : str
+        Which of the two is "the" per-frame uncertainty (stop rule, summary).
+    stopped : bool
+        True if the stop rule ended the run early.
+    stop_step : int or None
+        Step of the first frame above the threshold (``stop`` mode) or None.
+    snapshot_steps : list of int
+        Steps of frames above the threshold (both modes; saved in snapshot mode).
+    converged : bool
+        Relaxation reached ``fmax`` (always False for MD).
+    log_path, table_path, snapshot_path : Path or None
+        Files written.
+    """
+
+    kind: str
+    steps: np.ndarray
+    times_fs: np.ndarray
+    energies: np.ndarray
+    fmax: np.ndarray
+    uncertainty_max: dict[str, np.ndarray]
+    uncertainty_mean: dict[str, np.ndarray]
+    aggregate: str = "max"
+    stopped: bool = False
+    stop_step: int | None = None
+    stop_on: str | None = None
+    stop_threshold: float | None = None
+    snapshot_steps: list[int] = field(default_factory=list)
+    converged: bool = False
+    log_path: Path | None = None
+    table_path: Path | None = None
+    snapshot_path: Path | None = None
+
+    @property
+    def n_frames(self) -> int:
+        """Number of logged frames F."""
+        return len(self.steps)
+
+    def uncertainty(self, key: str) -> np.ndarray:
+        """The aggregated per-frame uncertainty (F,) of ``key`` (``aggregate`` applied)."""
+        table = self.uncertainty_max if self.aggregate == "max" else self.uncertainty_mean
+        if key not in table:
+            raise InputError(f"key: {key!r} not logged; available {sorted(table)}")
+        return table[key]
+
+
+def summarise(log: SimulationLog) -> dict:
+    """Trajectory summary: initial, final, max and mean of each aggregated uncertainty.
+
+    In the LTAU paper the initial and maximum UQ of a relaxation predicted its final
+    error; the final and mean did not.
+
+    Returns
+    -------
+    dict
+        ``{"n_frames", "kind", "aggregate", "stopped", "stop_step", "converged",
+        "uncertainty": {key: {"initial", "final", "max", "mean", "argmax_step"}}}``.
+    """
+    table = log.uncertainty_max if log.aggregate == "max" else log.uncertainty_mean
+    stats = {}
+    for key, values in table.items():
+        stats[key] = {
+            "initial": float(values[0]),
+            "final": float(values[-1]),
+            "max": float(values.max()),
+            "mean": float(values.mean()),
+            "argmax_step": int(log.steps[int(np.argmax(values))]),
+        }
+    return {
+        "kind": log.kind,
+        "n_frames": log.n_frames,
+        "aggregate": log.aggregate,
+        "stopped": log.stopped,
+        "stop_on": log.stop_on,
+        "stop_threshold": log.stop_threshold,
+        "stop_step": log.stop_step,
+        "n_snapshots": len(log.snapshot_steps),
+        "converged": log.converged,
+        "uncertainty": stats,
+    }
+
+
+def check_stop_threshold(key: str | None, threshold: float | None) -> float | None:
+    """Validate a stop/selection threshold for the uncertainty ``key``.
+
+    Uncertainties are non-negative, so the threshold must be a finite number >= 0;
+    LTAU uncertainties (keys starting with ``ltau``) are 1 - p in [0, 1].
+    """
+    if key is None:
+        if threshold is not None:
+            raise InputError("stop_threshold: given without stop_on (which uncertainty?)")
+        return None
+    if threshold is None:
+        raise InputError(f"stop_threshold: required with stop_on={key!r}")
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise InputError(f"threshold: expected a number, got {threshold!r}") from None
+    if not np.isfinite(value) or value < 0:
+        raise InputError(f"threshold: expected a finite number >= 0, got {threshold!r}")
+    if key.startswith("ltau") and value > 1:
+        raise InputError(f"threshold: {key} is 1 - p in [0, 1], got threshold {value:g}")
+    return value
+
+
+def run_simulation(
+    atoms: Atoms,
+    calculator: object,
+    *,
+    kind: str = "md",
+    steps: int = 100,
+    temperature_K: float = 300.0,
+    timestep_fs: float = 0.5,
+    thermostat: str = "langevin",
+    friction_per_fs: float = 0.01,
+    set_velocities: bool = True,
+    optimizer: str = "bfgs",
+    fmax: float = 0.05,
+    seed: int = 0,
+    log_path: str | os.PathLike | None = None,
+    table_path: str | os.PathLike | None = None,
+    snapshot_path: str | os.PathLike | None = None,
+    stop_on: str | None = None,
+    stop_threshold: float | None = None,
+    stop_mode: str = "stop",
+    aggregate: str = "max",
+    atoms_mask: np.ndarray | Sequence[int] | None = None,
+) -> SimulationLog:
+    """Run MD or a relaxation and log the per-atom uncertainty of every frame.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Start structure (copied; the input is not modified).
+    calculator : ase Calculator
+        Any calculator whose ``results`` contain per-atom ``*_uncertainty`` arrays.
+    kind : {"md", "relax"}
+        Molecular dynamics or geometry optimisation.
+    steps : int
+        Number of MD steps / maximum number of optimiser steps.
+    temperature_K : float
+        MD temperature in K (initial Maxwell-Boltzmann velocities and Langevin bath).
+    timestep_fs : float
+        MD time step in fs.
+    thermostat : {"langevin", "nve"}
+        Langevin (NVT) or velocity Verlet (NVE).
+    friction_per_fs : float
+        Langevin friction in 1/fs.
+    set_velocities : bool
+        Draw Maxwell-Boltzmann velocities at ``temperature_K`` (seeded, zero total
+        momentum); False keeps the momenta the atoms carry.
+    optimizer : {"bfgs", "fire"}
+        Relaxation algorithm.
+    fmax : float
+        Relaxation convergence: largest force norm in eV/Å.
+    seed : int
+        Seed of the velocity draw and the Langevin noise.
+    log_path : path-like, optional
+        Trajectory extxyz (one frame per step, every per-atom array).
+    table_path : path-like, optional
+        Per-frame CSV table.
+    snapshot_path : path-like, optional
+        Extxyz for frames above the threshold in snapshot mode (default:
+        ``<log_path stem>_snapshots.extxyz``).
+    stop_on : str, optional
+        Uncertainty key of the stop rule, e.g. ``"doptimality_uncertainty"``.
+    stop_threshold : float, optional
+        Threshold in the key's unit (>= 0; <= 1 for LTAU keys).
+    stop_mode : {"stop", "snapshot"}
+        Stop at the first crossing, or save crossing frames and continue.
+    aggregate : {"max", "mean"}
+        Per-frame aggregate over the masked atoms used for the stop rule and summary.
+    atoms_mask : array of bool (n_atoms,) or of int indices, optional
+        Atoms over which frames are aggregated (default all).
+
+    Returns
+    -------
+    SimulationLog
+
+    Raises
+    ------
+    InputError
+        Bad option, threshold out of range, a calculator without ``*_uncertainty``
+        arrays or without the ``stop_on`` key.
+    """
+    _check_choice(kind, KINDS, "kind")
+    _check_choice(aggregate, AGGREGATES, "aggregate")
+    _check_choice(stop_mode, STOP_MODES, "stop_mode")
+    if int(steps) < 0:
+        raise InputError(f"steps: expected >= 0, got {steps!r}")
+    stop_threshold = check_stop_threshold(stop_on, stop_threshold)
+    if stop_on is not None and not stop_on.endswith(UNCERTAINTY_SUFFIX):
+        stop_on = stop_on + UNCERTAINTY_SUFFIX
+    if len(atoms) == 0:
+        raise InputError("atoms: the start structure has no atoms")
+    mask = _atom_mask(atoms_mask, len(atoms))
+
+    work = atoms.copy()
+    work.calc = calculator
+    dyn = _make_dynamics(
+        work, kind, temperature_K=temperature_K, timestep_fs=timestep_fs,
+        thermostat=thermostat, friction_per_fs=friction_per_fs,
+        set_velocities=set_velocities, optimizer=optimizer, seed=seed,
+    )
+    if snapshot_path is None and log_path is not None and stop_mode == "snapshot":
+        log_path_ = Path(log_path)
+        snapshot_path = log_path_.with_name(f"{log_path_.stem}_snapshots.extxyz")
+    logger = _FrameLogger(
+        kind=kind, timestep_fs=timestep_fs, mask=mask, log_path=log_path,
+        table_path=table_path, snapshot_path=snapshot_path if stop_mode == "snapshot" else None,
+    )
+    log = SimulationLog(
+        kind=kind, steps=np.zeros(0, int), times_fs=np.zeros(0), energies=np.zeros(0),
+        fmax=np.zeros(0), uncertainty_max={}, uncertainty_mean={}, aggregate=aggregate,
+        stop_on=stop_on, stop_threshold=stop_threshold,
+        log_path=Path(log_path) if log_path is not None else None,
+        table_path=Path(table_path) if table_path is not None else None,
+        snapshot_path=Path(snapshot_path) if snapshot_path and stop_mode == "snapshot" else None,
+    )
+    run = dyn.irun(fmax=fmax, steps=int(steps)) if kind == "relax" else dyn.irun(steps=int(steps))
+    try:
+        for converged in run:
+            row = logger.record(work, int(dyn.nsteps))
+            log.converged = bool(converged) and kind == "relax"
+            if stop_on is None:
+                continue
+            if stop_on not in row["max"]:
+                raise InputError(
+                    f"stop_on: the calculator gives no {stop_on!r}; it gives "
+                    f"{sorted(row['max'])}"
+                )
+            value = row[aggregate][stop_on]
+            if value > stop_threshold:
+                log.snapshot_steps.append(int(dyn.nsteps))
+                if stop_mode == "snapshot":
+                    logger.snapshot(work)
+                else:
+                    log.stopped, log.stop_step = True, int(dyn.nsteps)
+                    break
+    finally:
+        logger.close()
+    logger.fill(log)
+    return log
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> None:
+    if value not in allowed:
+        raise InputError(f"{name}: expected one of {list(allowed)}, got {value!r}")
+
+
+def _atom_mask(atoms_mask: np.ndarray | Sequence[int] | None, n_atoms: int) -> np.ndarray:
+    if atoms_mask is None:
+        return np.ones(n_atoms, dtype=bool)
+    array = np.asarray(atoms_mask)
+    if array.dtype == bool:
+        if array.shape != (n_atoms,):
+            raise InputError(f"atoms_mask: expected {n_atoms} booleans, got shape {array.shape}")
+        mask = array.copy()
+    else:
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise InputError("atoms_mask: expected booleans (n_atoms,) or integer atom indices")
+        if array.size and (array.min() < -n_atoms or array.max() >= n_atoms):
+            raise InputError(f"atoms_mask: index out of range for {n_atoms} atoms")
+        mask = np.zeros(n_atoms, dtype=bool)
+        mask[array] = True
+    if not mask.any():
+        raise InputError("atoms_mask: selects no atoms")
+    return mask
+
+
+def _make_dynamics(
+    atoms: Atoms,
+    kind: str,
+    *,
+    temperature_K: float,
+    timestep_fs: float,
+    thermostat: str,
+    friction_per_fs: float,
+    set_velocities: bool,
+    optimizer: str,
+    seed: int,
+) -> object:
+    from ase import units
+
+    if kind == "relax":
+        _check_choice(optimizer, OPTIMIZERS, "optimizer")
+        from ase.optimize import BFGS, FIRE
+
+        return (BFGS if optimizer == "bfgs" else FIRE)(atoms, logfile=None)
+    _check_choice(thermostat, THERMOSTATS, "thermostat")
+    for name, value in (("timestep_fs", timestep_fs), ("temperature_K", temperature_K)):
+        if not np.isfinite(value) or value < 0 or (name == "timestep_fs" and value == 0):
+            raise InputError(f"{name}: expected a finite positive number, got {value!r}")
+    from ase.md import velocitydistribution
+    from ase.md.langevin import Langevin
+    from ase.md.verlet import VelocityVerlet
+
+    rng = np.random.default_rng(seed)
+    if set_velocities:
+        # thermalize_momenta is ASE >= 3.29's name of MaxwellBoltzmannDistribution
+        thermalize = getattr(velocitydistribution, "thermalize_momenta", None)
+        thermalize = thermalize or velocitydistribution.MaxwellBoltzmannDistribution
+        thermalize(atoms, temperature_K=temperature_K, rng=rng)
+        velocitydistribution.Stationary(atoms)
+    timestep = timestep_fs * units.fs
+    if thermostat == "nve":
+        return VelocityVerlet(atoms, timestep=timestep, logfile=None)
+    if not np.isfinite(friction_per_fs) or friction_per_fs < 0:
+        raise InputError(f"friction_per_fs: expected >= 0, got {friction_per_fs!r}")
+    return Langevin(
+        atoms, timestep=timestep, temperature_K=temperature_K,
+        friction=friction_per_fs / units.fs, fixcm=False, rng=rng, logfile=None,
+    )
+
+
+class _FrameLogger:
+    """Writes frames (extxyz) and table rows (CSV) as they come, flushed per frame."""
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        timestep_fs: float,
+        mask: np.ndarray,
+        log_path: str | os.PathLike | None,
+        table_path: str | os.PathLike | None,
+        snapshot_path: str | os.PathLike | None,
+    ) -> None:
+        self.kind, self.timestep_fs, self.mask = kind, timestep_fs, mask
+        self.rows: list[dict] = []
+        self.keys: list[str] | None = None
+        self.paths = (log_path, table_path, snapshot_path)
+        self.traj = self.table = self.snapshots = None  # opened at the first valid frame
+        self.frame: Atoms | None = None
+
+    def record(self, atoms: Atoms, step: int) -> dict:
+        energy = float(atoms.get_potential_energy())
+        forces = np.asarray(atoms.get_forces())
+        results = atoms.calc.results
+        per_atom = _per_atom_arrays(results, len(atoms))
+        keys = sorted(k for k in per_atom if k.endswith(UNCERTAINTY_SUFFIX))
+        if self.keys is None:
+            if not keys:
+                raise InputError(
+                    "calculator: its results hold no per-atom '*_uncertainty' array "
+                    f"(keys: {sorted(results)})"
+                )
+            self.keys = keys
+            self.traj, self.table, self.snapshots = (_open(p) for p in self.paths)
+        elif keys != self.keys:
+            raise InputError(f"calculator: uncertainty keys changed from {self.keys} to {keys}")
+        row = {
+            "step": step,
+            "time_fs": step * self.timestep_fs if self.kind == "md" else float("nan"),
+            "energy": energy,
+            "fmax": float(np.sqrt((forces**2).sum(axis=1)).max()),
+            "max": {k: float(per_atom[k][self.mask].max()) for k in keys},
+            "mean": {k: float(per_atom[k][self.mask].mean()) for k in keys},
+        }
+        self.rows.append(row)
+        self.frame = _frame(atoms, energy, forces, results, per_atom, step)
+        _append(self.traj, _extxyz_text(self.frame))
+        if self.table is not None:
+            _append(self.table, _csv_text(row, keys, header=len(self.rows) == 1))
+        return row
+
+    def snapshot(self, atoms: Atoms) -> None:
+        if self.snapshots is not None and self.frame is not None:
+            _append(self.snapshots, _extxyz_text(self.frame))
+
+    def close(self) -> None:
+        for handle in (self.traj, self.table, self.snapshots):
+            if handle is not None:
+                handle.close()
+
+    def fill(self, log: SimulationLog) -> None:
+        rows, keys = self.rows, self.keys or []
+        log.steps = np.array([r["step"] for r in rows], dtype=np.int64)
+        log.times_fs = np.array([r["time_fs"] for r in rows], dtype=float)
+        log.energies = np.array([r["energy"] for r in rows], dtype=float)
+        log.fmax = np.array([r["fmax"] for r in rows], dtype=float)
+        log.uncertainty_max = {k: np.array([r["max"][k] for r in rows]) for k in keys}
+        log.uncertainty_mean = {k: np.array([r["mean"][k] for r in rows]) for k in keys}
+
+
+def _open(path: str | os.PathLike | None) -> io.TextIOBase | None:
+    if path is None:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by _FrameLogger.close
+
+
+def _append(handle: io.TextIOBase | None, text: str) -> None:
+    if handle is None:
+        return
+    handle.write(text)
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _per_atom_arrays(results: dict, n_atoms: int) -> dict[str, np.ndarray]:
+    from ase.calculators.calculator import all_properties
+
+    arrays = {}
+    for key, value in results.items():
+        if key in all_properties or key in _RESERVED:
+            continue
+        array = np.asarray(value)
+        if array.ndim >= 1 and array.shape[0] == n_atoms and array.dtype.kind in "biuf":
+            arrays[key] = array
+    return arrays
+
+
+def _frame(
+    atoms: Atoms,
+    energy: float,
+    forces: np.ndarray,
+    results: dict,
+    per_atom: dict[str, np.ndarray],
+    step: int,
+) -> Atoms:
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frame = atoms.copy()
+    for key, values in per_atom.items():
+        frame.arrays[key] = np.array(values, copy=True)
+    frame.info["step"] = step
+    extra = {k: results[k] for k in ("stress", "energies", "free_energy") if k in results}
+    frame.calc = SinglePointCalculator(frame, energy=energy, forces=np.copy(forces), **extra)
+    return frame
+
+
+def _extxyz_text(frame: Atoms) -> str:
+    from ase.io import write
+
+    buffer = io.StringIO()
+    write(buffer, frame, format="extxyz")
+    return buffer.getvalue()
+
+
+def _csv_text(row: dict, keys: list[str], *, header: bool) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if header:
+        columns = ["step", "time_fs", "energy_eV", "fmax_eV_per_A"]
+        for key in keys:
+            columns += [f"max_{key}", f"mean_{key}"]
+        writer.writerow(columns)
+    values = [row["step"], _fmt(row["time_fs"]), _fmt(row["energy"]), _fmt(row["fmax"])]
+    for key in keys:
+        values += [_fmt(row["max"][key]), _fmt(row["mean"][key])]
+    writer.writerow(values)
+    return buffer.getvalue()
+
+
+def _fmt(value: float) -> str:
+    return repr(float(value))
