@@ -1,0 +1,195 @@
+"""MaxVol and the extrapolation grade against brute force and direct formulas."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from mlipuq.exceptions import InputError
+from mlipuq.maxvol import active_set_inverse, extrapolation_grade, maxvol
+
+SLACK = 1e-9
+
+
+def _abs_det(matrix: np.ndarray, rows: np.ndarray) -> float:
+    return abs(float(np.linalg.det(matrix[rows])))
+
+
+def _grade(matrix: np.ndarray, rows: np.ndarray, projection=None) -> np.ndarray:
+    return extrapolation_grade(matrix, active_set_inverse(matrix[rows], projection))
+
+
+def _best_swap_ratio(matrix: np.ndarray, rows: np.ndarray) -> float:
+    """Largest |det| growth from replacing one active row by any other row (brute force)."""
+    base = _abs_det(matrix, rows)
+    best = 0.0
+    for slot in range(len(rows)):
+        for candidate in range(len(matrix)):
+            trial = rows.copy()
+            trial[slot] = candidate
+            best = max(best, _abs_det(matrix, trial) / base)
+    return best
+
+
+@pytest.mark.parametrize("shape", [(9, 3), (10, 4)])
+def test_maxvol_against_brute_force(rng, shape):
+    n, d = shape
+    hits = 0
+    for _ in range(15):
+        x = rng.normal(size=shape)
+        result = maxvol(x, tol=1.01)
+        best = max(_abs_det(x, list(c)) for c in itertools.combinations(range(n), d))
+        got = _abs_det(x, result.indices)
+        # A dominant submatrix (all |coefficients| <= tol) is within (tol*sqrt(d))^d of the max
+        # (Hadamard's inequality); no single swap grows the volume by more than tol.
+        assert got >= best / (1.01 * np.sqrt(d)) ** d
+        assert _best_swap_ratio(x, result.indices) <= 1.01 + SLACK
+        assert result.max_coefficient <= 1.01 + SLACK
+        hits += got >= best / 1.01**d
+    # the local maximum is the global one (within tol^d) in most random cases
+    assert hits >= 12
+
+
+def test_training_rows_have_gamma_below_tol(rng):
+    x = rng.normal(size=(500, 8)) * rng.uniform(0.1, 10.0, size=8)
+    for tol in (1.0, 1.01, 1.5):
+        result = maxvol(x, tol=tol)
+        gamma = _grade(x, result.indices)
+        assert gamma.max() <= tol + SLACK
+        np.testing.assert_allclose(gamma[result.indices], 1.0, atol=1e-10)
+
+
+def test_gamma_formula_matches_direct_solve(rng):
+    x = rng.normal(size=(60, 5))
+    rows = maxvol(x).indices
+    test = rng.normal(size=(7, 5)) * 3
+    direct = np.abs(np.linalg.solve(x[rows].T, test.T).T).max(axis=1)
+    np.testing.assert_allclose(extrapolation_grade(test, np.linalg.inv(x[rows])), direct)
+    np.testing.assert_allclose(
+        extrapolation_grade(test, np.linalg.inv(x[rows]), batch_size=2), direct
+    )
+
+
+def test_row_order_invariance(rng):
+    x = rng.normal(size=(40, 4))
+    test = rng.normal(size=(25, 4)) * 2
+    first = maxvol(x, tol=1.0)
+    perm = rng.permutation(len(x))
+    second = maxvol(x[perm], tol=1.0)
+    det_a, det_b = _abs_det(x, first.indices), _abs_det(x[perm], second.indices)
+    if set(first.indices.tolist()) == set(perm[second.indices].tolist()):
+        np.testing.assert_allclose(det_a, det_b, rtol=1e-10)
+        np.testing.assert_allclose(
+            _grade_on(x, first.indices, test), _grade_on(x[perm], second.indices, test)
+        )
+    else:  # two different local maxima: both dominate every training row
+        assert max(det_a, det_b) / min(det_a, det_b) <= (np.sqrt(4) * 1.0) ** 4
+
+
+def _grade_on(train, rows, test):
+    return extrapolation_grade(test, active_set_inverse(train[rows]))
+
+
+def test_row_order_invariance_with_unique_maximum(rng):
+    """With D dominant rows, every order and batch size selects the same set."""
+    d = 6
+    x = rng.normal(size=(300, d)) * 0.1
+    big = rng.choice(300, size=d, replace=False)
+    x[big] = np.eye(d) * 5 + rng.normal(size=(d, d)) * 0.1
+    test = rng.normal(size=(20, d))
+    reference = _grade_on(x, maxvol(x).indices, test)
+    for _ in range(3):
+        perm = rng.permutation(300)
+        rows = maxvol(x[perm]).indices
+        assert set(perm[rows].tolist()) == set(big.tolist())
+        np.testing.assert_allclose(_grade_on(x[perm], rows, test), reference, rtol=1e-10)
+    batched = maxvol(x, batch_size=40)
+    assert set(batched.indices.tolist()) == set(big.tolist())
+
+
+def test_active_row_has_gamma_one(rng):
+    x = rng.normal(size=(50, 5))
+    rows = maxvol(x).indices
+    gamma = extrapolation_grade(x[rows], active_set_inverse(x[rows]))
+    np.testing.assert_allclose(gamma, 1.0, atol=1e-10)
+    # a scaled active row has gamma = the scale factor
+    np.testing.assert_allclose(
+        extrapolation_grade(3 * x[rows[:1]], active_set_inverse(x[rows])), 3.0, rtol=1e-10
+    )
+
+
+def test_rank_deficient_input_is_projected_with_warning(rng):
+    base = rng.normal(size=(80, 3))
+    x = np.c_[base, base[:, 0] + base[:, 1], np.zeros(80)]  # rank 3 in 5 columns
+    with pytest.warns(UserWarning, match="numerical rank 3 < 5"):
+        result = maxvol(x)
+    assert result.rank == 3 and result.projection.shape == (5, 3)
+    assert len(result.indices) == 3
+    gamma = _grade(x, result.indices, result.projection)
+    assert gamma.max() <= 1.01 + SLACK
+    # the pinv-like inverse without the projection gives the same gamma on the span
+    np.testing.assert_allclose(gamma, _grade(x, result.indices), rtol=1e-8)
+
+
+def test_fewer_rows_than_features(rng):
+    x = rng.normal(size=(4, 10))
+    with pytest.warns(UserWarning, match="numerical rank 4 < 10"):
+        result = maxvol(x)
+    assert sorted(result.indices.tolist()) == [0, 1, 2, 3]
+    gamma = _grade(x, result.indices, result.projection)
+    np.testing.assert_allclose(gamma, 1.0, atol=1e-10)
+    # a combination of training rows has gamma = max |coefficient|
+    combo = (0.5 * x[0] - 2.0 * x[3])[None]
+    np.testing.assert_allclose(
+        extrapolation_grade(combo, active_set_inverse(x[result.indices], result.projection)),
+        2.0,
+        rtol=1e-8,
+    )
+
+
+def test_batch_mode(rng):
+    d = 8
+    x = rng.normal(size=(3000, d)) * rng.uniform(0.5, 2.0, size=d)
+    dense = maxvol(x)
+    for batch in (64, 500):
+        batched = maxvol(x, batch_size=batch)
+        assert batched.converged
+        gamma = _grade(x, batched.indices)
+        assert gamma.max() <= 1.01 + SLACK
+        ratio = _abs_det(x, batched.indices) / _abs_det(x, dense.indices)
+        # both are dominant in the same rows, so neither can be much larger (Hadamard bound)
+        # (different local maxima: |det| within tol^d of each other is NOT guaranteed)
+        assert (1.01 * np.sqrt(d)) ** -d <= ratio <= (1.01 * np.sqrt(d)) ** d
+
+
+def test_batch_mode_rank_deficient_first_chunk(rng):
+    """First chunks span only 2 of 4 directions: the batch start waits for more rows."""
+    d = 4
+    x = np.zeros((400, d))
+    x[:200, :2] = rng.normal(size=(200, 2))
+    x[200:] = rng.normal(size=(200, d))
+    result = maxvol(x, batch_size=50)
+    assert result.converged and result.rank == d
+    assert _grade(x, result.indices).max() <= 1.01 + SLACK
+
+
+def test_max_iters_stops_with_warning(rng):
+    x = rng.normal(size=(2000, 10))
+    with pytest.warns(UserWarning, match="max_iters=1"):
+        result = maxvol(x, max_iters=1, tol=1.0)
+    assert result.n_swaps == 1 and not result.converged
+
+
+def test_bad_inputs():
+    with pytest.raises(InputError, match="features: contains 1 NaN"):
+        maxvol(np.array([[1.0, np.nan], [0.0, 1.0]]))
+    with pytest.raises(InputError, match="features: expected a 2-d array"):
+        maxvol(np.ones(3))
+    with pytest.raises(InputError, match="tol: expected a value >= 1"):
+        maxvol(np.eye(2), tol=0.5)
+    with pytest.raises(InputError, match="numerical rank 0"):
+        maxvol(np.zeros((5, 2)))
+    with pytest.raises(InputError, match=r"features: expected shape \(n, 2\)"):
+        extrapolation_grade(np.ones((3, 3)), np.eye(2))
