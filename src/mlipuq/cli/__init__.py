@@ -22,6 +22,13 @@ from mlipuq.exceptions import MlipuqError
 # One entry per verb module, in the order shown by --help.
 COMMAND_MODULES: tuple[str, ...] = (
     # one line per verb module
+    "train",
+    "ltau",
+    "fit",
+    "simulate",
+    "select",
+    "evaluate",
+    "demo",
 )
 
 

@@ -1,0 +1,283 @@
+"""``mlipuq ltau fit`` / ``mlipuq ltau predict``: LTAU from files, over the Python API.
+
+Examples
+--------
+::
+
+    mlipuq ltau fit --store store/ --descriptors train_desc.npy \\
+        --structures train.extxyz --out ltau_estimator/
+    mlipuq ltau predict --estimator ltau_estimator/ --descriptors test_desc.npy \\
+        --structures test.extxyz --out results.extxyz --summary summary.json
+
+Descriptor files are ``.npy`` arrays (n_atoms, D), one row per atom in the order of
+the structure file. The training atom order must be the one of the trajectory
+store (checked with the atom-table fingerprint). Per-atom results go into the
+extxyz arrays ``ltau_uncertainty``, ``ltau_p``, ``ltau_expected_error`` (eV/Å),
+``ltau_knn_distance`` (and ``ltau_flag`` with ``--threshold``); per-configuration
+maxima and means into ``info`` (``ltau_config_uncertainty``,
+``ltau_config_mean_uncertainty``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlipuq.exceptions import InputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``ltau fit`` and ``ltau predict`` to the ``mlipuq`` parser."""
+    parser = subparsers.add_parser(
+        "ltau",
+        help="LTAU uncertainty: fit on training error trajectories, predict new atoms",
+        description="Loss Trajectory Analysis for Uncertainty (k-NN transfer of per-atom "
+        "training error distributions).",
+    )
+    verbs = parser.add_subparsers(dest="ltau_command", metavar="{fit,predict}")
+    verbs.required = True
+    _register_fit(verbs)
+    _register_predict(verbs)
+
+
+def _register_fit(verbs: argparse._SubParsersAction) -> None:
+    fit = verbs.add_parser(
+        "fit", help="build an LTAU estimator from error trajectories and descriptors"
+    )
+    source = fit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", type=Path, help="trajectory store directory")
+    source.add_argument(
+        "--errors", type=Path, nargs="+", metavar="NPY",
+        help="error trajectories (E, N) in eV/Å as .npy, one file per model",
+    )
+    fit.add_argument("--descriptors", type=Path, required=True,
+                     help="training descriptors .npy (N, D), rows in structure-file order")
+    fit.add_argument("--structures", type=Path, required=True,
+                     help="training structures (extxyz): species and atom order")
+    fit.add_argument("--out", type=Path, required=True, help="estimator directory to write")
+    fit.add_argument("--k", type=int, default=5, help="neighbours per atom (default 5)")
+    fit.add_argument("--atol", type=float, default=None,
+                     help="tolerance in eV/Å (default: final-epoch training MAE)")
+    fit.add_argument("--rtol", type=float, default=0.0,
+                     help="relative tolerance on |F_ref| of each neighbour (default 0)")
+    fit.add_argument("--scale", type=float, default=1.0, help="default scale factor s")
+    fit.add_argument("--index", choices=("auto", "flat", "hnsw", "ivfpq"), default="auto",
+                     help="FAISS index (auto: flat < 50k rows <= hnsw < 5M <= ivfpq)")
+    fit.add_argument("--no-per-element", dest="per_element", action="store_false",
+                     help="one index for all elements instead of one per element")
+    fit.add_argument("--hnsw-m", type=int, default=32)
+    fit.add_argument("--ef-construction", type=int, default=40)
+    fit.add_argument("--ef-search", type=int, default=16)
+    fit.add_argument("--ivf-nlist", type=int, default=None)
+    fit.add_argument("--pq-m", type=int, default=None)
+    fit.add_argument("--nprobe", type=int, default=16)
+    fit.add_argument("--n-bins", type=int, default=100, help="histogram bins (log-spaced)")
+    fit.add_argument("--window", nargs=2, metavar=("START", "SIZE"), default=None,
+                     help="epoch window: start position and size (SIZE 'all': to the end)")
+    fit.add_argument("--n-threads", type=int, default=1, help="FAISS threads (default 1)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.set_defaults(func=run_fit)
+
+
+def _register_predict(verbs: argparse._SubParsersAction) -> None:
+    predict = verbs.add_parser("predict", help="LTAU uncertainty of new structures")
+    predict.add_argument("--estimator", type=Path, required=True,
+                         help="directory written by 'mlipuq ltau fit'")
+    predict.add_argument("--descriptors", type=Path, required=True,
+                         help="test descriptors .npy (n, D), rows in structure-file order")
+    predict.add_argument("--structures", type=Path, required=True, help="test structures")
+    predict.add_argument("--out", type=Path, required=True,
+                         help="extxyz to write, with the per-atom ltau_* arrays")
+    predict.add_argument("--summary", type=Path, default=None, help="JSON summary to write")
+    predict.add_argument("--scale", type=float, default=None,
+                         help="scale factor s (default: the estimator's)")
+    predict.add_argument("--atol", type=float, default=None,
+                         help="tolerance in eV/Å (default: the estimator's)")
+    predict.add_argument("--k", type=int, default=None, help="neighbours (default: fitted k)")
+    predict.add_argument("--threshold", type=float, default=None,
+                         help="flag atoms/configurations with uncertainty above this")
+    predict.add_argument("--n-threads", type=int, default=None, help="FAISS threads")
+    predict.set_defaults(func=run_predict)
+
+
+def _stage(message: str) -> None:
+    print(f"mlipuq ltau: {message}", file=sys.stderr, flush=True)
+
+
+def load_npy(path: Path, name: str) -> np.ndarray:
+    """Read a .npy array without pickle, with an :class:`InputError` naming the file."""
+    if not path.is_file():
+        raise InputError(f"{name}: file {path} not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{name}: {path} is not a readable .npy array ({exc})") from None
+
+
+def _window(values: list[str] | None) -> tuple[int, int | None] | None:
+    if values is None:
+        return None
+    start, size = values
+    try:
+        return int(start), None if size.lower() in ("all", "none") else int(size)
+    except ValueError:
+        raise InputError(f"--window: expected START SIZE integers, got {start} {size}") from None
+
+
+def _structures_and_descriptors(args: argparse.Namespace) -> tuple[list, Any, np.ndarray]:
+    from mlipuq.atom_table import AtomTable
+    from mlipuq.io import read_structures
+
+    _stage(f"reading {args.structures}")
+    frames = read_structures(args.structures)
+    table = AtomTable.from_atoms(frames)
+    descriptors = load_npy(args.descriptors, "descriptors")
+    if descriptors.ndim != 2:
+        raise InputError(f"descriptors: expected a 2-d array (atoms, features), got shape "
+                         f"{descriptors.shape} in {args.descriptors}")
+    if len(descriptors) != table.n_atoms:
+        raise InputError(
+            f"descriptors: {args.descriptors} has {len(descriptors)} rows but "
+            f"{args.structures} has {table.n_atoms} atoms"
+        )
+    return frames, table, descriptors
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    """``mlipuq ltau fit``."""
+    from mlipuq.ltau import LTAUEstimator
+    from mlipuq.trajectory_store import TrajectoryStore
+
+    _, table, descriptors = _structures_and_descriptors(args)
+    if args.store is not None:
+        _stage(f"opening trajectory store {args.store}")
+        errors: Any = TrajectoryStore.open(args.store)
+        if errors.atom_table.fingerprint() != table.fingerprint():
+            raise InputError(
+                f"--structures: {args.structures} ({table.n_atoms} atoms, fingerprint "
+                f"{table.fingerprint()}) is not the training set of the store {args.store} "
+                f"({errors.atom_table.n_atoms} atoms, fingerprint "
+                f"{errors.atom_table.fingerprint()})"
+            )
+        force_norm = None  # the estimator takes it from the store's atom table
+    else:
+        errors = [load_npy(path, "errors") for path in args.errors]
+        norms = table.force_norm
+        force_norm = norms if not np.any(np.isnan(norms)) else None
+    estimator = LTAUEstimator(
+        k=args.k, atol=args.atol, rtol=args.rtol, scale=args.scale, index=args.index,
+        per_element=args.per_element, hnsw_m=args.hnsw_m,
+        ef_construction=args.ef_construction, ef_search=args.ef_search,
+        ivf_nlist=args.ivf_nlist, pq_m=args.pq_m, nprobe=args.nprobe, n_bins=args.n_bins,
+        window=_window(args.window), n_threads=args.n_threads, seed=args.seed,
+    )
+    _stage(f"building error distributions and indices for {table.n_atoms} atoms")
+    estimator.fit(errors, descriptors, table.species, force_norm=force_norm)
+    kinds = ", ".join(f"{name}: {kind}" for name, kind in estimator.index_kinds_.items())
+    _stage(f"atol = {estimator.atol_:.6g} eV/Å; indices {kinds}")
+    estimator.save(args.out)
+    _stage(f"wrote {args.out}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``mlipuq ltau predict``."""
+    from mlipuq.ltau import LTAUEstimator
+
+    _stage(f"loading estimator {args.estimator}")
+    estimator = LTAUEstimator.load(args.estimator)
+    if args.n_threads is not None:
+        estimator.n_threads = args.n_threads
+    frames, table, descriptors = _structures_and_descriptors(args)
+    _stage(f"searching {estimator.k if args.k is None else args.k} neighbours of "
+           f"{table.n_atoms} atoms")
+    result = estimator.predict(
+        descriptors, table.species, k=args.k, scale=args.scale, atol=args.atol,
+        config_index=table.config_index, threshold=args.threshold,
+    )
+    _write_results(frames, table, result, args.out)
+    _stage(f"wrote {args.out}")
+    if args.summary is not None:
+        from mlipuq.io import write_json
+
+        write_json(args.summary, summarise(table, result, estimator, args))
+        _stage(f"wrote {args.summary}")
+    return 0
+
+
+def _write_results(frames: list, table: Any, result: Any, out: Path) -> None:
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    from mlipuq.atom_table import config_mean
+    from mlipuq.io import atomic_path
+
+    arrays = result.as_arrays("ltau")
+    config_mean_u = config_mean(result.atom_uncertainty, table.config_index, table.n_configs)
+    written = []
+    for number, atoms in enumerate(frames):
+        rows = table.config_index == number
+        frame = atoms.copy()
+        if atoms.calc is not None and getattr(atoms.calc, "results", None):
+            frame.calc = SinglePointCalculator(frame, **atoms.calc.results)
+        for name, values in arrays.items():
+            frame.arrays[name] = np.asarray(values)[rows]
+        frame.info["ltau_config_uncertainty"] = float(result.config_uncertainty[number])
+        frame.info["ltau_config_mean_uncertainty"] = float(config_mean_u[number])
+        if result.config_flags is not None:
+            frame.info["ltau_config_flag"] = bool(result.config_flags[number])
+        written.append(frame)
+    with atomic_path(out, suffix=".extxyz") as tmp:
+        write(tmp, written, format="extxyz")
+
+
+def _stats(atom_u: np.ndarray, config_u: np.ndarray, distance: np.ndarray,
+           atom_flags: np.ndarray | None, config_flags: np.ndarray | None) -> dict:
+    stats = {
+        "n_atoms": int(len(atom_u)),
+        "n_configs": int(len(config_u)),
+        "mean_atom_uncertainty": float(atom_u.mean()),
+        "max_atom_uncertainty": float(atom_u.max()),
+        "mean_config_uncertainty": float(config_u.mean()),
+        "max_config_uncertainty": float(config_u.max()),
+        "mean_knn_distance": float(distance.mean()),
+    }
+    if atom_flags is not None:
+        stats["n_flagged_atoms"] = int(atom_flags.sum())
+        stats["n_flagged_configs"] = int(config_flags.sum())
+    return stats
+
+
+def summarise(table: Any, result: Any, estimator: Any, args: argparse.Namespace) -> dict:
+    """JSON-ready summary: settings, overall and per-``config_type`` statistics."""
+    atom_u, config_u = result.atom_uncertainty, result.config_uncertainty
+    distance = result.extras["knn_distance"]
+    groups = {}
+    atom_group = table.atom_group
+    for label in sorted(set(table.config_type.tolist())):
+        atoms, configs = atom_group == label, table.config_type == label
+        groups[label] = _stats(
+            atom_u[atoms], config_u[configs], distance[atoms],
+            None if result.atom_flags is None else result.atom_flags[atoms],
+            None if result.config_flags is None else result.config_flags[configs],
+        )
+    return {
+        "method": "ltau",
+        "estimator": str(args.estimator),
+        "structures": str(args.structures),
+        "atol": float(estimator.atol_ if args.atol is None else args.atol),
+        "scale": float(estimator.scale if args.scale is None else args.scale),
+        "rtol": float(estimator.rtol),
+        "k": int(estimator.k if args.k is None else args.k),
+        "per_element": bool(estimator.per_element),
+        "index_kinds": dict(estimator.index_kinds_),
+        "threshold": args.threshold,
+        "units": {"atol": "eV/Å", "uncertainty": "1 - p (unitless)",
+                  "knn_distance": "descriptor units"},
+        "overall": _stats(atom_u, config_u, distance, result.atom_flags, result.config_flags),
+        "by_config_type": groups,
+    }

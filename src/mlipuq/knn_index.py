@@ -1,0 +1,303 @@
+"""Nearest-neighbour search in descriptor space with FAISS, with the index choice visible.
+
+Three FAISS index kinds are offered, named as FAISS names them:
+
+``"flat"``
+    ``IndexFlatL2``: exact brute force. Used by default below
+    :data:`FLAT_MAX_ROWS` (50 000) rows.
+``"hnsw"``
+    ``IndexHNSWFlat(d, M)`` with ``efConstruction`` / ``efSearch``: approximate
+    graph search (M=32, efConstruction=40, efSearch=16 as in the LTAU paper).
+    Used by default from 50 000 up to :data:`HNSW_MAX_ROWS` (5 000 000) rows.
+``"ivfpq"``
+    ``IndexIVFPQ`` (inverted lists over a k-means coarse quantizer, product-quantised
+    codes of 8 bits): compressed, for very large sets. Used by default from
+    5 000 000 rows.
+
+``kind="auto"`` applies this rule "by size" (:func:`choose_kind`) and logs the
+choice at INFO level on the ``mlipuq.knn_index`` logger; estimators record it.
+
+FAISS returns *squared* L2 distances; :func:`search` passes them on as such and
+callers report Euclidean distances (their square root).
+
+Threads: FAISS uses OpenMP threads process-wide. Functions here take ``n_threads``
+and set it only for the duration of the call (:func:`faiss_threads`), never at
+import.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from mlipuq.exceptions import InputError
+
+logger = logging.getLogger(__name__)
+
+FLAT_MAX_ROWS = 50_000
+"""Below this many rows ``kind="auto"`` builds an exact ``IndexFlatL2``."""
+
+HNSW_MAX_ROWS = 5_000_000
+"""Below this many rows (and from :data:`FLAT_MAX_ROWS`) ``"auto"`` builds ``IndexHNSWFlat``."""
+
+INDEX_KINDS = ("flat", "hnsw", "ivfpq")
+
+
+def choose_kind(n_rows: int) -> str:
+    """The index kind ``"auto"`` picks for ``n_rows`` training vectors.
+
+    ``"flat"`` below 50 000 rows, ``"hnsw"`` below 5 000 000, ``"ivfpq"`` above.
+
+    Examples
+    --------
+    >>> choose_kind(13_500), choose_kind(400_000), choose_kind(14_600_000)
+    ('flat', 'hnsw', 'ivfpq')
+    """
+    if n_rows < FLAT_MAX_ROWS:
+        return "flat"
+    if n_rows < HNSW_MAX_ROWS:
+        return "hnsw"
+    return "ivfpq"
+
+
+@contextmanager
+def faiss_threads(n_threads: int | None) -> Iterator[None]:
+    """Set FAISS's OpenMP thread count for the duration of a block, then restore it.
+
+    ``None`` leaves the current setting alone.
+    """
+    import faiss
+
+    if n_threads is None:
+        yield
+        return
+    if int(n_threads) < 1:
+        raise InputError(f"n_threads: expected a positive integer, got {n_threads}")
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(n_threads))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def default_nlist(n_rows: int) -> int:
+    """Number of IVF inverted lists by default: ``4 * sqrt(n)``, at least 1, at most n // 39."""
+    return int(max(1, min(round(4 * math.sqrt(n_rows)), n_rows // 39)))
+
+
+def default_pq_m(dim: int) -> int:
+    """PQ sub-quantizers by default: the largest divisor of D that is at most D / 4 (>= 1)."""
+    target = max(1, dim // 4)
+    return max(m for m in range(1, target + 1) if dim % m == 0)
+
+
+def _as_float32(vectors: Any, name: str) -> np.ndarray:
+    from mlipuq.validation import check_array
+
+    array = check_array(vectors, name, ndim=2, dtype=np.float32)
+    return np.ascontiguousarray(array)
+
+
+def build_index(
+    vectors: np.ndarray,
+    *,
+    kind: str = "auto",
+    hnsw_m: int = 32,
+    ef_construction: int = 40,
+    ef_search: int = 16,
+    ivf_nlist: int | None = None,
+    pq_m: int | None = None,
+    nprobe: int = 16,
+    n_threads: int | None = 1,
+    seed: int = 0,
+) -> Any:
+    """Build a FAISS index over ``vectors``.
+
+    Parameters
+    ----------
+    vectors : ndarray, shape (n, D)
+        Training descriptors (converted to contiguous float32).
+    kind : {"auto", "flat", "hnsw", "ivfpq"}
+        Index kind; ``"auto"`` applies :func:`choose_kind`.
+    hnsw_m, ef_construction, ef_search : int
+        ``IndexHNSWFlat`` graph degree M, ``efConstruction`` and ``efSearch``.
+    ivf_nlist : int, optional
+        IVF inverted lists (default :func:`default_nlist`).
+    pq_m : int, optional
+        PQ sub-quantizers; must divide D (default :func:`default_pq_m`).
+    nprobe : int
+        Inverted lists visited per query (IVF-PQ).
+    n_threads : int or None
+        OpenMP threads for building (None: leave FAISS's setting).
+    seed : int
+        Seed of the k-means / PQ training and its subsample (IVF-PQ).
+
+    Returns
+    -------
+    faiss.Index
+        The filled index (``index.d == D``, ``index.ntotal == n``).
+
+    Examples
+    --------
+    >>> index = build_index(np.eye(3, dtype=np.float32), kind="flat")
+    >>> index.ntotal, type(index).__name__
+    (3, 'IndexFlatL2')
+    """
+    import faiss
+
+    data = _as_float32(vectors, "descriptors")
+    n_rows, dim = data.shape
+    if kind == "auto":
+        kind = choose_kind(n_rows)
+        logger.info("index 'auto' -> %s for %d rows x %d features", kind, n_rows, dim)
+    if kind not in INDEX_KINDS:
+        raise InputError(f"index: expected one of auto, {', '.join(INDEX_KINDS)}, got {kind!r}")
+    with faiss_threads(n_threads):
+        if kind == "flat":
+            index = faiss.IndexFlatL2(dim)
+        elif kind == "hnsw":
+            _check_positive(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
+            index = faiss.IndexHNSWFlat(dim, int(hnsw_m))
+            index.hnsw.efConstruction = int(ef_construction)
+            index.hnsw.efSearch = int(ef_search)
+        else:
+            index = _train_ivfpq(data, ivf_nlist, pq_m, nprobe, seed)
+        index.add(data)
+    return index
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if int(value) < 1:
+            raise InputError(f"{name}: expected a positive integer, got {value}")
+
+
+def _train_ivfpq(
+    data: np.ndarray, nlist: int | None, pq_m: int | None, nprobe: int, seed: int
+) -> Any:
+    import faiss
+
+    n_rows, dim = data.shape
+    nlist = default_nlist(n_rows) if nlist is None else int(nlist)
+    pq_m = default_pq_m(dim) if pq_m is None else int(pq_m)
+    _check_positive(ivf_nlist=nlist, pq_m=pq_m, nprobe=nprobe)
+    if dim % pq_m:
+        raise InputError(f"pq_m: must divide the descriptor size {dim}, got {pq_m}")
+    n_needed = max(nlist, 256)  # k-means needs nlist points; 8-bit PQ needs 256
+    if n_rows < n_needed:
+        raise InputError(
+            f"index: ivfpq needs at least {n_needed} training rows (nlist={nlist}, 256 PQ "
+            f"centroids), got {n_rows}; use index='flat' or 'hnsw'"
+        )
+    quantizer = faiss.IndexFlatL2(dim)
+    index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8)
+    index.cp.seed = int(seed)
+    index.pq.cp.seed = int(seed)
+    n_train = min(n_rows, max(64 * nlist, 65_536))
+    rng = np.random.default_rng(seed)
+    sample = data if n_train == n_rows else data[np.sort(rng.choice(n_rows, n_train, False))]
+    index.train(np.ascontiguousarray(sample))
+    index.nprobe = int(nprobe)
+    return index
+
+
+def index_kind(index: Any) -> str:
+    """Name of a FAISS index built by :func:`build_index` (``"flat"``, ``"hnsw"``, ``"ivfpq"``)."""
+    import faiss
+
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(index, faiss.IndexIVF):
+        return "ivfpq"
+    if isinstance(index, faiss.IndexFlat):
+        return "flat"
+    return type(index).__name__
+
+
+def set_search_params(index: Any, *, ef_search: int | None = None, nprobe: int | None = None):
+    """Change ``efSearch`` (HNSW) or ``nprobe`` (IVF) of an existing index in place."""
+    import faiss
+
+    if ef_search is not None and isinstance(index, faiss.IndexHNSW):
+        _check_positive(ef_search=ef_search)
+        index.hnsw.efSearch = int(ef_search)
+    if nprobe is not None and isinstance(index, faiss.IndexIVF):
+        _check_positive(nprobe=nprobe)
+        index.nprobe = int(nprobe)
+    return index
+
+
+def search(
+    index: Any, queries: np.ndarray, k: int, *, n_threads: int | None = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest indexed rows of each query.
+
+    Parameters
+    ----------
+    index : faiss.Index
+        From :func:`build_index` or :func:`load_index`.
+    queries : ndarray, shape (n, D)
+        Query descriptors (converted to contiguous float32).
+    k : int
+        Neighbours per query; at most ``index.ntotal``.
+    n_threads : int or None
+        OpenMP threads for the search (None: leave FAISS's setting).
+
+    Returns
+    -------
+    sq_distances : ndarray of float32, shape (n, k)
+        Squared Euclidean distances (descriptor units squared), ascending per row.
+    indices : ndarray of int64, shape (n, k)
+        Row numbers of the neighbours in the indexed array.
+
+    Raises
+    ------
+    InputError
+        Wrong feature count, NaN queries, ``k`` out of range, or an approximate index
+        that could not return ``k`` neighbours (raise ``efSearch`` / ``nprobe``).
+    """
+    data = _as_float32(queries, "descriptors")
+    if data.shape[1] != index.d:
+        raise InputError(f"descriptors: expected {index.d} features per row, got {data.shape[1]}")
+    k = int(k)
+    if k < 1 or k > index.ntotal:
+        raise InputError(f"k: expected 1 <= k <= {index.ntotal} (indexed rows), got {k}")
+    with faiss_threads(n_threads):
+        sq_distances, indices = index.search(data, k)
+    if np.any(indices < 0):
+        missing = int(np.count_nonzero(np.any(indices < 0, axis=1)))
+        raise InputError(
+            f"index: {missing} queries got fewer than k={k} neighbours from the "
+            f"{index_kind(index)} index; raise ef_search or nprobe"
+        )
+    return sq_distances, indices
+
+
+def save_index(index: Any, path: str | os.PathLike) -> None:
+    """Write ``index`` with ``faiss.write_index``, atomically."""
+    import faiss
+
+    from mlipuq.io import atomic_path
+
+    with atomic_path(path, suffix=".faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def load_index(path: str | os.PathLike) -> Any:
+    """Read an index written by :func:`save_index` (``faiss.read_index``)."""
+    import faiss
+
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: index file not found")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        raise InputError(f"{path}: not a readable FAISS index ({first})") from None

@@ -1,0 +1,655 @@
+"""LTAU: transfer per-atom training error distributions to new atoms by k-NN search.
+
+:class:`LTAUEstimator` keeps, for every training atom i, the histogram of its logged
+force errors (:class:`~mlipuq.distributions.ErrorDistributions`) and a FAISS index of
+the training descriptors (one index per element by default). For a test atom j with
+k nearest training atoms N_j (same element)::
+
+    p_j = (1/k) * sum_{i in N_j} CDF_i((atol + rtol * |F_ref,i|) / s)
+
+and the uncertainty is ``1 - p_j`` (METHODS.md §1.4). ``p_j`` is the probability
+that atom j's force error is at most ``atol`` (eV/Å) under the calibration model
+"test errors are ``s`` times training errors". ``s`` is the calibration scale factor
+(1: uncalibrated; fitted by :mod:`mlipuq.calibration`), a float or one value per test
+atom (per-group calibration).
+With ``rtol > 0`` the tolerance of each neighbour uses *that training atom's*
+reference force norm |F_ref,i| (the test atom's reference force is unknown at
+inference), so ``rtol`` needs ``force_norm`` (or a store whose atom table has it).
+
+The result also carries the expected error ``s * mean_i sum_b mass_ib * mid_b`` in
+eV/Å (the scaled mean of the neighbours' expected training errors: calibration says
+test errors look like ``s`` times training errors) and the mean Euclidean k-NN
+distance, a model-free out-of-domain score in descriptor units.
+
+``k`` larger than the training atoms of an element is clamped to that count with a
+``UserWarning`` (the neighbours of such an element are all its training atoms).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlipuq.exceptions import InputError
+from mlipuq.result import UQResult
+from mlipuq.validation import (
+    as_species,
+    check_array,
+    check_consistent_length,
+    check_feature_dim,
+    check_is_fitted,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "mlipuq.ltau"
+FORMAT_VERSION = 1
+ALL_ELEMENTS = "all"
+"""Group name of the single index when ``per_element=False``."""
+
+_PAIR_CHUNK = 1 << 16  # (test atom, neighbour) pairs evaluated at once for per-atom scales
+
+
+class LTAUEstimator:
+    """LTAU uncertainty from training error distributions and k-NN in descriptor space.
+
+    Parameters
+    ----------
+    k : int
+        Neighbours per test atom.
+    atol : float, optional
+        Absolute tolerance in eV/Å. None: the training MAE of the final model(s)
+        (:func:`mlipuq.confidence.default_atol`), which needs trajectories (a store or
+        arrays), not bare distributions.
+    rtol : float
+        Relative tolerance: neighbour i counts errors up to ``atol + rtol * |F_ref,i|``.
+    scale : float
+        Default calibration scale factor ``s`` (1: uncalibrated).
+    index : {"auto", "flat", "hnsw", "ivfpq"}
+        FAISS index kind; ``"auto"`` picks by size per index
+        (:func:`mlipuq.knn_index.choose_kind`). The choice is in ``index_kinds_``.
+    per_element : bool
+        One index per element (neighbours share the test atom's element), else one.
+    hnsw_m, ef_construction, ef_search : int
+        ``IndexHNSWFlat`` parameters (paper: 32, 40, 16).
+    ivf_nlist, pq_m, nprobe : int
+        ``IndexIVFPQ`` parameters (defaults in :mod:`mlipuq.knn_index`).
+    n_bins : int
+        Histogram bins (log-spaced) when errors are given as trajectories.
+    window : (start, size), optional
+        Epoch window of the trajectories (see :func:`mlipuq.trajectory_store.window_slice`).
+    n_threads : int
+        FAISS OpenMP threads while building and searching.
+    seed : int
+        Seed of index training (IVF-PQ).
+
+    Attributes
+    ----------
+    distributions_ : ErrorDistributions
+        Per-training-atom error histograms (N rows).
+    atol_ : float
+        Tolerance in eV/Å used by default in :meth:`predict`.
+    species_ : ndarray of str, shape (N,)
+        Element of each training atom.
+    force_norm_ : ndarray of float64, shape (N,) or None
+        Reference force norms (eV/Å) of the training atoms, when known.
+    group_rows_ : dict of str -> ndarray of int64
+        Training rows of each index (element symbol, or ``"all"``).
+    indices_ : dict of str -> faiss.Index
+        The FAISS index of each group.
+    index_kinds_ : dict of str -> str
+        Kind of each index (``"flat"``, ``"hnsw"``, ``"ivfpq"``).
+    n_features_in_ : int
+        Descriptor size D.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> errors = rng.gamma(2.0, 0.05, size=(30, 200))          # (epochs, atoms), eV/Å
+    >>> descriptors = rng.normal(size=(200, 8))
+    >>> species = np.array(["H", "O"] * 100)
+    >>> est = LTAUEstimator(k=3).fit(errors, descriptors, species)
+    >>> result = est.predict(descriptors[:4], species[:4])
+    >>> result.atom_uncertainty.shape, est.index_kinds_
+    ((4,), {'H': 'flat', 'O': 'flat'})
+    """
+
+    def __init__(
+        self,
+        *,
+        k: int = 5,
+        atol: float | None = None,
+        rtol: float = 0.0,
+        scale: float = 1.0,
+        index: str = "auto",
+        per_element: bool = True,
+        hnsw_m: int = 32,
+        ef_construction: int = 40,
+        ef_search: int = 16,
+        ivf_nlist: int | None = None,
+        pq_m: int | None = None,
+        nprobe: int = 16,
+        n_bins: int = 100,
+        window: tuple[int, int | None] | None = None,
+        n_threads: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.k = k
+        self.atol = atol
+        self.rtol = rtol
+        self.scale = scale
+        self.index = index
+        self.per_element = per_element
+        self.hnsw_m = hnsw_m
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+        self.ivf_nlist = ivf_nlist
+        self.pq_m = pq_m
+        self.nprobe = nprobe
+        self.n_bins = n_bins
+        self.window = window
+        self.n_threads = n_threads
+        self.seed = seed
+
+    # ------------------------------------------------------------------ params
+    def get_params(self) -> dict[str, Any]:
+        """Constructor parameters as a dict (scikit-learn style)."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {name: getattr(self, name) for name in names}
+
+    def __repr__(self) -> str:
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(type(self).__init__).parameters.items()
+            if name != "self"
+        }
+        changed = [f"{n}={v!r}" for n, v in self.get_params().items() if v != defaults[n]]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        errors: Any,
+        descriptors: np.ndarray,
+        species: Sequence[str] | np.ndarray,
+        *,
+        force_norm: np.ndarray | None = None,
+    ) -> LTAUEstimator:
+        """Learn the training error distributions and build the neighbour indices.
+
+        Parameters
+        ----------
+        errors : ErrorDistributions, TrajectoryStore, path, ndarray (E, N) or list of them
+            Per-atom force errors of the training atoms in eV/Å: histograms already
+            made, a trajectory store (or its directory), or the error trajectory of
+            one model (E, N) or of several models (a list, one (E_m, N) per model).
+        descriptors : ndarray, shape (N, D)
+            Training descriptors (latent features), row i = atom i of the atom table.
+        species : sequence of str or int, shape (N,)
+            Element of each training atom (symbols or atomic numbers).
+        force_norm : ndarray, shape (N,), optional
+            Reference force norms |F_ref,i| in eV/Å (needed for ``rtol > 0``; taken from
+            the store's atom table when ``errors`` is a store).
+
+        Returns
+        -------
+        self
+        """
+        from mlipuq.knn_index import build_index, index_kind
+
+        self._check_params()
+        desc = check_array(descriptors, "descriptors", ndim=2, dtype=np.float32)
+        symbols = as_species(species)
+        distributions, atol_source, store_norms = self._distributions(errors, symbols)
+        check_consistent_length(
+            errors=np.empty(distributions.mass.shape[0]), descriptors=desc, species=symbols
+        )
+        self.atol_ = self._resolve_atol(atol_source)
+        self.force_norm_ = self._resolve_force_norm(force_norm, store_norms, len(symbols))
+        self.distributions_ = distributions
+        self.species_ = symbols
+        self.n_features_in_ = int(desc.shape[1])
+        self.n_train_atoms_ = int(desc.shape[0])
+        groups = _group_rows(symbols, self.per_element)
+        indices, kinds = {}, {}
+        for name, rows in groups.items():
+            if len(rows) < self.k:
+                warnings.warn(
+                    f"k={self.k} is larger than the {len(rows)} training atoms of {name}; "
+                    f"predictions for {name} will use k={len(rows)}",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            indices[name] = build_index(desc[rows], **self._index_options())
+            kinds[name] = index_kind(indices[name])
+        self.group_rows_ = groups
+        self.indices_ = indices
+        self.index_kinds_ = kinds
+        self._cache: dict[tuple[float, float, float], np.ndarray] = {}
+        self._expected_train = np.asarray(distributions.expected_error(), dtype=np.float64)
+        logger.info("LTAU fitted on %d atoms, indices %s", self.n_train_atoms_, kinds)
+        return self
+
+    def _check_params(self) -> None:
+        if not isinstance(self.k, (int, np.integer)) or isinstance(self.k, bool) or self.k < 1:
+            raise InputError(f"k: expected a positive integer, got {self.k!r}")
+        if self.atol is not None and (not np.isfinite(self.atol) or self.atol < 0):
+            raise InputError(f"atol: expected a finite non-negative number, got {self.atol!r}")
+        if not np.isfinite(self.rtol) or self.rtol < 0:
+            raise InputError(f"rtol: expected a finite non-negative number, got {self.rtol!r}")
+        _check_scale_scalar(self.scale)
+        if self.index not in ("auto", "flat", "hnsw", "ivfpq"):
+            raise InputError(f"index: expected auto, flat, hnsw or ivfpq, got {self.index!r}")
+
+    def _index_options(self) -> dict[str, Any]:
+        return {
+            "kind": self.index,
+            "hnsw_m": self.hnsw_m,
+            "ef_construction": self.ef_construction,
+            "ef_search": self.ef_search,
+            "ivf_nlist": self.ivf_nlist,
+            "pq_m": self.pq_m,
+            "nprobe": self.nprobe,
+            "n_threads": self.n_threads,
+            "seed": self.seed,
+        }
+
+    def _distributions(self, errors: Any, symbols: np.ndarray) -> tuple[Any, Any, Any]:
+        """(distributions, source for default atol or None, store force norms or None)."""
+        from mlipuq.distributions import (
+            ErrorDistributions,
+            distributions_from_errors,
+            distributions_from_store,
+        )
+        from mlipuq.trajectory_store import TrajectoryStore, window_slice
+
+        if isinstance(errors, ErrorDistributions):
+            return errors, None, None
+        if isinstance(errors, (str, os.PathLike)):
+            errors = TrajectoryStore.open(errors)
+        if isinstance(errors, TrajectoryStore):
+            table = errors.atom_table
+            check_consistent_length(store=np.empty(table.n_atoms), species=symbols)
+            if not np.array_equal(table.species, symbols):
+                first = int(np.flatnonzero(table.species != symbols)[0])
+                raise InputError(
+                    f"species: atom {first} is {symbols[first]} but the store's atom table "
+                    f"has {table.species[first]} (descriptors not in the store's atom order?)"
+                )
+            dists = distributions_from_store(errors, n_bins=self.n_bins, window=self.window)
+            norms = table.force_norm if not np.any(np.isnan(table.force_norm)) else None
+            return dists, errors, norms
+        arrays = [errors] if isinstance(errors, np.ndarray) else list(errors)
+        if not arrays:
+            raise InputError("errors: no error trajectories given")
+        arrays = [
+            check_array(a, "errors", ndim=2, dtype=None, nonnegative=True) for a in arrays
+        ]
+        widths = sorted({a.shape[1] for a in arrays})
+        if len(widths) > 1:
+            raise InputError(f"errors: the models' trajectories have {widths} atoms (must agree)")
+        finals = [a[-1] for a in arrays]
+        windowed = [a[window_slice(len(a), self.window)] for a in arrays]
+        dists = distributions_from_errors(windowed, n_bins=self.n_bins)
+        return dists, finals, None
+
+    def _resolve_atol(self, source: Any) -> float:
+        if self.atol is not None:
+            return float(self.atol)
+        if source is None:
+            raise InputError(
+                "atol: required when errors are ErrorDistributions (no final-epoch errors "
+                "to take the training MAE from)"
+            )
+        from mlipuq.confidence import default_atol
+
+        return float(default_atol(source))
+
+    def _resolve_force_norm(
+        self, force_norm: np.ndarray | None, store_norms: np.ndarray | None, n_atoms: int
+    ) -> np.ndarray | None:
+        norms = force_norm if force_norm is not None else store_norms
+        if norms is None:
+            if self.rtol > 0:
+                raise InputError(
+                    "force_norm: required when rtol > 0 (reference force norms |F_ref| of "
+                    "the training atoms)"
+                )
+            return None
+        norms = check_array(norms, "force_norm", ndim=1, nonnegative=True)
+        check_consistent_length(force_norm=norms, species=np.empty(n_atoms))
+        return norms
+
+    # ------------------------------------------------------------------ predict
+    def predict(
+        self,
+        descriptors: np.ndarray,
+        species: Sequence[str] | np.ndarray,
+        *,
+        k: int | None = None,
+        scale: float | np.ndarray | None = None,
+        atol: float | None = None,
+        config_index: np.ndarray | None = None,
+        return_distribution: bool = False,
+        threshold: float | None = None,
+    ) -> UQResult:
+        """LTAU uncertainty of new atoms.
+
+        Parameters
+        ----------
+        descriptors : ndarray, shape (n, D)
+            Test descriptors from the same model as the training descriptors.
+        species : sequence of str or int, shape (n,)
+            Element of each test atom; every element must occur in training.
+        k : int, optional
+            Neighbours (default ``self.k``), clamped per element with a warning.
+        scale : float or ndarray of shape (n,), optional
+            Calibration scale factor ``s`` (default ``self.scale``); per atom for
+            per-group calibration.
+        atol : float, optional
+            Tolerance in eV/Å (default ``atol_``).
+        config_index : ndarray of int, shape (n,), optional
+            Configuration of each atom (0-based); gives per-configuration maxima.
+        return_distribution : bool
+            Add the mean neighbour histogram ``extras["distribution"]`` (n, B): mass
+            on ``distributions_.bin_edges`` (training-error scale; multiply the edges by
+            ``s`` for the calibrated test-error scale).
+        threshold : float, optional
+            Flag atoms / configurations with uncertainty above it.
+
+        Returns
+        -------
+        UQResult
+            ``method="ltau"``, ``atom_uncertainty = 1 - p_j`` (unitless), per-config max
+            when ``config_index`` is given, ``extras``: ``"p"`` (n,), ``"expected_error"``
+            (n,) in eV/Å, ``"knn_distance"`` (n,) mean Euclidean distance to the k
+            neighbours (descriptor units), optionally ``"distribution"`` (n, B).
+        """
+        from mlipuq.knn_index import search
+
+        check_is_fitted(self, "indices_")
+        desc = check_array(descriptors, "descriptors", ndim=2, dtype=np.float32)
+        check_feature_dim(desc, self.n_features_in_, "descriptors")
+        symbols = as_species(species)
+        n_atoms = check_consistent_length(descriptors=desc, species=symbols)
+        configs = _check_config_index(config_index, n_atoms)
+        k = self.k if k is None else k
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise InputError(f"k: expected a positive integer, got {k!r}")
+        atol = self.atol_ if atol is None else atol
+        if not np.isscalar(atol) or not np.isfinite(atol) or atol < 0:
+            raise InputError(f"atol: expected a finite non-negative number, got {atol!r}")
+        scales = self._check_scale(self.scale if scale is None else scale, n_atoms)
+        if threshold is not None and (not np.isscalar(threshold) or not np.isfinite(threshold)):
+            raise InputError(f"threshold: expected a finite number, got {threshold!r}")
+        groups = self._test_groups(symbols)
+
+        p = np.empty(n_atoms)
+        expected = np.empty(n_atoms)
+        distance = np.empty(n_atoms)
+        n_bins = self.distributions_.mass.shape[1]
+        mass = np.empty((n_atoms, n_bins), dtype=np.float32) if return_distribution else None
+        for name, rows in groups.items():
+            train_rows = self.group_rows_[name]
+            k_group = self._clamped_k(k, name)
+            sq_dist, local = search(self.indices_[name], desc[rows], k_group,
+                                    n_threads=self.n_threads)
+            neighbours = train_rows[local]
+            distance[rows] = np.sqrt(np.maximum(sq_dist.astype(np.float64), 0.0)).mean(axis=1)
+            p[rows] = self._neighbour_p(neighbours, float(atol), scales, rows)
+            s_rows = scales if np.ndim(scales) == 0 else scales[rows]
+            expected[rows] = s_rows * self._expected_train[neighbours].mean(axis=1)
+            if mass is not None:
+                mass[rows] = self.distributions_.mean_over(neighbours).mass
+        return _result(p, expected, distance, mass, configs, threshold)
+
+    def _check_scale(self, scale: Any, n_atoms: int) -> float | np.ndarray:
+        if np.ndim(scale) == 0:
+            return _check_scale_scalar(scale)
+        values = check_array(scale, "scale", ndim=1, dtype=np.float64)
+        check_consistent_length(scale=values, descriptors=np.empty(n_atoms))
+        if np.any(values <= 0):
+            raise InputError(f"scale: expected positive values, min {values.min():.6g}")
+        return values
+
+    def _test_groups(self, symbols: np.ndarray) -> dict[str, np.ndarray]:
+        if not self.per_element:
+            unknown = sorted(set(symbols.tolist()) - set(self.species_.tolist()))
+            if unknown:
+                raise InputError(_unknown_message(unknown, self.species_))
+            return {ALL_ELEMENTS: np.arange(len(symbols))}
+        unknown = sorted(set(symbols.tolist()) - set(self.group_rows_))
+        if unknown:
+            raise InputError(_unknown_message(unknown, self.species_))
+        return _group_rows(symbols, per_element=True)
+
+    def _clamped_k(self, k: int, name: str) -> int:
+        n_train = len(self.group_rows_[name])
+        if k <= n_train:
+            return int(k)
+        warnings.warn(
+            f"k={k} is larger than the {n_train} training atoms of {name}; using k={n_train}",
+            UserWarning,
+            stacklevel=3,
+        )
+        return n_train
+
+    def train_confidence(
+        self, atol: float | None = None, scale: float = 1.0
+    ) -> np.ndarray:
+        """CDF of every training atom at ``(atol + rtol * |F_ref,i|) / scale``, shape (N,).
+
+        This is p_i of the training atoms as the histograms give it (cached per
+        (atol, scale, rtol)).
+        """
+        check_is_fitted(self, "distributions_")
+        atol = self.atol_ if atol is None else float(atol)
+        key = (float(atol), float(scale), float(self.rtol))
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            limits = self._tolerance(atol, np.arange(self.n_train_atoms_)) / scale
+            cache.clear()  # one tolerance at a time: N floats
+            cache[key] = np.asarray(self.distributions_.cdf(limits), dtype=np.float64)
+        return cache[key]
+
+    def _tolerance(self, atol: float, rows: np.ndarray) -> np.ndarray:
+        """Unscaled tolerance ``atol + rtol * |F_ref,i|`` of training rows, eV/Å."""
+        if self.rtol == 0 or self.force_norm_ is None:
+            return np.full(len(rows), atol)
+        return atol + self.rtol * self.force_norm_[rows]
+
+    def _neighbour_p(
+        self, neighbours: np.ndarray, atol: float, scales: float | np.ndarray, rows: np.ndarray
+    ) -> np.ndarray:
+        """Mean neighbour CDF at their (scaled) tolerance, shape (len(rows),)."""
+        if np.ndim(scales) == 0:
+            return self.train_confidence(atol, float(scales))[neighbours].mean(axis=1)
+        n_rows, k = neighbours.shape
+        flat_rows = neighbours.ravel()
+        limits = self._tolerance(atol, flat_rows) / np.repeat(scales[rows], k)
+        values = np.empty(len(flat_rows))
+        for start in range(0, len(flat_rows), _PAIR_CHUNK):
+            part = slice(start, start + _PAIR_CHUNK)
+            values[part] = self.distributions_.take(flat_rows[part]).cdf(limits[part])
+        return values.reshape(n_rows, k).mean(axis=1)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> None:
+        """Save to ``directory``: ``ltau.npz``, one ``index_<group>.faiss`` per index and
+        ``estimator.json`` (written last, it marks the directory complete)."""
+        from mlipuq import __version__
+        from mlipuq.io import save_npz, write_json
+        from mlipuq.knn_index import save_index
+
+        check_is_fitted(self, "indices_")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dists = self.distributions_
+        arrays = {
+            "bin_edges": np.asarray(dists.bin_edges),
+            "mass": np.asarray(dists.mass),
+            "n_samples": np.asarray(dists.n_samples),
+            "species": self.species_.astype("U3"),
+        }
+        if self.force_norm_ is not None:
+            arrays["force_norm"] = self.force_norm_
+        groups = []
+        for number, (name, rows) in enumerate(self.group_rows_.items()):
+            arrays[f"rows_{number}"] = rows
+            filename = f"index_{name}.faiss"
+            save_index(self.indices_[name], directory / filename)
+            groups.append(
+                {"name": name, "kind": self.index_kinds_[name], "file": filename,
+                 "n_rows": len(rows), "rows_key": f"rows_{number}"}
+            )
+        save_npz(directory / "ltau.npz", **arrays)
+        params = self.get_params()
+        params["window"] = None if self.window is None else list(self.window)
+        write_json(
+            directory / "estimator.json",
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "mlipuq_version": __version__,
+                "params": params,
+                "atol": self.atol_,
+                "n_features": self.n_features_in_,
+                "n_train_atoms": self.n_train_atoms_,
+                "groups": groups,
+                "units": {"atol": "eV/Å", "bin_edges": "eV/Å"},
+            },
+        )
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> LTAUEstimator:
+        """Load an estimator written by :meth:`save`.
+
+        Raises
+        ------
+        InputError
+            Not an LTAU estimator directory, unknown format version, or files that do
+            not agree with ``estimator.json``.
+        """
+        from mlipuq.distributions import ErrorDistributions
+        from mlipuq.io import load_npz, read_json
+        from mlipuq.knn_index import load_index
+
+        directory = Path(directory)
+        if not (directory / "estimator.json").is_file():
+            raise InputError(f"{directory}: not an mlipuq LTAU estimator (no estimator.json)")
+        meta = read_json(directory / "estimator.json")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise InputError(f"{directory}: estimator.json is not an mlipuq LTAU estimator")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise InputError(
+                f"{directory}: LTAU format version {meta.get('format_version')} is not "
+                f"supported (this mlipuq reads version {FORMAT_VERSION})"
+            )
+        params = dict(meta["params"])
+        if params.get("window") is not None:
+            params["window"] = tuple(params["window"])
+        estimator = cls(**params)
+        arrays = load_npz(directory / "ltau.npz")
+        n_atoms, n_features = int(meta["n_train_atoms"]), int(meta["n_features"])
+        if arrays["mass"].shape[0] != n_atoms or len(arrays["species"]) != n_atoms:
+            raise InputError(
+                f"{directory}: ltau.npz has {arrays['mass'].shape[0]} atoms, "
+                f"estimator.json says {n_atoms}"
+            )
+        estimator.distributions_ = ErrorDistributions(
+            bin_edges=arrays["bin_edges"], mass=arrays["mass"], n_samples=arrays["n_samples"]
+        )
+        estimator.species_ = arrays["species"].astype(str)
+        estimator.force_norm_ = arrays.get("force_norm")
+        estimator.atol_ = float(meta["atol"])
+        estimator.n_features_in_ = n_features
+        estimator.n_train_atoms_ = n_atoms
+        estimator.group_rows_, estimator.indices_, estimator.index_kinds_ = {}, {}, {}
+        for group in meta["groups"]:
+            name = group["name"]
+            index = load_index(directory / group["file"])
+            rows = arrays[group["rows_key"]]
+            if index.d != n_features or index.ntotal != len(rows):
+                raise InputError(
+                    f"{directory / group['file']}: index holds {index.ntotal} x {index.d}, "
+                    f"expected {len(rows)} x {n_features}"
+                )
+            estimator.group_rows_[name] = rows.astype(np.int64)
+            estimator.indices_[name] = index
+            estimator.index_kinds_[name] = group["kind"]
+        estimator._cache = {}
+        estimator._expected_train = np.asarray(
+            estimator.distributions_.expected_error(), dtype=np.float64
+        )
+        return estimator
+
+
+def _check_scale_scalar(scale: Any) -> float:
+    if not np.isscalar(scale) or not np.isfinite(scale) or scale <= 0:
+        raise InputError(f"scale: expected a positive number, got {scale!r}")
+    return float(scale)
+
+
+def _group_rows(symbols: np.ndarray, per_element: bool) -> dict[str, np.ndarray]:
+    if not per_element:
+        return {ALL_ELEMENTS: np.arange(len(symbols), dtype=np.int64)}
+    return {
+        str(element): np.flatnonzero(symbols == element).astype(np.int64)
+        for element in np.unique(symbols)
+    }
+
+
+def _unknown_message(unknown: list[str], trained: np.ndarray) -> str:
+    known = ", ".join(sorted(set(trained.tolist())))
+    return f"species: element(s) {', '.join(unknown)} not in the training set (trained on {known})"
+
+
+def _check_config_index(config_index: Any, n_atoms: int) -> np.ndarray | None:
+    if config_index is None:
+        return None
+    configs = check_array(config_index, "config_index", ndim=1, dtype=None)
+    if not np.issubdtype(configs.dtype, np.integer):
+        raise InputError(f"config_index: expected integers, got dtype {configs.dtype}")
+    check_consistent_length(config_index=configs, descriptors=np.empty(n_atoms))
+    if configs.min() < 0:
+        raise InputError(f"config_index: expected non-negative values, min {configs.min()}")
+    return configs.astype(np.int64)
+
+
+def _result(
+    p: np.ndarray,
+    expected: np.ndarray,
+    distance: np.ndarray,
+    mass: np.ndarray | None,
+    configs: np.ndarray | None,
+    threshold: float | None,
+) -> UQResult:
+    from mlipuq.atom_table import config_max
+
+    uncertainty = 1.0 - p
+    config_u = None if configs is None else config_max(uncertainty, configs)
+    extras = {"p": p, "expected_error": expected, "knn_distance": distance}
+    if mass is not None:
+        extras["distribution"] = mass
+    atom_flags = config_flags = None
+    if threshold is not None:
+        atom_flags = uncertainty > threshold
+        config_flags = None if config_u is None else config_u > threshold
+    return UQResult(
+        method="ltau",
+        atom_uncertainty=uncertainty,
+        config_uncertainty=config_u,
+        config_index=configs,
+        atom_flags=atom_flags,
+        config_flags=config_flags,
+        threshold=None if threshold is None else float(threshold),
+        unit="",
+        extras=extras,
+    )
