@@ -1,0 +1,340 @@
+"""NequIP training configurations (Hydra YAML) for mlipuq's size presets.
+
+A config written here is an ordinary ``nequip-train`` config: it can be run by hand
+with ``nequip-train -cp <dir> -cn <name>``. It trains on an explicit training file and
+an explicit validation file (no random split inside NequIP), so the training atoms are
+exactly the frames of the training file, in file order.
+
+Presets (all with ``EMALightningModule``, ``EnergyForceLoss``, Adam):
+
+========  ======  ========  =====  ==============  ========
+preset    layers  features  l_max  radial width    dtype
+========  ======  ========  =====  ==============  ========
+tiny      1       8         1      16              float64
+small     2       16        1      32              float32
+paper     3       32        2      64              float32
+========  ======  ========  =====  ==============  ========
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlipuq.exceptions import InputError
+
+CALLBACK_TARGET = "mlipuq.backends.nequip.callback.ErrorTrajectoryCallback"
+PROGRESS_TARGET = "mlipuq.backends.nequip.callback.EpochProgressCallback"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "num_layers": 1, "num_features": 8, "l_max": 1, "radial_mlp_width": 16,
+        "model_dtype": "float64", "batch_size": 4, "lr": 0.01, "ema_decay": 0.99,
+    },
+    "small": {
+        "num_layers": 2, "num_features": 16, "l_max": 1, "radial_mlp_width": 32,
+        "model_dtype": "float32", "batch_size": 5, "lr": 0.01, "ema_decay": 0.99,
+    },
+    "paper": {
+        "num_layers": 3, "num_features": 32, "l_max": 2, "radial_mlp_width": 64,
+        "model_dtype": "float32", "batch_size": 5, "lr": 0.01, "ema_decay": 0.999,
+    },
+}
+
+#: Top-level sections every ``nequip-train`` config must have.
+REQUIRED_SECTIONS = ("run", "data", "trainer", "training_module")
+
+
+def preset_config(
+    preset: str,
+    *,
+    elements: Sequence[str],
+    train_file: str | os.PathLike,
+    val_file: str | os.PathLike,
+    isolated_energies: Mapping[str, float],
+    epochs: int,
+    seed: int,
+    r_max: float = 5.0,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict:
+    """The NequIP config (as a plain dict) of one ensemble member for a preset.
+
+    Parameters
+    ----------
+    preset : {"tiny", "small", "paper"}
+    elements : sequence of str
+        Chemical symbols of the training set (sorted order is used as type order).
+    train_file, val_file : path-like
+        Training and validation extxyz files (absolute paths are written).
+    isolated_energies : mapping str -> float
+        Isolated-atom (reference) energy per element in eV: ``per_type_energy_shifts``.
+    epochs : int
+        ``trainer.max_epochs``.
+    seed : int
+        Model initialisation and data-loader seed.
+    r_max : float
+        Cutoff radius in Å.
+    overrides : mapping, optional
+        Preset fields to change (keys of :data:`PRESETS` entries).
+
+    Returns
+    -------
+    dict
+        No callbacks for error logging yet: add them with :func:`add_callbacks`.
+    """
+    if preset not in PRESETS:
+        raise InputError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    params = dict(PRESETS[preset])
+    for key, value in (overrides or {}).items():
+        if key not in params:
+            raise InputError(f"preset override: unknown field {key!r} (known: {sorted(params)})")
+        params[key] = value
+    elements = sorted(elements)
+    missing = [el for el in elements if el not in isolated_energies]
+    if missing:
+        raise InputError(f"isolated_energies: no energy for element(s) {missing}")
+    loader = {"_target_": "torch.utils.data.DataLoader", "batch_size": int(params["batch_size"])}
+    train_loader = dict(loader, shuffle=True)
+    return {
+        "run": ["train"],
+        "seed": int(seed),
+        "cutoff_radius": float(r_max),
+        "model_type_names": list(elements),
+        "data": {
+            "_target_": "nequip.data.datamodule.ASEDataModule",
+            "seed": int(seed),
+            "train_file_path": str(Path(train_file).resolve()),
+            "val_file_path": str(Path(val_file).resolve()),
+            "transforms": [
+                {
+                    "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
+                    "model_type_names": "${model_type_names}",
+                    "chemical_species_to_atom_type_map": (
+                        "${list_to_identity_dict:${model_type_names}}"
+                    ),
+                },
+                {
+                    "_target_": "nequip.data.transforms.NeighborListTransform",
+                    "r_max": "${cutoff_radius}",
+                },
+            ],
+            "train_dataloader": train_loader,
+            "val_dataloader": loader,
+            "stats_manager": {
+                "_target_": "nequip.data.CommonDataStatisticsManager",
+                "type_names": "${model_type_names}",
+            },
+        },
+        "trainer": {
+            "_target_": "lightning.Trainer",
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": int(epochs),
+            "check_val_every_n_epoch": 1,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "_target_": "lightning.pytorch.loggers.CSVLogger",
+                "save_dir": "${hydra:runtime.output_dir}",
+                "name": "csv",
+                "version": 0,
+            },
+            "callbacks": [
+                {
+                    "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "monitor": "val0_epoch/weighted_sum",
+                    "dirpath": "${hydra:runtime.output_dir}",
+                    "filename": "best",
+                    "save_top_k": 1,
+                    "save_last": False,
+                },
+                {
+                    "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "dirpath": "${hydra:runtime.output_dir}",
+                    "filename": "latest",
+                    "save_top_k": 1,
+                    "save_last": True,
+                },
+            ],
+        },
+        "training_module": {
+            "_target_": "nequip.train.EMALightningModule",
+            "ema_decay": float(params["ema_decay"]),
+            "loss": {
+                "_target_": "nequip.train.EnergyForceLoss",
+                "per_atom_energy": True,
+                "coeffs": {"total_energy": 1.0, "forces": 1.0},
+            },
+            "val_metrics": {
+                "_target_": "nequip.train.EnergyForceMetrics",
+                "coeffs": {"total_energy_mae": 1.0, "forces_mae": 1.0},
+            },
+            "train_metrics": "${training_module.val_metrics}",
+            "optimizer": {"_target_": "torch.optim.Adam", "lr": float(params["lr"])},
+            "model": {
+                "_target_": "nequip.model.NequIPGNNModel",
+                "seed": int(seed),
+                "model_dtype": params["model_dtype"],
+                "type_names": "${model_type_names}",
+                "r_max": "${cutoff_radius}",
+                "l_max": int(params["l_max"]),
+                "parity": True,
+                "num_layers": int(params["num_layers"]),
+                "num_features": int(params["num_features"]),
+                "radial_mlp_depth": 1,
+                "radial_mlp_width": int(params["radial_mlp_width"]),
+                "avg_num_neighbors": "${training_data_stats:num_neighbors_mean}",
+                "per_type_energy_scales": "${training_data_stats:forces_rms}",
+                "per_type_energy_shifts": {el: float(isolated_energies[el]) for el in elements},
+            },
+        },
+    }
+
+
+def check_nequip_config(config: Any, source: str) -> dict:
+    """Raise :class:`InputError` unless ``config`` looks like a ``nequip-train`` config.
+
+    Parameters
+    ----------
+    config : object
+        Parsed YAML.
+    source : str
+        Name of the file, for messages.
+    """
+    if not isinstance(config, dict):
+        raise InputError(
+            f"{source}: not a NequIP config (expected a YAML mapping, got {type(config).__name__})"
+        )
+    missing = [key for key in REQUIRED_SECTIONS if key not in config]
+    if missing:
+        raise InputError(
+            f"{source}: not a NequIP config (missing top-level section(s) {missing}; "
+            f"a nequip-train config has {list(REQUIRED_SECTIONS)})"
+        )
+    module = config["training_module"]
+    if not isinstance(module, dict) or "model" not in module:
+        raise InputError(f"{source}: not a NequIP config (training_module has no 'model')")
+    trainer = config["trainer"]
+    if not isinstance(trainer, dict):
+        raise InputError(f"{source}: not a NequIP config ('trainer' is not a mapping)")
+    return config
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """Read a YAML file, raising :class:`InputError` naming it on failure."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: not a readable YAML file ({first})") from None
+
+
+def write_yaml(path: str | os.PathLike, config: dict) -> Path:
+    """Write a config as YAML (atomically) and return its path."""
+    import yaml
+
+    from mlipuq.io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path, suffix=".yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def user_config(
+    config: dict,
+    *,
+    train_file: str | os.PathLike,
+    val_file: str | os.PathLike,
+    epochs: int | None,
+    seed: int,
+    source: str,
+) -> dict:
+    """Adapt a user's NequIP config for one ensemble member.
+
+    Edits the loaded YAML (not Hydra overrides, so the saved ``configs/model_i.yaml``
+    is exactly what ran): ``run`` becomes ``[train]``, the data module's training and
+    validation files become ours (``data.train_file_path`` / ``data.val_file_path``;
+    a ``split_dataset`` is removed), ``seed`` and ``training_module.model.seed`` get
+    the member seed, ``trainer.max_epochs`` gets ``epochs`` if given. Everything else
+    (model, loss, optimizer, the user's own callbacks) is kept.
+    """
+    import copy
+
+    config = copy.deepcopy(check_nequip_config(config, source))
+    data = config["data"]
+    if not isinstance(data, dict) or "ASEDataModule" not in str(data.get("_target_", "")):
+        raise InputError(
+            f"{source}: data._target_ must be nequip.data.datamodule.ASEDataModule for "
+            f"mlipuq train, got {data.get('_target_') if isinstance(data, dict) else data!r}"
+        )
+    for key in ("split_dataset", "test_file_path", "predict_file_path"):
+        data.pop(key, None)
+    data["train_file_path"] = str(Path(train_file).resolve())
+    data["val_file_path"] = str(Path(val_file).resolve())
+    data["seed"] = int(seed)
+    config["run"] = ["train"]
+    config["seed"] = int(seed)
+    model = config["training_module"]["model"]
+    if isinstance(model, dict) and "seed" in model:
+        model["seed"] = int(seed)
+    if epochs is not None:
+        config["trainer"]["max_epochs"] = int(epochs)
+    return config
+
+
+def add_callbacks(config: dict, callbacks: Sequence[dict]) -> dict:
+    """Append callback specs (``{"_target_": ..., ...}``) to ``trainer.callbacks``.
+
+    Existing mlipuq callbacks (same ``_target_``) are replaced, so calling it twice
+    is harmless.
+    """
+    trainer = config["trainer"]
+    existing = list(trainer.get("callbacks") or [])
+    targets = {spec["_target_"] for spec in callbacks}
+    kept = [
+        spec
+        for spec in existing
+        if not (isinstance(spec, dict) and spec.get("_target_") in targets)
+    ]
+    trainer["callbacks"] = kept + [dict(spec) for spec in callbacks]
+    return config
+
+
+def error_callback_spec(
+    *,
+    store_path: str | os.PathLike,
+    model_id: str,
+    mode: str = "epoch_end",
+    weights: str = "ema",
+    batch_size: int = 16,
+    seed: int | None = None,
+    every_n_epochs: int = 1,
+    threads: int | None = None,
+) -> dict:
+    """The ``trainer.callbacks`` entry of :class:`~.callback.ErrorTrajectoryCallback`."""
+    return {
+        "_target_": CALLBACK_TARGET,
+        "store_path": str(Path(store_path).resolve()),
+        "model_id": model_id,
+        "mode": mode,
+        "weights": weights,
+        "batch_size": int(batch_size),
+        "seed": seed,
+        "every_n_epochs": int(every_n_epochs),
+        "threads": threads,
+    }
+
+
+def progress_callback_spec(*, label: str) -> dict:
+    """The ``trainer.callbacks`` entry of :class:`~.callback.EpochProgressCallback`."""
+    return {"_target_": PROGRESS_TARGET, "label": label}

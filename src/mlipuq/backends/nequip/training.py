@@ -1,0 +1,663 @@
+"""Train an ensemble of NequIP models with error-trajectory logging (``mlipuq train``).
+
+Each member is one ``nequip-train`` subprocess (``nequip-train -cp <configs> -cn
+model_i hydra.run.dir=<models/model_i>``), run sequentially with seeds
+``seed, seed + 1, ...`` and ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` set to
+``threads``. All members share one train/validation split (drawn with ``seed``), so
+they share the atom table and the trajectory store.
+
+Isolated-atom energies (NequIP's ``per_type_energy_shifts``) come from a file of
+single-atom configurations when given, else from a least-squares fit
+E_config ~ sum_el n_el(config) e_el over the training frames (minimum-norm solution;
+for a single element it is the mean energy per atom).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+from mlipuq.atom_table import AtomTable
+from mlipuq.exceptions import InputError, MlipuqError
+from mlipuq.io import atomic_path, read_structures, reference_energy, reference_forces
+from mlipuq.run_folder import RunFolder
+
+from . import config as cfg
+
+LOG_MODES = ("epoch_end", "in_batch")
+PROGRESS_PREFIX = "[mlipuq]"
+
+
+class TrainingError(MlipuqError):
+    """A ``nequip-train`` or ``nequip-package`` subprocess failed."""
+
+
+# ---------------------------------------------------------------------- data
+def check_elements(frames: Sequence[Atoms], source: str) -> list[str]:
+    """Sorted chemical symbols of ``frames``; InputError for a non-element (Z = 0)."""
+    numbers = set()
+    for number, atoms in enumerate(frames):
+        z = atoms.get_atomic_numbers()
+        if np.any(z <= 0) or np.any(z > 118):
+            raise InputError(f"{source}: configuration {number} has an unknown element")
+        numbers.update(int(v) for v in z)
+    from ase.data import chemical_symbols
+
+    return sorted(chemical_symbols[z] for z in numbers)
+
+
+def read_training_set(path: str | os.PathLike) -> list[Atoms]:
+    """Read an extxyz training set; every frame must have energy and forces.
+
+    Returns frames with the reference values attached as a single-point calculator
+    (``energy`` in eV, ``forces`` in eV/Å) and ``config_type`` kept.
+
+    Raises
+    ------
+    InputError
+        Unreadable file, an unknown element symbol, a frame without forces or energy.
+    """
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    path = Path(path)
+    _check_symbols(path)
+    frames = read_structures(path, require_forces=True)
+    clean = []
+    for number, atoms in enumerate(frames):
+        energy = reference_energy(atoms)
+        if energy is None:
+            raise InputError(f"{path}: configuration {number} has no reference energy")
+        forces = reference_forces(atoms)
+        if forces.shape != (len(atoms), 3) or not np.all(np.isfinite(forces)):
+            raise InputError(f"{path}: configuration {number} has invalid forces")
+        copy = Atoms(
+            numbers=atoms.get_atomic_numbers(),
+            positions=atoms.get_positions(),
+            cell=atoms.get_cell(),
+            pbc=atoms.get_pbc(),
+        )
+        if "config_type" in atoms.info:
+            copy.info["config_type"] = atoms.info["config_type"]
+        copy.calc = SinglePointCalculator(copy, energy=float(energy), forces=forces)
+        clean.append(copy)
+    check_elements(clean, str(path))
+    return clean
+
+
+def _check_symbols(path: Path) -> None:
+    """Name an unknown element symbol in an extxyz file before ASE trips over it."""
+    from ase.data import atomic_numbers
+
+    if not path.is_file() or path.suffix.lower() not in (".xyz", ".extxyz"):
+        return
+    with open(path, errors="replace") as handle:
+        frame = 0
+        while True:
+            header = handle.readline()
+            if not header.strip():
+                return
+            try:
+                n_atoms = int(header.split()[0])
+            except (ValueError, IndexError):
+                return  # let ASE report the malformed file
+            handle.readline()
+            for _ in range(n_atoms):
+                fields = handle.readline().split()
+                if fields and fields[0] not in atomic_numbers:
+                    raise InputError(
+                        f"{path}: configuration {frame} has unknown element {fields[0]!r}"
+                    )
+            frame += 1
+
+
+def split_train_val(
+    n_frames: int, *, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation frame numbers (each sorted) for a seeded random split.
+
+    ``max(1, round(val_fraction * n_frames))`` frames go to validation.
+    """
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise InputError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
+    if n_frames < 2:
+        raise InputError(f"training set: needs at least 2 configurations, got {n_frames}")
+    n_val = min(max(1, int(round(val_fraction * n_frames))), n_frames - 1)
+    order = np.random.default_rng(seed).permutation(n_frames)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def fit_isolated_energies(frames: Sequence[Atoms], elements: Sequence[str]) -> dict[str, float]:
+    """Least-squares per-element energies (eV): E_config ~ sum_el n_el e_el (min-norm)."""
+    index = {el: k for k, el in enumerate(elements)}
+    counts = np.zeros((len(frames), len(elements)))
+    for row, atoms in enumerate(frames):
+        for symbol in atoms.get_chemical_symbols():
+            counts[row, index[symbol]] += 1
+    energies = np.array([reference_energy(atoms) for atoms in frames], dtype=float)
+    solution, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    return {el: float(solution[index[el]]) for el in elements}
+
+
+def read_isolated_energies(
+    source: str | os.PathLike | Mapping[str, float], elements: Sequence[str]
+) -> dict[str, float]:
+    """Isolated-atom energies from a mapping or a file of single-atom configurations."""
+    if isinstance(source, Mapping):
+        energies = {str(k): float(v) for k, v in source.items()}
+        name = "isolated_energies"
+    else:
+        name = str(source)
+        energies = {}
+        for number, atoms in enumerate(read_structures(source)):
+            if len(atoms) != 1:
+                raise InputError(
+                    f"{source}: configuration {number} has {len(atoms)} atoms, expected 1 "
+                    "(a file of isolated atoms)"
+                )
+            energy = reference_energy(atoms)
+            if energy is None:
+                raise InputError(f"{source}: configuration {number} has no energy")
+            energies[atoms.get_chemical_symbols()[0]] = float(energy)
+    missing = [el for el in elements if el not in energies]
+    if missing:
+        raise InputError(f"{name}: no isolated-atom energy for element(s) {missing}")
+    return {el: energies[el] for el in elements}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_frames(path: Path, frames: Sequence[Atoms]) -> None:
+    from ase.io import write
+
+    with atomic_path(path, suffix=".extxyz") as tmp:
+        write(tmp, list(frames), format="extxyz")
+
+
+# ---------------------------------------------------------------------- subprocesses
+def _subprocess_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[key] = str(threads)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _executable(name: str) -> str:
+    """``name`` next to the running Python (the venv), else on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise TrainingError(f"{name}: not found (install mlipuq[nequip])")
+    return found
+
+
+def run_nequip_train(
+    config_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    threads: int = 1,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+) -> None:
+    """Run ``nequip-train`` on one config, writing into ``output_dir``.
+
+    Lines printed by :class:`~.callback.EpochProgressCallback` go to stderr when
+    ``progress``; the full output is kept in ``output_dir/train.log``.
+
+    Raises
+    ------
+    TrainingError
+        Non-zero exit status (the message names the log file and its last line).
+    """
+    config_path = Path(config_path).resolve()
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        _executable("nequip-train"),
+        "-cp", str(config_path.parent),
+        "-cn", config_path.stem,
+        f"hydra.run.dir={output_dir}",
+        *overrides,
+    ]
+    log_path = output_dir / "train.log"
+    tail: list[str] = []
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=output_dir,
+            env=_subprocess_env(threads),
+        )
+        for line in process.stdout:
+            log.write(line)
+            tail = (tail + [line.rstrip()])[-20:]
+            if progress and line.startswith(PROGRESS_PREFIX):
+                print(line.rstrip(), file=sys.stderr, flush=True)
+        status = process.wait()
+    if status != 0:
+        reason = next((line for line in reversed(tail) if line.strip()), "no output")
+        raise TrainingError(
+            f"nequip-train failed for {config_path.name} (exit {status}; log {log_path}): "
+            f"{reason[:300]}"
+        )
+
+
+def package_model(checkpoint: Path, target: Path, *, threads: int = 1) -> Path:
+    """``nequip-package build checkpoint target`` (EMA weights when the run kept EMA)."""
+    command = [_executable("nequip-package"), "build", str(checkpoint), str(target)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=_subprocess_env(threads), check=False
+    )
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+        raise TrainingError(f"nequip-package failed for {checkpoint}: {lines[-1][:300]}")
+    return target
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """Lightning ``epoch`` recorded in a checkpoint (0-based; last completed epoch)."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return int(checkpoint["epoch"])
+
+
+def flatten_metrics(csv_dir: Path, target: Path) -> Path | None:
+    """One row per epoch from Lightning CSVLogger files ``csv_dir/version_*/metrics.csv``.
+
+    Later versions (resumed runs) override earlier values of the same epoch; for each
+    column the last non-empty value within an epoch is kept.
+    """
+    files = sorted(
+        csv_dir.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])
+    )
+    if not files:
+        return None
+    rows: dict[int, dict[str, str]] = {}
+    columns: list[str] = ["epoch"]
+    for path in files:
+        with open(path, newline="") as handle:
+            for record in csv.DictReader(handle):
+                if not record.get("epoch"):
+                    continue
+                epoch = int(float(record["epoch"]))
+                row = rows.setdefault(epoch, {"epoch": str(epoch)})
+                for key, value in record.items():
+                    if key in ("epoch", "step") or value in ("", None):
+                        continue
+                    if key not in columns:
+                        columns.append(key)
+                    row[key] = value
+    with atomic_path(target, suffix=".csv") as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+            writer.writeheader()
+            for epoch in sorted(rows):
+                writer.writerow(rows[epoch])
+    return target
+
+
+# ---------------------------------------------------------------------- ensemble
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from mlipuq import __version__
+
+    out = {"mlipuq_version": __version__}
+    for package in ("nequip", "torch"):
+        try:
+            out[f"{package}_version"] = version(package)
+        except PackageNotFoundError:
+            out[f"{package}_version"] = "absent"
+    return out
+
+
+def _check_positive_int(value, name: str) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _member_config(
+    folder: RunFolder,
+    model_id: str,
+    seed: int,
+    *,
+    epochs: int,
+    preset: str | None,
+    user_config: dict | None,
+    user_config_name: str | None,
+    r_max: float,
+    preset_overrides: Mapping | None,
+    log_mode: str,
+    weights: str,
+    eval_batch_size: int,
+    threads: int,
+    every_n_epochs: int,
+) -> dict:
+    if user_config is not None:
+        config = cfg.user_config(
+            user_config,
+            train_file=folder.train_path,
+            val_file=folder.val_path,
+            epochs=epochs,
+            seed=seed,
+            source=user_config_name or "config",
+        )
+        _ensure_logger_and_last_checkpoint(config)
+    else:
+        config = cfg.preset_config(
+            preset,
+            elements=folder.elements,
+            train_file=folder.train_path,
+            val_file=folder.val_path,
+            isolated_energies=folder.isolated_energies,
+            epochs=epochs,
+            seed=seed,
+            r_max=r_max,
+            overrides=preset_overrides,
+        )
+    callbacks = [
+        cfg.error_callback_spec(
+            store_path=folder.store_path,
+            model_id=model_id,
+            mode=log_mode,
+            weights=weights,
+            batch_size=eval_batch_size,
+            seed=seed,
+            every_n_epochs=every_n_epochs,
+            threads=threads,
+        ),
+        cfg.progress_callback_spec(label=f"{PROGRESS_PREFIX} {model_id}"),
+    ]
+    return cfg.add_callbacks(config, callbacks)
+
+
+def _ensure_logger_and_last_checkpoint(config: dict) -> None:
+    trainer = config["trainer"]
+    if not trainer.get("logger"):
+        trainer["logger"] = {
+            "_target_": "lightning.pytorch.loggers.CSVLogger",
+            "save_dir": "${hydra:runtime.output_dir}",
+            "name": "csv",
+            "version": 0,
+        }
+    callbacks = list(trainer.get("callbacks") or [])
+    has_last = any(
+        isinstance(spec, dict)
+        and "ModelCheckpoint" in str(spec.get("_target_", ""))
+        and spec.get("save_last")
+        for spec in callbacks
+    )
+    if not has_last:
+        callbacks.append(
+            {
+                "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "dirpath": "${hydra:runtime.output_dir}",
+                "filename": "latest",
+                "save_top_k": 1,
+                "save_last": True,
+            }
+        )
+    trainer["callbacks"] = callbacks
+
+
+def train_ensemble(
+    train_file: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    *,
+    preset: str = "small",
+    config: str | os.PathLike | None = None,
+    epochs: int = 100,
+    n_models: int = 1,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    isolated_energies: str | os.PathLike | Mapping[str, float] | None = None,
+    log_mode: str = "epoch_end",
+    weights: str = "ema",
+    every_n_epochs: int = 1,
+    eval_batch_size: int = 16,
+    threads: int = 1,
+    r_max: float = 5.0,
+    preset_overrides: Mapping | None = None,
+    package: bool = True,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> RunFolder:
+    """Train ``n_models`` NequIP models and leave a run folder with their error trajectories.
+
+    Parameters
+    ----------
+    train_file : path-like
+        extxyz with energies (eV) and forces (eV/Å) on every frame.
+    run_dir : path-like
+        Run folder to create (see :mod:`mlipuq.run_folder`).
+    preset : {"tiny", "small", "paper"}
+        Model size (see :mod:`~mlipuq.backends.nequip.config`); ignored with ``config``.
+    config : path-like, optional
+        A user's NequIP YAML used instead of a preset (its data files, seeds, run list
+        and max_epochs are replaced; our callbacks appended).
+    epochs : int
+        Training epochs per member (``trainer.max_epochs``).
+    n_models : int
+        Ensemble size M; member ``i`` is ``model_i`` with seed ``seed + i``.
+    seed : int
+        First seed; also seeds the train/validation split.
+    val_fraction : float
+        Fraction of frames held out for validation (shared by all members).
+    isolated_energies : path-like or mapping, optional
+        Isolated-atom energies (file of single-atom frames, or element -> eV); if
+        absent, fitted by least squares on the training frames.
+    log_mode : {"epoch_end", "in_batch"}
+        Error-trajectory mode of :class:`~.callback.ErrorTrajectoryCallback`.
+    weights : {"ema", "raw"}
+        Weights of the ``epoch_end`` pass.
+    every_n_epochs, eval_batch_size : int
+        Logging period and evaluation batch size of the callback.
+    threads : int
+        Threads of each training process (``OMP_NUM_THREADS`` and torch).
+    r_max : float
+        Cutoff in Å (presets only).
+    preset_overrides : mapping, optional
+        Preset fields to change, e.g. ``{"lr": 0.0}``.
+    package : bool
+        Build ``models/model_i.nequip.zip`` from ``best.ckpt`` (~10 s per model).
+    overwrite : bool
+        Replace an existing run folder.
+    resume : bool
+        Continue an existing run folder: members with a ``last.ckpt`` continue from it
+        up to ``epochs``; finished members are skipped; others train from scratch.
+    progress : bool
+        Print one line per epoch to stderr.
+
+    Returns
+    -------
+    RunFolder
+    """
+    from mlipuq.trajectory_store import TrajectoryStore
+
+    epochs = _check_positive_int(epochs, "epochs")
+    n_models = _check_positive_int(n_models, "n_models")
+    threads = _check_positive_int(threads, "threads")
+    every_n_epochs = _check_positive_int(every_n_epochs, "every_n_epochs")
+    eval_batch_size = _check_positive_int(eval_batch_size, "eval_batch_size")
+    if log_mode not in LOG_MODES:
+        raise InputError(f"log_mode: expected one of {LOG_MODES}, got {log_mode!r}")
+    if weights not in ("ema", "raw"):
+        raise InputError(f"weights: expected 'ema' or 'raw', got {weights!r}")
+    user_config = None
+    if config is not None:
+        user_config = cfg.check_nequip_config(cfg.load_yaml(config), str(config))
+    elif preset not in cfg.PRESETS:
+        raise InputError(f"preset: expected one of {sorted(cfg.PRESETS)}, got {preset!r}")
+    run_dir = Path(run_dir)
+
+    if resume and (run_dir / "run.json").is_file():
+        folder = RunFolder.open(run_dir)
+        if folder.meta.get("n_models") != n_models:
+            raise InputError(
+                f"{run_dir}: run has n_models={folder.meta.get('n_models')}, resume asked for "
+                f"{n_models}"
+            )
+        folder.meta["epochs"] = epochs
+        folder.save_meta()
+    else:
+        folder = _new_run(
+            train_file, run_dir, preset=None if config is not None else preset,
+            config=config, epochs=epochs, n_models=n_models, seed=seed,
+            val_fraction=val_fraction, isolated_energies=isolated_energies,
+            log_mode=log_mode, weights=weights, threads=threads,
+            overwrite=overwrite, r_max=r_max, preset_overrides=preset_overrides,
+        )
+    TrajectoryStore.create(folder.store_path, folder.atom_table)
+    members = zip(folder.model_ids, folder.seeds, strict=True)
+    for number, (model_id, member_seed) in enumerate(members):
+        _train_member(
+            folder, model_id, member_seed, number=number, epochs=epochs,
+            preset=folder.meta.get("preset"), user_config=user_config,
+            user_config_name=str(config) if config is not None else None,
+            r_max=folder.meta.get("r_max", r_max),
+            preset_overrides=folder.meta.get("preset_overrides") or preset_overrides,
+            log_mode=folder.meta["log_mode"], weights=folder.meta.get("weights", weights),
+            eval_batch_size=eval_batch_size, threads=threads,
+            every_n_epochs=every_n_epochs, package=package, progress=progress,
+        )
+    return folder
+
+
+def _new_run(
+    train_file, run_dir: Path, *, preset, config, epochs, n_models, seed, val_fraction,
+    isolated_energies, log_mode, weights, threads, overwrite, r_max, preset_overrides,
+) -> RunFolder:
+    train_file = Path(train_file)
+    frames = read_training_set(train_file)
+    elements = check_elements(frames, str(train_file))
+    train_idx, val_idx = split_train_val(len(frames), val_fraction=val_fraction, seed=seed)
+    train_frames = [frames[i] for i in train_idx]
+    if isolated_energies is None:
+        energies = fit_isolated_energies(train_frames, elements)
+        source = "least_squares"
+    else:
+        energies = read_isolated_energies(isolated_energies, elements)
+        source = "mapping" if isinstance(isolated_energies, Mapping) else Path(
+            isolated_energies
+        ).name
+    meta = {
+        **_versions(),
+        "elements": elements,
+        "preset": preset,
+        "user_config": None if config is None else str(Path(config).resolve()),
+        "preset_overrides": dict(preset_overrides or {}),
+        "r_max": float(r_max),
+        "epochs": epochs,
+        "n_models": n_models,
+        "seeds": [seed + i for i in range(n_models)],
+        "model_ids": [f"model_{i}" for i in range(n_models)],
+        "train_file": train_file.name,
+        "train_sha256": _sha256(train_file),
+        "val_fraction": float(val_fraction),
+        "train_frames": [int(i) for i in train_idx],
+        "val_frames": [int(i) for i in val_idx],
+        "isolated_energies": energies,
+        "isolated_energies_source": source,
+        "threads": threads,
+        "log_mode": log_mode,
+        "weights": "raw" if log_mode == "in_batch" else weights,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    folder = RunFolder.create(run_dir, meta, overwrite=overwrite)
+    _write_frames(folder.train_path, train_frames)
+    _write_frames(folder.val_path, [frames[i] for i in val_idx])
+    AtomTable.from_atoms(train_frames).save(folder.path / "atom_table.npz")
+    return folder
+
+
+def _train_member(
+    folder: RunFolder, model_id: str, member_seed: int, *, number: int, epochs: int,
+    preset, user_config, user_config_name, r_max, preset_overrides, log_mode, weights,
+    eval_batch_size, threads, every_n_epochs, package, progress,
+) -> None:
+    output_dir = folder.model_dir(model_id)
+    last = folder.checkpoint_path(model_id, "last")
+    overrides: list[str] = []
+    csv_dir = output_dir / "csv"
+    if last.is_file():
+        done = checkpoint_epoch(last) + 1
+        if done >= epochs:
+            if progress:
+                print(f"{PROGRESS_PREFIX} {model_id}: already trained ({done} epochs)",
+                      file=sys.stderr)
+            _finish_member(folder, model_id, package=package, threads=threads)
+            return
+        versions = len(list(csv_dir.glob("version_*")))
+        overrides = [f"++ckpt_path={last.resolve()}", f"trainer.logger.version={versions}"]
+    elif output_dir.exists():
+        shutil.rmtree(output_dir)
+    recorded = folder.config_path(model_id)
+    if recorded.is_file():
+        # resumed run: keep the recorded config, only the epoch count changes
+        member = cfg.check_nequip_config(cfg.load_yaml(recorded), str(recorded))
+        member["trainer"]["max_epochs"] = epochs
+    else:
+        member = _member_config(
+            folder, model_id, member_seed, epochs=epochs, preset=preset,
+            user_config=user_config, user_config_name=user_config_name, r_max=r_max,
+            preset_overrides=preset_overrides, log_mode=log_mode, weights=weights,
+            eval_batch_size=eval_batch_size, threads=threads, every_n_epochs=every_n_epochs,
+        )
+    config_path = cfg.write_yaml(folder.config_path(model_id), member)
+    folder.packaged_path(model_id).unlink(missing_ok=True)  # stale after more training
+    if progress:
+        print(
+            f"{PROGRESS_PREFIX} training {model_id} ({number + 1}/{len(folder.model_ids)}, "
+            f"seed {member_seed}, {epochs} epochs, {threads} thread(s))",
+            file=sys.stderr, flush=True,
+        )
+    start = time.perf_counter()
+    run_nequip_train(
+        config_path, output_dir, threads=threads, overrides=overrides, progress=progress
+    )
+    done = checkpoint_epoch(last) + 1 if last.is_file() else 0
+    if done < epochs:  # e.g. SIGTERM: Lightning stops gracefully and exits with status 0
+        raise TrainingError(
+            f"nequip-train stopped {model_id} after {done} of {epochs} epochs (log "
+            f"{output_dir / 'train.log'}); continue with --resume"
+        )
+    if progress:
+        print(f"{PROGRESS_PREFIX} {model_id} done in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr, flush=True)
+    _finish_member(folder, model_id, package=package, threads=threads)
+
+
+def _finish_member(folder: RunFolder, model_id: str, *, package: bool, threads: int) -> None:
+    flatten_metrics(folder.model_dir(model_id) / "csv", folder.metrics_path(model_id))
+    if package:
+        best = folder.checkpoint_path(model_id, "best")
+        source = best if best.is_file() else folder.checkpoint_path(model_id, "last")
+        target = folder.packaged_path(model_id)
+        if not target.is_file():
+            package_model(source, target, threads=threads)
