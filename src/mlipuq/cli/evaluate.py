@@ -1,0 +1,128 @@
+"""``mlipuq evaluate RUN --test NAME=PATH ... --out DIR``: compare every UQ method."""
+
+from __future__ import annotations
+
+import argparse
+
+METHOD_NAMES = ("ltau", "ensemble", "doptimality", "clustered_doptimality")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``evaluate`` verb."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="evaluate LTAU, ensemble and D-optimality on test sets (HTML report)",
+        description=(
+            "Fit (or reuse the saved) UQ methods of a run folder made by 'mlipuq train', "
+            "predict every test set, and write a report (index.html, metrics.json, PNGs): "
+            "Spearman correlations, detection rates, ROC-AUC, LTAU calibration, cost."
+        ),
+    )
+    parser.add_argument("run", metavar="RUN", help="run folder written by 'mlipuq train'")
+    parser.add_argument(
+        "--test", action="append", required=True, metavar="NAME=PATH",
+        help="a test set (extxyz; repeat the option); without forces: energies only",
+    )
+    parser.add_argument("-o", "--out", required=True, help="report directory to write")
+    parser.add_argument(
+        "--calibrate-on", metavar="NAME[:FRACTION]",
+        help="fit LTAU's scale factor on FRACTION (default 0.5) of the configurations of "
+        "test set NAME (in domain)",
+    )
+    parser.add_argument(
+        "--in-domain", nargs="+", metavar="NAME",
+        help="in-domain test sets for ROC-AUC (default: the --calibrate-on set)",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHOD_NAMES,
+        help="methods to evaluate (default: all; the ensemble needs >= 2 models)",
+    )
+    parser.add_argument("--model-id", default="model_0",
+                        help="member for LTAU and D-optimality (default: model_0)")
+    parser.add_argument("--refit", action="store_true",
+                        help="refit the methods even if saved ones are in the run")
+    parser.add_argument("--k", type=int, default=None,
+                        help="LTAU neighbours (default: the saved estimator's, else 5)")
+    parser.add_argument(
+        "--window", nargs=2, metavar=("START", "SIZE"),
+        help="LTAU epoch window: start position and size (SIZE 'all': to the end); "
+        "e.g. '-10 all' keeps the last 10 logged epochs (default: the saved estimator's, "
+        "else every epoch)",
+    )
+    parser.add_argument("--clusters", type=int, default=None,
+                        help="clusters of clustered D-optimality (default: the saved "
+                        "estimator's, else 4)")
+    parser.add_argument("--threads", type=int, default=1, help="torch/FAISS threads (default 1)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the calibration split and clustering (default 0)")
+    parser.set_defaults(func=run_evaluate)
+
+
+def parse_tests(values: list[str]) -> dict[str, str]:
+    """``["name=path", "path2"]`` -> ``{"name": "path", "<stem of path2>": "path2"}``."""
+    from pathlib import Path
+
+    from mlipuq.exceptions import InputError
+
+    tests: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value).name.split(".")[0], value
+        if not name or not path:
+            raise InputError(f"--test: expected NAME=PATH, got {value!r}")
+        if name in tests:
+            raise InputError(f"--test: test set name {name!r} given twice")
+        tests[name] = path
+    return tests
+
+
+def parse_calibration(value: str | None) -> tuple[str, float] | None:
+    """``"name"`` or ``"name:0.3"`` -> ``(name, fraction)``."""
+    from mlipuq.exceptions import InputError
+
+    if value is None:
+        return None
+    name, sep, fraction = value.rpartition(":")
+    if not sep:
+        return value, 0.5
+    try:
+        return name, float(fraction)
+    except ValueError:
+        raise InputError(
+            f"--calibrate-on: expected NAME or NAME:FRACTION, got {value!r}"
+        ) from None
+
+
+def parse_window(values: list[str] | None) -> tuple[int, int | None] | None:
+    """``["-10", "all"]`` -> ``(-10, None)``; ``["0", "20"]`` -> ``(0, 20)``."""
+    from mlipuq.exceptions import InputError
+
+    if values is None:
+        return None
+    start, size = values
+    try:
+        return int(start), None if size == "all" else int(size)
+    except ValueError:
+        raise InputError(
+            f"--window: expected START SIZE (integers; SIZE may be 'all'), got {' '.join(values)}"
+        ) from None
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Execute ``mlipuq evaluate``."""
+    import time
+
+    from mlipuq.pipeline import evaluate_run, say
+
+    start = time.perf_counter()
+    metrics = evaluate_run(
+        args.run, parse_tests(args.test), out_dir=args.out, methods=args.methods,
+        calibration_set=parse_calibration(args.calibrate_on), in_domain=args.in_domain,
+        model_id=args.model_id, refit=args.refit, k=args.k,
+        ltau_window=parse_window(args.window), n_clusters=args.clusters,
+        threads=args.threads, seed=args.seed,
+        progress=lambda message: say(message, start=start),
+    )
+    print(f"report: {metrics['report']}")
+    return 0

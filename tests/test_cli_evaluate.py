@@ -1,0 +1,230 @@
+"""``mlipuq evaluate``: bad input (fast, no model) and one real run (slow, tiny NequIP)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mlipuq.cli import main
+from mlipuq.run_folder import RunFolder
+
+
+def _frames(n: int, symbols: str = "Cu", seed: int = 0) -> list:
+    """``n`` rattled 4-atom cells with EMT-like labels (random numbers; never evaluated)."""
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+        atoms.set_chemical_symbols([symbols] * len(atoms)) if symbols != "Cu" else None
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=float(rng.normal()), forces=rng.normal(size=(len(atoms), 3))
+        )
+        frames.append(atoms)
+    return frames
+
+
+def _write(path, frames):
+    from ase.io import write
+
+    write(path, frames, format="extxyz")
+    return str(path)
+
+
+@pytest.fixture()
+def fake_run(tmp_path):
+    """A run folder with run.json only: input checks happen before any model is loaded."""
+    meta = {"elements": ["Cu"], "model_ids": ["model_0", "model_1"], "n_models": 2}
+    return str(RunFolder.create(tmp_path / "run", meta).path)
+
+
+def _evaluate(capsys, run, *args):
+    status = main(["evaluate", run, "--out", "unused_report", *args])
+    captured = capsys.readouterr()
+    return status, captured.err.strip().splitlines()
+
+
+def test_foreign_elements_exit_2_naming_file_and_elements(fake_run, tmp_path, capsys):
+    water = _write(tmp_path / "oxide.extxyz", _frames(2, symbols="O"))
+    status, err = _evaluate(capsys, fake_run, "--test", f"ox={water}")
+    assert status == 2
+    assert len(err) == 1
+    assert "oxide.extxyz" in err[0] and "element(s) O not in the training set" in err[0]
+    assert "trained on Cu" in err[0]
+
+
+def test_missing_file_exit_2(fake_run, tmp_path, capsys):
+    status, err = _evaluate(capsys, fake_run, "--test", f"a={tmp_path / 'nope.extxyz'}")
+    assert status == 2
+    assert err == [f"mlipuq: error: {tmp_path / 'nope.extxyz'}: file not found"]
+
+
+def test_empty_file_exit_2(fake_run, tmp_path, capsys):
+    empty = tmp_path / "empty.extxyz"
+    empty.write_text("")
+    status, err = _evaluate(capsys, fake_run, "--test", f"a={empty}")
+    assert status == 2
+    assert err == [f"mlipuq: error: {empty}: empty file (no configurations)"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--calibrate-on", "hot"], "--calibrate-on: no test set named 'hot'"),
+        (["--calibrate-on", "a:1.5"], "--calibrate-on: fraction must be in (0, 1)"),
+        (["--calibrate-on", "a:x"], "expected NAME or NAME:FRACTION"),
+        (["--in-domain", "zzz"], "--in-domain: no test set named ['zzz']"),
+        (["--test", "a=other.extxyz"], "--test: test set name 'a' given twice"),
+        (["--model-id", "model_7"], "--model-id: 'model_7' is not a member"),
+        (["--window", "-5", "x"], "--window: expected START SIZE"),
+    ],
+)
+def test_bad_options_exit_2(fake_run, tmp_path, capsys, args, message):
+    good = _write(tmp_path / "good.extxyz", _frames(2))
+    status, err = _evaluate(capsys, fake_run, "--test", f"a={good}", *args)
+    assert status == 2
+    assert len(err) == 1 and message in err[0]
+
+
+def test_ensemble_needs_two_models(tmp_path, capsys):
+    run = RunFolder.create(tmp_path / "one", {"elements": ["Cu"], "model_ids": ["model_0"]})
+    good = _write(tmp_path / "good.extxyz", _frames(2))
+    status, err = _evaluate(capsys, str(run.path), "--test", f"a={good}", "--methods",
+                            "ensemble")
+    assert status == 2
+    assert "'ensemble' needs at least 2 models" in err[0] and "has 1" in err[0]
+
+
+def test_not_a_run_folder(tmp_path, capsys):
+    good = _write(tmp_path / "good.extxyz", _frames(2))
+    status, err = _evaluate(capsys, str(tmp_path), "--test", f"a={good}")
+    assert status == 2
+    assert "not an mlipuq run folder" in err[0]
+
+
+def test_parse_tests_defaults_name_to_file_stem():
+    from mlipuq.cli.evaluate import parse_calibration, parse_tests
+
+    assert parse_tests(["x=a.extxyz", "dir/hot_1200K.extxyz"]) == {
+        "x": "a.extxyz", "hot_1200K": "dir/hot_1200K.extxyz"}
+    assert parse_calibration("bulk_300K") == ("bulk_300K", 0.5)
+    assert parse_calibration("bulk_300K:0.25") == ("bulk_300K", 0.25)
+
+
+# ---------------------------------------------------------------------- a real run
+@pytest.mark.slow
+def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
+    """Energy-only set, saved estimators, and numbers checked against numpy formulas."""
+    pytest.importorskip("nequip")
+    from mlipuq.backends.nequip.features import NequIPBackend
+    from mlipuq.ensemble import force_max_deviation
+    from nequip_support import make_emt_copper_frames, make_tiny_run
+
+    run_dir = make_tiny_run(tmp_path / "t", n_models=2, epochs=3, n_frames=12)
+    test_frames = make_emt_copper_frames(6, seed=5, temperature=300.0)
+    test = _write(tmp_path / "test.extxyz", test_frames)
+    energy_only = []
+    for atoms in make_emt_copper_frames(4, seed=9, temperature=1500.0):
+        copy = atoms.copy()
+        copy.info["energy"] = float(atoms.get_potential_energy())
+        energy_only.append(copy)  # no calculator, no forces: energies only
+    hot = _write(tmp_path / "hot.extxyz", energy_only)
+    out = tmp_path / "report"
+    status = main(["evaluate", str(run_dir), "--test", f"cold={test}", "--test", f"hot={hot}",
+                   "--out", str(out), "--calibrate-on", "cold", "--k", "3"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert captured.out.strip().splitlines()[-1] == f"report: {out / 'index.html'}"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"ltau", "ltau_calibrated", "ensemble", "doptimality",
+                                       "clustered_doptimality"}
+    # estimators were saved in the run folder
+    for name in ("ltau/estimator.json", "ltau/fit.json", "ensemble.json", "doptimality.npz",
+                 "clustered_doptimality.npz"):
+        assert (run_dir / name).is_file(), name
+
+    run = RunFolder.open(run_dir)
+    outs = [NequIPBackend(run.model_path(m)).outputs(test_frames) for m in run.model_ids]
+    forces = np.stack([o.forces for o in outs])
+    ens = metrics["methods"]["ensemble"]["metrics"]["cold"]
+    np.testing.assert_allclose(ens["mean_uncertainty"], force_max_deviation(forces).mean(),
+                               rtol=1e-6)
+    ref = np.concatenate([a.get_forces() for a in test_frames])
+    from scipy.stats import spearmanr
+
+    err0 = np.linalg.norm(ref - outs[0].forces, axis=1)
+    from mlipuq.doptimality import DOptimalityEstimator
+
+    gamma = DOptimalityEstimator.load(run_dir / "doptimality.npz").predict(
+        outs[0].descriptors.astype(float), outs[0].species).atom_uncertainty
+    dopt = metrics["methods"]["doptimality"]["metrics"]["cold"]
+    np.testing.assert_allclose(dopt["spearman_atom"], spearmanr(gamma, err0).statistic,
+                               rtol=1e-6)
+    np.testing.assert_allclose(dopt["detection_rate_atom"], np.mean(gamma > 1.0))
+    # the energy-only set: no atom-level numbers, a configuration-level energy Spearman
+    hot_ltau = metrics["methods"]["ltau"]["metrics"]["hot"]
+    assert hot_ltau["spearman_atom"] is None and hot_ltau["ece"] is None
+    assert metrics["test_sets"]["hot"]["has_forces"] is False
+    assert -1.0 <= metrics["methods"]["ensemble"]["metrics"]["hot"]["spearman_config_energy"] <= 1
+    cal = metrics["calibration"]
+    assert cal["calibration_set"] == "cold" and cal["scale"] > 0
+    assert set(cal["ece_before"]) == {"cold"}  # the energy-only set has no atoms to calibrate
+
+    # a second call reuses the saved estimators: identical LTAU numbers
+    status = main(["evaluate", str(run_dir), "--test", f"cold={test}", "--out",
+                   str(tmp_path / "again"), "--k", "3"])
+    assert status == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert "using saved" in capsys.readouterr().out
+    assert again["methods"]["ltau"]["metrics"]["cold"]["mean_uncertainty"] == pytest.approx(
+        metrics["methods"]["ltau"]["metrics"]["cold"]["mean_uncertainty"], rel=1e-9)
+    # another k refits LTAU only (and saves it with the new k)
+    status = main(["evaluate", str(run_dir), "--test", f"cold={test}", "--out",
+                   str(tmp_path / "k4"), "--k", "4", "--methods", "ltau", "doptimality"])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "using saved doptimality" in out and "fitting ltau on" in out
+    assert json.loads((run_dir / "ltau" / "estimator.json").read_text())["params"]["k"] == 4
+
+
+# ---------------------------------------------------------------------- calibration
+def test_calibrate_ltau_recovers_per_set_scales(rng):
+    """Synthetic LTAU: test errors = s_true x training-like errors, two sets (2x and 4x)."""
+    from mlipuq import metrics
+    from mlipuq.backends.base import ModelOutputs
+    from mlipuq.ltau import LTAUEstimator
+    from mlipuq.pipeline import calibrate_ltau
+
+    n, epochs = 2000, 60
+    desc = rng.normal(size=(n, 4)).astype(np.float32)
+    width = np.exp(rng.normal(size=n)) * 0.01  # per-atom error scale, eV/Å
+    trajectory = rng.exponential(size=(epochs, n)) * width
+    species = np.array(["Cu"] * n)
+    ltau = LTAUEstimator(k=1, index="flat").fit(trajectory, desc, species)
+    s_true = np.where(np.arange(n) < n // 2, 2.0, 4.0)
+    errors = s_true * rng.exponential(size=n) * width
+    groups = np.where(np.arange(n) < n // 2, "warm", "hot")
+    outputs = ModelOutputs(energies=np.zeros(n // 10), forces=np.zeros((n, 3)),
+                           descriptors=desc, species=species,
+                           config_index=np.repeat(np.arange(n // 10), 10))
+    cal = calibrate_ltau(ltau, outputs, errors, groups, calibration_set="warm", seed=1)
+    assert cal["n_calibration_atoms"] + cal["n_held_out_atoms"] == n // 2
+    assert cal["n_calibration_atoms"] % 10 == 0  # whole configurations
+    # the global s (fitted on "warm") calibrates held-out "warm", not "hot"
+    assert cal["ece_before"]["warm"] > 0.1 and cal["ece_after"]["warm"] < 0.06
+    assert cal["ece_after"]["hot"] > 0.1
+    assert cal["scale"] == pytest.approx(2.0, rel=0.15)  # p = CDF_train(atol / s)
+    # one s per set recovers both s_true and calibrates both sets
+    assert all(cal["group_scale_fitted"].values())
+    assert max(cal["group_ece_after"].values()) < 0.08
+    assert cal["group_scales"]["warm"] == pytest.approx(2.0, rel=0.15)
+    assert cal["group_scales"]["hot"] == pytest.approx(4.0, rel=0.15)
+    # the calibrated p is what predict(scale=s) returns: check against a direct ECE
+    p = ltau.predict(desc, species, scale=cal["scale"]).extras["p"]
+    held = (groups == "warm")
+    assert metrics.ece(p[held], errors[held], ltau.atol_) < 0.06
