@@ -136,7 +136,10 @@ def test_summary_text_reads_the_numbers():
         }
     }
     text = summary_text(metrics)
-    assert "LTAU is best calibrated (ECE 0.030 on 300K, worst 0.200 on 600K)." in text
+    assert (
+        "LTAU has the lowest calibration error over all test atoms "
+        "(ECE 0.100; worst group 600K, ECE 0.200)." in text
+    )
     assert "D-optimality ranks the atoms by error best (Spearman 0.60" in text
     assert "D-optimality flags 95 % of the surface configurations and 3 % of the bulk ones." in text
     assert "D-optimality separates out-of-domain configurations best (ROC-AUC 0.90)." in text

@@ -327,15 +327,17 @@ def summary_text(metrics: Mapping) -> str:
     'LTAU ranks the atoms by error best (Spearman 0.50 between uncertainty and force error).'
     """
     sentences = []
-    eces = {name: _per_group(metrics, name, "ece") for name in metrics["methods"]}
-    eces = {name: v for name, v in eces.items() if v}
-    if eces:
-        best = min(eces, key=lambda n: min(eces[n].values()))
-        g_best = min(eces[best], key=eces[best].get)
-        text = f"{_name(best)} is best calibrated (ECE {eces[best][g_best]:.3f} on {g_best}"
-        if len(eces[best]) > 1:
-            g_worst = max(eces[best], key=eces[best].get)
-            text += f", worst {eces[best][g_worst]:.3f} on {g_worst}"
+    overall_ece = _overall(metrics, "ece")
+    if overall_ece:
+        best = min(overall_ece, key=overall_ece.get)
+        text = (
+            f"{_name(best)} has the lowest calibration error over all test atoms "
+            f"(ECE {overall_ece[best]:.3f}"
+        )
+        per_group = _per_group(metrics, best, "ece")
+        if len(per_group) > 1:
+            g_worst = max(per_group, key=per_group.get)
+            text += f"; worst group {g_worst}, ECE {per_group[g_worst]:.3f}"
         sentences.append(text + ").")
     rho = _overall(metrics, "spearman_atom")
     if rho:
