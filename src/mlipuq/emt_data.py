@@ -18,7 +18,11 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.cluster import Octahedron
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+try:  # ASE >= 3.29 renamed MaxwellBoltzmannDistribution
+    from ase.md.velocitydistribution import thermalize_momenta
+except ImportError:  # pragma: no cover - older ASE
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
 LATTICE_CONSTANT_A = 3.61
 
@@ -79,7 +83,7 @@ def md_frames(
     rng = np.random.default_rng(seed)
     system = atoms.copy()
     system.calc = EMT()
-    MaxwellBoltzmannDistribution(system, temperature_K=temperature_K, rng=rng)
+    thermalize_momenta(system, temperature_K=temperature_K, rng=rng)
     dynamics = Langevin(
         system,
         timestep_fs * units.fs,
