@@ -1,0 +1,145 @@
+"""``mlipuq fit RUN``: LTAU from a run folder, saved atomically as RUN/ltau."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nequip")
+
+from mlipuq.cli import main  # noqa: E402
+from mlipuq.exceptions import InputError  # noqa: E402
+from mlipuq.run_folder import RunFolder  # noqa: E402
+from nequip_support import make_emt_copper_frames, make_tiny_run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny 2-member run after ``mlipuq fit RUN --k 3``; returns (run, stdout)."""
+    run_dir = make_tiny_run(tmp_path_factory.mktemp("fit"), n_models=2, epochs=3)
+    capture = pytest.MonkeyPatch()
+    import io
+    import sys
+
+    buffer = io.StringIO()
+    capture.setattr(sys, "stdout", buffer)
+    try:
+        status = main(["fit", str(run_dir), "--k", "3"])
+    finally:
+        capture.undo()
+    assert status == 0
+    return RunFolder.open(run_dir), buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def train_outputs(fitted):
+    from mlipuq.backends.nequip.features import NequIPBackend
+
+    run, _ = fitted
+    return NequIPBackend(run.model_path("model_0")).outputs(run.train_frames())
+
+
+def test_fit_writes_loadable_estimator(fitted, train_outputs):
+    from mlipuq.confidence import default_atol
+    from mlipuq.ltau import LTAUEstimator
+
+    run, output = fitted
+    estimator = LTAUEstimator.load(run.ltau_dir)
+    assert estimator.k == 3
+    assert estimator.n_train_atoms_ == run.atom_table.n_atoms
+    # default atol: training MAE of the final epoch, averaged over both members
+    assert estimator.atol_ == pytest.approx(default_atol(run.store))
+    finals = [run.store.final_errors(m, norm=True).mean() for m in run.store.model_ids()]
+    assert len(finals) == 2
+    assert estimator.atol_ == pytest.approx(np.mean(finals))
+    # pooled distributions: every training atom has E epochs x M models samples
+    n_samples = sum(len(run.store.epochs(m)) for m in run.store.model_ids())
+    np.testing.assert_array_equal(estimator.distributions_.n_samples, n_samples)
+    assert f"{estimator.atol_:.4g} eV/Å" in output
+    assert f"{run.atom_table.n_atoms} training atoms" in output
+    assert "Cu=flat" in output
+    meta = json.loads((run.ltau_dir / "fit.json").read_text())
+    assert meta["model_id"] == "model_0"
+
+
+def test_fitted_estimator_predicts_like_a_direct_fit(fitted, train_outputs):
+    from mlipuq.ltau import LTAUEstimator
+
+    run, _ = fitted
+    loaded = LTAUEstimator.load(run.ltau_dir)
+    direct = LTAUEstimator(k=3).fit(run.store, train_outputs.descriptors, train_outputs.species)
+    a = loaded.predict(train_outputs.descriptors, train_outputs.species)
+    b = direct.predict(train_outputs.descriptors, train_outputs.species)
+    assert a.atom_uncertainty.shape == (run.atom_table.n_atoms,)
+    np.testing.assert_allclose(a.atom_uncertainty, b.atom_uncertainty)
+    # a training atom is its own nearest neighbour: distance 0 at k=1
+    own = loaded.predict(train_outputs.descriptors, train_outputs.species, k=1)
+    np.testing.assert_allclose(own.extras["knn_distance"], 0.0, atol=1e-3)
+
+
+def test_calculator_from_run_attaches_fitted_ltau(fitted, train_outputs):
+    from mlipuq.backends.nequip.calculator import UQCalculator
+    from mlipuq.ltau import LTAUEstimator
+
+    run, _ = fitted
+    calc = UQCalculator.from_run(run.path, keep_descriptors=True)
+    assert list(calc.estimators) == ["ltau"]
+    atoms = make_emt_copper_frames(1, seed=21)[0]
+    atoms.calc = calc
+    atoms.get_forces()
+    expected = LTAUEstimator.load(run.ltau_dir).predict(
+        calc.results["descriptors"], atoms.get_chemical_symbols()
+    )
+    np.testing.assert_allclose(calc.results["ltau_uncertainty"], expected.atom_uncertainty)
+    with pytest.raises(InputError, match="fitted on the descriptors of 'model_0'"):
+        UQCalculator.from_run(run.path, model_id="model_1")
+
+
+def test_refit_replaces_atomically(fitted, tmp_path, capsys):
+    from mlipuq.ltau import LTAUEstimator
+
+    run, _ = fitted
+    copy = tmp_path / "run"
+    shutil.copytree(run.path, copy)
+    assert main(["fit", str(copy), "--k", "2", "--atol", "0.05"]) == 0
+    estimator = LTAUEstimator.load(copy / "ltau")
+    assert (estimator.k, estimator.atol_) == (2, 0.05)
+    leftovers = [p.name for p in copy.iterdir() if p.name.startswith(".ltau")]
+    assert leftovers == []
+    assert "(given)" in capsys.readouterr().out
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_missing_run_folder(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "nope")]) == 2
+    assert "run folder not found" in one_error_line(capsys)
+
+
+def test_not_a_run_folder(tmp_path, capsys):
+    assert main(["fit", str(tmp_path)]) == 2
+    assert "not an mlipuq run folder (no run.json)" in one_error_line(capsys)
+
+
+def test_run_folder_from_another_version(fitted, tmp_path, capsys):
+    run, _ = fitted
+    folder = tmp_path / "old"
+    folder.mkdir()
+    meta = dict(run.meta, format_version=99)
+    (folder / "run.json").write_text(json.dumps(meta))
+    assert main(["fit", str(folder)]) == 2
+    line = one_error_line(capsys)
+    assert "format_version 99" in line and "supports format_version 1" in line
+
+
+def test_unknown_model_id(fitted, capsys):
+    run, _ = fitted
+    assert main(["fit", str(run.path), "--model-id", "model_7"]) == 2
+    assert "--model-id: 'model_7' is not a member" in one_error_line(capsys)
