@@ -17,7 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "training atom."
         ),
     )
-    parser.add_argument("train_file", help="extxyz training set with energies and forces")
+    parser.add_argument(
+        "train_file", nargs="?",
+        help="extxyz training set with energies and forces (not with --reweight)",
+    )
     parser.add_argument("-o", "--run", required=True, help="run folder to create")
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
@@ -25,9 +28,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="model size (default: small = 2 layers x 16 features)",
     )
     size.add_argument("--config", help="your own NequIP YAML instead of a preset")
-    parser.add_argument("--epochs", type=int, default=100, help="epochs per model (default 100)")
-    parser.add_argument("-M", "--models", type=int, default=1, help="ensemble size (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument(
+        "--epochs", type=int, default=None,
+        help="epochs per model (default 100; with --reweight the source run's)",
+    )
+    parser.add_argument(
+        "-M", "--models", type=int, default=None,
+        help="ensemble size (default 1; with --reweight the source run's)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None,
+        help="first seed (default 0; with --reweight the source run's)",
+    )
+    parser.add_argument(
+        "--reweight", choices=("easy", "hard"),
+        help="retrain on the training set of --from RUN with LTAU per-atom force-loss "
+        "weights: hard = exp(lam (1 - mu + sigma)), easy = exp(lam (mu + sigma)); the "
+        "architecture, split and settings come from the source run",
+    )
+    parser.add_argument(
+        "--from", dest="source_run", metavar="RUN",
+        help="source run folder (with trajectories) for --reweight",
+    )
+    parser.add_argument(
+        "--lam", type=float, default=None,
+        help="re-weighting strength lambda > 0 (default 4.5 hard, 2.0 easy)",
+    )
     parser.add_argument(
         "--val-fraction", type=float, default=0.1,
         help="fraction of frames held out for validation (default 0.1)",
@@ -63,6 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``mlipuq train``."""
+    from mlipuq.exceptions import InputError
+
+    if args.reweight is not None or args.source_run is not None or args.lam is not None:
+        return _run_reweight(args)
+    if args.train_file is None:
+        raise InputError("train_file: expected an extxyz training set (or --reweight --from RUN)")
     from mlipuq.backends.nequip.training import train_ensemble
 
     folder = train_ensemble(
@@ -70,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
         args.run,
         preset=args.preset,
         config=args.config,
-        epochs=args.epochs,
-        n_models=args.models,
-        seed=args.seed,
+        epochs=100 if args.epochs is None else args.epochs,
+        n_models=1 if args.models is None else args.models,
+        seed=0 if args.seed is None else args.seed,
         val_fraction=args.val_fraction,
         isolated_energies=args.isolated,
         log_mode=args.log_mode,
@@ -86,4 +118,42 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(f"run folder: {folder.path} (models: {', '.join(folder.model_ids)})")
+    return 0
+
+
+def _run_reweight(args: argparse.Namespace) -> int:
+    """``mlipuq train --reweight {easy,hard} --from RUN -o NEW [--lam L]``."""
+    from mlipuq.exceptions import InputError
+
+    if args.reweight is None or args.source_run is None:
+        raise InputError("--reweight and --from: both are needed to retrain with loss weights")
+    if args.train_file is not None or args.config is not None or args.resume:
+        raise InputError(
+            "--reweight: the training set, config and split come from --from RUN; "
+            "do not give train_file, --config or --resume"
+        )
+    if args.lam is not None and not args.lam > 0:
+        raise InputError(f"--lam: expected a number > 0, got {args.lam}")
+    from mlipuq.backends.nequip.training import train_reweighted
+
+    folder = train_reweighted(
+        args.source_run,
+        args.run,
+        scheme=args.reweight,
+        lam=args.lam,
+        epochs=args.epochs,
+        n_models=args.models,
+        seed=args.seed,
+        threads=args.threads,
+        every_n_epochs=args.every_n_epochs,
+        package=not args.no_package,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    info = folder.meta["reweight"]
+    print(
+        f"run folder: {folder.path} (models: {', '.join(folder.model_ids)}; {info['scheme']} "
+        f"re-weighting, lambda {info['lam']:g}, atol {info['atol']:.4g} eV/Å, weights "
+        f"{info['weight_min']:.3g}..{info['weight_max']:.3g})"
+    )
     return 0

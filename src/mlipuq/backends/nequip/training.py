@@ -393,7 +393,12 @@ def _member_config(
         ),
         cfg.progress_callback_spec(label=f"{PROGRESS_PREFIX} {model_id}"),
     ]
-    return cfg.add_callbacks(config, callbacks)
+    config = cfg.add_callbacks(config, callbacks)
+    if folder.meta.get("reweight"):  # mlipuq train --reweight: per-atom weighted force loss
+        from .weighted_loss import add_weighted_force_loss
+
+        config = add_weighted_force_loss(config)
+    return config
 
 
 def _ensure_logger_and_last_checkpoint(config: dict) -> None:
@@ -661,3 +666,124 @@ def _finish_member(folder: RunFolder, model_id: str, *, package: bool, threads: 
         target = folder.packaged_path(model_id)
         if not target.is_file():
             package_model(source, target, threads=threads)
+
+
+# ---------------------------------------------------------------------- re-weighting
+def train_reweighted(
+    source_run: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    *,
+    scheme: str,
+    lam: float | None = None,
+    epochs: int | None = None,
+    n_models: int | None = None,
+    seed: int | None = None,
+    threads: int = 1,
+    every_n_epochs: int = 1,
+    eval_batch_size: int = 16,
+    package: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RunFolder:
+    """Retrain on a run's training set with LTAU per-atom loss weights (METHODS.md §1.6).
+
+    From the source run's error trajectories (all models, all logged epochs) at the
+    source's default tolerance (:func:`mlipuq.confidence.default_atol`, its final
+    training force MAE in eV/Å), ``mu_M(p_i)`` and ``sigma_M(p_i)`` give the weights
+    of :func:`mlipuq.reweighting.loss_weights` (unnormalised paper formula). The new
+    run reuses the source's training and validation frames, split, elements,
+    isolated energies, preset (or user config), cutoff and logging mode; its
+    ``train.extxyz`` has the weights as a ``per_atom_weight`` column and every member
+    trains with :class:`~.weighted_loss.WeightedForceMSE` in place of the force MSE.
+    ``run.json["reweight"]`` records scheme, lambda, atol, source and weight range.
+
+    Parameters
+    ----------
+    source_run : path-like
+        A run folder written by ``mlipuq train`` (with trajectories).
+    run_dir : path-like
+        New run folder.
+    scheme : {"easy", "hard"}
+        ``"hard"``: ``exp(lam (1 - mu + sigma))``; ``"easy"``: ``exp(lam (mu + sigma))``.
+    lam : float, optional
+        lambda > 0; default 4.5 (hard) or 2.0 (easy).
+    epochs, n_models, seed : int, optional
+        Default: the source run's (``seed`` = its first seed).
+    threads, every_n_epochs, eval_batch_size, package, overwrite, progress
+        As in :func:`train_ensemble`.
+
+    Returns
+    -------
+    RunFolder
+
+    Raises
+    ------
+    InputError
+        ``source_run`` is not a run folder or has no trajectories; bad scheme / lam.
+    """
+    from mlipuq.confidence import default_atol, ensemble_confidence
+    from mlipuq.reweighting import DEFAULT_LAMBDA, loss_weights, write_weighted_extxyz
+
+    if scheme not in DEFAULT_LAMBDA:
+        raise InputError(f"reweight: expected 'easy' or 'hard', got {scheme!r}")
+    lam = DEFAULT_LAMBDA[scheme] if lam is None else lam
+    if isinstance(lam, bool) or not np.isscalar(lam) or not np.isfinite(lam) or lam <= 0:
+        raise InputError(f"lam: expected a finite number > 0, got {lam!r}")
+    source = RunFolder.open(source_run)
+    if Path(run_dir).resolve() == source.path.resolve():
+        raise InputError(f"{run_dir}: the new run folder must differ from --from {source_run}")
+    source_meta = source.meta
+    if not source.store_path.is_dir():
+        raise InputError(f"{source.path}: run folder has no trajectories/ (train it first)")
+    store = source.store
+    atol = default_atol(store)
+    mu, sigma, _ = ensemble_confidence(store, atol)
+    weights = loss_weights(mu, sigma, scheme=scheme, lam=float(lam))
+    frames = source.train_frames()
+    n_models = int(source_meta["n_models"]) if n_models is None else n_models
+    n_models = _check_positive_int(n_models, "n_models")
+    epochs = _check_positive_int(
+        int(source_meta["epochs"]) if epochs is None else epochs, "epochs"
+    )
+    seed = int(source_meta["seeds"][0]) if seed is None else int(seed)
+    keep = (
+        "elements", "preset", "user_config", "preset_overrides", "r_max", "val_fraction",
+        "train_frames", "val_frames", "isolated_energies", "isolated_energies_source",
+        "log_mode", "weights",
+    )
+    meta = {
+        **_versions(),
+        **{key: source_meta[key] for key in keep if key in source_meta},
+        "epochs": epochs,
+        "n_models": n_models,
+        "seeds": [seed + i for i in range(n_models)],
+        "model_ids": [f"model_{i}" for i in range(n_models)],
+        "train_file": source.train_path.name,
+        "threads": threads,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "reweight": {
+            "scheme": scheme,
+            "lam": float(lam),
+            "normalize": False,
+            "atol": atol,
+            "source_run": str(source.path.resolve()),
+            "source_train_sha256": source_meta.get("train_sha256"),
+            "source_model_ids": store.model_ids(),
+            "weight_min": float(weights.min()),
+            "weight_max": float(weights.max()),
+            "weight_mean": float(weights.mean()),
+        },
+    }
+    folder = RunFolder.create(run_dir, meta, overwrite=overwrite)
+    write_weighted_extxyz(frames, weights, folder.train_path)
+    shutil.copyfile(source.val_path, folder.val_path)
+    source.atom_table.save(folder.path / "atom_table.npz")
+    folder.meta["train_sha256"] = _sha256(folder.train_path)
+    folder.save_meta()
+    config = source_meta.get("user_config")
+    return train_ensemble(
+        folder.train_path, folder.path, preset=source_meta.get("preset") or "small",
+        config=config, epochs=epochs, n_models=n_models, threads=threads,
+        every_n_epochs=every_n_epochs, eval_batch_size=eval_batch_size,
+        package=package, resume=True, progress=progress,
+    )

@@ -1,0 +1,277 @@
+"""Active learning on EMT copper: uncertainty + MaxVol selection vs random selection.
+
+Start: a NequIP model (``mlipuq train``, one member) on bulk fcc copper at 300 K.
+Each round r = 1..R:
+
+1. **simulate** -- Langevin MD with :class:`~mlipuq.backends.nequip.calculator.UQCalculator`
+   of the current active-learning model (its uncertainty method fitted on its own
+   training set) from three out-of-domain starts: bulk at ``--hot`` K, a (111)
+   surface slab and a 19-atom octahedral nanoparticle (``mlipuq.simulation``);
+   every frame of the three runs is a candidate;
+2. **select** -- ``B`` configurations by per-configuration uncertainty (max over
+   atoms) with MaxVol diversity on the model-free radial descriptor
+   (``mlipuq.selection.select_configurations``);
+   the **random** baseline draws ``B`` configurations uniformly from the same pool
+   (seeded);
+3. **label** with EMT and add to the respective training set;
+4. **retrain** both from scratch with identical settings (preset, epochs, seed).
+
+Figures: component force MAE (eV/Å) of each model on the hot-bulk, surface and
+nanoparticle test sets (``mlipuq.emt_data.copper_datasets``, never used for
+training) after every round, and the ratio active / random (< 1: active learning
+better). Both lineages share round 0 and, in each round, the candidate pool.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/active_learning.py --rounds 3 --budget 4
+    python benchmarks/active_learning.py --quick          # 1 round, tiny everything
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TEST_SETS = ("hot", "surface", "nanoparticle")
+
+
+def start_structures(seed: int):
+    """(name, atoms, temperature offset) of the three out-of-domain MD starts."""
+    from ase.build import fcc111
+    from ase.cluster import Octahedron
+
+    from mlipuq.emt_data import LATTICE_CONSTANT_A, bulk_copper
+
+    rng = np.random.default_rng(seed)
+    bulk = bulk_copper(2)
+    bulk.positions += rng.normal(scale=0.05, size=bulk.positions.shape)
+    slab = fcc111("Cu", size=(2, 2, 4), a=LATTICE_CONSTANT_A, vacuum=6.0, periodic=True)
+    particle = Octahedron("Cu", length=3, cutoff=0, latticeconstant=LATTICE_CONSTANT_A)
+    particle.center(vacuum=6.0)
+    return [("hot", bulk), ("surface", slab), ("nanoparticle", particle)]
+
+
+def force_mae(run, frames) -> float:
+    """Component force MAE (eV/Å) of member model_0 of ``run`` on ``frames``."""
+    from mlipuq.backends.nequip.features import NequIPBackend
+    from mlipuq.io import reference_forces
+
+    backend = NequIPBackend(run.model_path("model_0"), threads=1, batch_size=16)
+    predicted = backend.outputs(frames).forces
+    reference = np.concatenate([reference_forces(a) for a in frames])
+    return float(np.mean(np.abs(predicted - reference)))
+
+
+def train(frames, directory: Path, args):
+    """Train one model (model_0) on ``frames`` in ``directory/run``."""
+    from ase.io import write
+
+    from mlipuq.backends.nequip.training import train_ensemble
+
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "train.extxyz"
+    write(data, frames, format="extxyz")
+    return train_ensemble(
+        data, directory / "run", preset=args.preset, epochs=args.epochs, n_models=1,
+        seed=args.seed, val_fraction=args.val_fraction, threads=1, r_max=args.r_max,
+        package=False, overwrite=True, progress=False,
+    )
+
+
+def candidate_pool(run, method: str, directory: Path, round_number: int, args):
+    """MD with the run's UQ calculator from the three starts; returns the frames."""
+    from mlipuq.backends.nequip.calculator import UQCalculator
+    from mlipuq.io import read_structures
+    from mlipuq.pipeline import fit_methods
+    from mlipuq.simulation import run_simulation
+
+    estimator = fit_methods(run, methods=[method], threads=1, save=False)[method]
+    pool = []
+    for number, (name, atoms) in enumerate(start_structures(args.seed + 100 * round_number)):
+        calc = UQCalculator.from_run(run.path, estimators={method: estimator}, threads=1)
+        atoms = atoms.copy()
+        atoms.calc = calc
+        log_path = directory / f"md_{name}.extxyz"
+        temperature = args.hot if name == "hot" else args.temperature
+        try:
+            run_simulation(
+                atoms, calc, kind="md", steps=args.md_steps, temperature_K=temperature,
+                timestep_fs=args.timestep, seed=args.seed + 10 * round_number + number,
+                log_path=log_path,
+            )
+        except Exception as exc:  # a model blowing up: keep the frames written so far
+            print(f"  round {round_number} {name}: MD stopped ({type(exc).__name__}: {exc})")
+        frames = read_structures(log_path)[1:]  # step 0 is the start structure itself
+        for frame in frames:
+            frame.info["origin"] = name
+        pool.extend(frames)
+    return pool
+
+
+def select_active(pool, method: str, budget: int, seed: int, reference=None) -> np.ndarray:
+    """Configuration indices by max-over-atoms uncertainty with MaxVol diversity.
+
+    ``reference`` (the current training frames, optional): MaxVol extends the
+    training set's active set (greedy D-optimal extension) instead of choosing
+    among the candidates alone.
+    """
+    from mlipuq.descriptors import radial_descriptor
+    from mlipuq.selection import select_configurations
+
+    key = f"{method}_uncertainty"
+    uncertainty = np.array([float(np.max(a.arrays[key])) for a in pool])
+    features = np.concatenate([radial_descriptor(a, elements=["Cu"]) for a in pool])
+    config_index = np.concatenate([np.full(len(a), c) for c, a in enumerate(pool)])
+    reference_features = None
+    if reference is not None:
+        reference_features = np.concatenate(
+            [radial_descriptor(a, elements=["Cu"]) for a in reference]
+        )
+    selection = select_configurations(
+        uncertainty, threshold=0.0, budget=budget, features=features,
+        config_index=config_index, diversity="maxvol", seed=seed,
+        reference_features=reference_features,
+        upper_bound=1.0 if method == "ltau" else None,
+    )
+    picked = list(selection.indices)
+    if len(picked) < budget:  # fewer candidates above 0 than budget: most uncertain rest
+        rest = [int(i) for i in np.argsort(-uncertainty, kind="stable") if i not in picked]
+        picked += rest[: budget - len(picked)]
+    return np.asarray(picked, dtype=np.int64)
+
+
+def labelled_copies(pool, indices, tag: str) -> list:
+    from mlipuq.emt_data import labelled
+
+    out = []
+    for i in indices:
+        atoms = pool[int(i)]
+        clean = atoms.__class__(
+            numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc
+        )
+        out.append(labelled(clean, f"{tag}_{atoms.info.get('origin', 'md')}"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--budget", type=int, default=4, help="configurations per round B")
+    parser.add_argument("--method", default="ltau", choices=("ltau", "doptimality"))
+    parser.add_argument("--train-frames", type=int, default=24)
+    parser.add_argument("--test-frames", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "small"))
+    parser.add_argument("--r-max", type=float, default=4.5)
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--md-steps", type=int, default=30)
+    parser.add_argument("--timestep", type=float, default=2.0, help="fs")
+    parser.add_argument("--temperature", type=float, default=300.0, help="slab/particle MD, K")
+    parser.add_argument("--hot", type=float, default=1200.0, help="hot bulk MD and test, K")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--maxvol-reference", action="store_true",
+        help="MaxVol extends the current training set's active set (pacemaker-style)",
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--keep", help="directory for the runs (default: temporary)")
+    parser.add_argument("--json", help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.budget, args.train_frames, args.test_frames = 1, 2, 10, 3
+        args.epochs, args.md_steps = 3, 8
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    from mlipuq.emt_data import CopperSizes, copper_datasets
+
+    workdir = Path(args.keep or tempfile.mkdtemp(prefix="mlipuq_al_"))
+    start = time.perf_counter()
+    sizes = CopperSizes(train=args.train_frames, test=args.test_frames, supercell=2,
+                        interval=10, equilibration=100)
+    data = copper_datasets(seed=args.seed, sizes=sizes, hot_temperature_K=args.hot)
+    tests = {"hot": data[f"bulk_{int(args.hot)}K"], "surface": data["surface"],
+             "nanoparticle": data["nanoparticle"]}
+    base = list(data["train"])
+    rng = np.random.default_rng(args.seed + 12345)
+
+    run0 = train(base, workdir / "round0", args)
+    errors0 = {name: force_mae(run0, frames) for name, frames in tests.items()}
+    history = [{"round": 0, "n_train": len(base), "active": errors0, "random": errors0,
+                "seconds": time.perf_counter() - start}]
+    _report_round(history[-1])
+    runs = {"active": run0, "random": run0}
+    added = {"active": [], "random": []}
+    picks = []
+    for round_number in range(1, args.rounds + 1):
+        directory = workdir / f"round{round_number}"
+        directory.mkdir(parents=True, exist_ok=True)
+        pool = candidate_pool(runs["active"], args.method, directory, round_number, args)
+        active_idx = select_active(
+            pool, args.method, args.budget, args.seed + round_number,
+            reference=base + added["active"] if args.maxvol_reference else None,
+        )
+        random_idx = rng.choice(len(pool), size=args.budget, replace=False)
+        picks.append({
+            "pool": len(pool),
+            "active": [f"{pool[i].info['origin']}@{int(pool[i].info.get('step', -1))}"
+                       for i in active_idx],
+            "random": [f"{pool[i].info['origin']}@{int(pool[i].info.get('step', -1))}"
+                       for i in random_idx],
+        })
+        added["active"] += labelled_copies(pool, active_idx, f"al{round_number}")
+        added["random"] += labelled_copies(pool, random_idx, f"rand{round_number}")
+        record = {"round": round_number, "n_train": len(base) + len(added["active"]),
+                  "picks": picks[-1]}
+        for lineage in ("active", "random"):
+            runs[lineage] = train(base + added[lineage], directory / lineage, args)
+            record[lineage] = {name: force_mae(runs[lineage], f) for name, f in tests.items()}
+        record["seconds"] = time.perf_counter() - start
+        history.append(record)
+        _report_round(record)
+    _report_table(history, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "history": history},
+                                              indent=1))
+    return 0
+
+
+def _report_round(record: dict) -> None:
+    picks = record.get("picks")
+    if picks:
+        print(f"round {record['round']}: pool {picks['pool']} frames; active picked "
+              f"{picks['active']}; random picked {picks['random']}")
+    print(f"round {record['round']} ({record['n_train']} training frames, "
+          f"{record['seconds']:.0f} s): " + "; ".join(
+              f"{n} active {record['active'][n]:.4f} random {record['random'][n]:.4f}"
+              for n in TEST_SETS), flush=True)
+
+
+def _report_table(history: list[dict], args) -> None:
+    reference = ", MaxVol vs training set" if args.maxvol_reference else ""
+    print(f"\nforce MAE (eV/Å) on the test sets; method {args.method}{reference}, budget "
+          f"{args.budget}/round, preset {args.preset}, {args.epochs} epochs, seed {args.seed}")
+    print("round  n_train  " + "  ".join(f"{n:>12s} act/rand (ratio)" for n in TEST_SETS))
+    for record in history:
+        cells = []
+        for name in TEST_SETS:
+            a, r = record["active"][name], record["random"][name]
+            cells.append(f"{a:.4f}/{r:.4f} ({a / r:4.2f})")
+        print(f"{record['round']:5d}  {record['n_train']:7d}  " + "  ".join(
+            f"{c:>29s}" for c in cells))
+    wins = sum(
+        record["active"][n] < record["random"][n] for record in history[1:] for n in TEST_SETS
+    )
+    print(f"active < random in {wins} of {len(history[1:]) * len(TEST_SETS)} (round, set) cells")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
