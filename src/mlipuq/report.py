@@ -160,7 +160,7 @@ def _calibration_plots(metrics: Mapping, out: Path) -> list[tuple[str, str]]:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("predicted p")
-        ax.set_ylabel("observed fraction with error <= atol * s")
+        ax.set_ylabel("observed fraction with error <= atol")
         ax.set_title(f"Calibration: {name}")
         ax.legend(fontsize=7, loc="upper left")
         file = f"calibration_{_safe(name)}.png"
@@ -451,7 +451,8 @@ def _html(metrics: Mapping, figures: list[tuple[str, str]], title: str) -> str:
 {_table(metrics)}
 <p>Spearman: rank correlation of uncertainty and true error (1 = perfect ranking).
 Flagged: share above the method's threshold. ECE: mean gap between predicted p and
-the observed share of atoms with error &le; atol&nbsp;&times;&nbsp;s (0 = calibrated).
+the observed share of atoms with error &le; atol (0 = calibrated; a calibrated method
+predicts p with its fitted scale factor s).
 All numbers are in <a href="metrics.json">metrics.json</a>.</p>
 <h2>Plots</h2>
 {figs}
