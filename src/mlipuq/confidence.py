@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from mlipuq.exceptions import InputError
-from mlipuq.trajectory_store import TrajectoryStore, Window, window_slice
+from mlipuq.trajectory_store import TrajectoryStore, Window, check_trajectories, window_slice
 from mlipuq.validation import check_array
 
 ErrorSource = TrajectoryStore | np.ndarray | Sequence[np.ndarray]
@@ -205,15 +205,8 @@ def _error_chunks(
             atoms = slice(start, min(start + chunk_size, source.n_atoms))
             yield atoms, [source.read_atoms(m, atoms, window=window, norm=True) for m in ids]
         return
-    arrays = [source] if isinstance(source, np.ndarray) else list(source)
-    if not arrays:
-        raise InputError("errors: no error trajectories given")
-    arrays = [check_array(a, "errors", ndim=2, dtype=None, nonnegative=True) for a in arrays]
+    arrays = check_trajectories(source, window)
     n_atoms = arrays[0].shape[1]
-    for array in arrays[1:]:
-        if array.shape[1] != n_atoms:
-            raise InputError(f"errors: trajectories have {array.shape[1]} and {n_atoms} atoms")
-    arrays = [a[window_slice(len(a), window)] for a in arrays]
     for start in range(0, n_atoms, chunk_size):
         atoms = slice(start, min(start + chunk_size, n_atoms))
         yield atoms, [a[:, atoms] for a in arrays]

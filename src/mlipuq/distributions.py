@@ -29,7 +29,7 @@ import numpy as np
 
 from mlipuq.exceptions import InputError
 from mlipuq.io import load_npz, save_npz
-from mlipuq.trajectory_store import TrajectoryStore, Window, window_slice
+from mlipuq.trajectory_store import TrajectoryStore, Window, check_trajectories, window_slice
 from mlipuq.validation import check_array
 
 LOG_FLOOR = 1e-8  # eV/Å: lowest first edge of log-spaced bins
@@ -355,15 +355,8 @@ def distributions_from_errors(
     window : (start, size), optional
         Epoch window applied to each trajectory.
     """
-    arrays = [errors] if isinstance(errors, np.ndarray) else list(errors)
-    if not arrays:
-        raise InputError("errors: no error trajectories given")
-    arrays = [check_array(a, "errors", ndim=2, dtype=None, nonnegative=True) for a in arrays]
+    arrays = check_trajectories(errors, window)
     n_atoms = arrays[0].shape[1]
-    for array in arrays[1:]:
-        if array.shape[1] != n_atoms:
-            raise InputError(f"errors: trajectories have {array.shape[1]} and {n_atoms} atoms")
-    arrays = [a[window_slice(len(a), window)] for a in arrays]
     if bin_edges is not None:
         edges = check_array(bin_edges, "bin_edges", ndim=1)
     else:

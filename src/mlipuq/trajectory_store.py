@@ -95,6 +95,33 @@ def window_slice(n_epochs: int, window: Window | None) -> slice:
     return slice(first, first + int(size))
 
 
+def check_trajectories(
+    errors: np.ndarray | list[np.ndarray], window: Window | None = None
+) -> list[np.ndarray]:
+    """Validate in-memory error trajectories and apply an epoch window.
+
+    Parameters
+    ----------
+    errors : ndarray of shape (E, N) or list of them (one per model, E may differ)
+        Per-atom force-error norms in eV/Å.
+    window : (start, size), optional
+        Epoch window applied to each trajectory (see :func:`window_slice`).
+
+    Returns
+    -------
+    list of ndarray, each (E_m', N)
+    """
+    arrays = [errors] if isinstance(errors, np.ndarray) else list(errors)
+    if not arrays:
+        raise InputError("errors: no error trajectories given")
+    arrays = [check_array(a, "errors", ndim=2, dtype=None, nonnegative=True) for a in arrays]
+    n_atoms = arrays[0].shape[1]
+    for array in arrays[1:]:
+        if array.shape[1] != n_atoms:
+            raise InputError(f"errors: trajectories have {array.shape[1]} and {n_atoms} atoms")
+    return [a[window_slice(len(a), window)] for a in arrays]
+
+
 class TrajectoryStore:
     """A directory holding the per-atom error trajectories of one or more models.
 
