@@ -256,13 +256,18 @@ def save_methods(run: RunFolder, estimators: Mapping[str, Any], *, model_id: str
              "clustered_doptimality": CLUSTERED_FILE}
     for name, estimator in estimators.items():
         if name == "ltau":
-            _save_ltau(run, estimator, model_id)
+            save_ltau(run, estimator, model_id)
         else:
             estimator.save(run.path / files[name])
 
 
-def _save_ltau(run: RunFolder, estimator: Any, model_id: str) -> None:
-    """As ``mlipuq fit``: save into a temporary directory, rename onto ``RUN/ltau``."""
+def save_ltau(run: RunFolder, estimator: Any, model_id: str) -> None:
+    """Save a fitted LTAU estimator as ``RUN/ltau`` (used by ``mlipuq fit`` too).
+
+    Writes into a temporary directory inside RUN and renames it onto ``RUN/ltau``,
+    so a reader never sees a half-written estimator; ``RUN/ltau/fit.json`` records
+    the member whose descriptors it was fitted on (the calculator checks it).
+    """
     from mlipuq import __version__
     from mlipuq.io import write_json
 

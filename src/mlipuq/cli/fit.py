@@ -11,15 +11,10 @@ member's descriptors it was fitted on (the calculator checks it).
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-FIT_FILE = "fit.json"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,6 +57,7 @@ def _say(message: str) -> None:
 def run_fit(args: argparse.Namespace) -> int:
     """Execute ``mlipuq fit``; returns the exit status."""
     from mlipuq.exceptions import InputError
+    from mlipuq.pipeline import save_ltau
     from mlipuq.run_folder import RunFolder
 
     started = time.perf_counter()
@@ -83,7 +79,7 @@ def run_fit(args: argparse.Namespace) -> int:
     _say(f"error distributions from {len(store.model_ids())} model(s) in "
          f"{store.path.relative_to(run.path)}")
     estimator = _fit(store, outputs, args)
-    _save(run, estimator, model_path, args.model_id)
+    save_ltau(run, estimator, args.model_id)
     _summary(run, estimator, outputs.descriptors.shape, time.perf_counter() - started)
     return 0
 
@@ -104,37 +100,6 @@ def _fit(store: Any, outputs: Any, args: argparse.Namespace) -> Any:
         per_element=not args.all_elements, n_threads=args.threads,
     )
     return estimator.fit(store, outputs.descriptors, outputs.species)
-
-
-def _save(run: Any, estimator: Any, model_path: Path, model_id: str) -> None:
-    """Save into a temporary directory in RUN, then rename it onto RUN/ltau."""
-    from mlipuq import __version__
-    from mlipuq.io import write_json
-
-    target = Path(run.ltau_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".ltau.", dir=run.path))
-    try:
-        estimator.save(tmp)
-        write_json(tmp / FIT_FILE, {
-            "model_id": model_id,
-            "model_file": str(model_path.relative_to(run.path)),
-            "atom_table_fingerprint": run.atom_table.fingerprint(),
-            "mlipuq_version": __version__,
-        })
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(source, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=".ltau.old.", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(source, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _summary(run: Any, estimator: Any, shape: tuple[int, int], seconds: float) -> None:
