@@ -166,8 +166,8 @@ def test_missing_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("MLIPUQ_TEST_COMPILE") != "1",
-                    reason="AOTInductor compile takes minutes; set MLIPUQ_TEST_COMPILE=1")
+@pytest.mark.skipif(os.environ.get("MLIPUQ_SKIP_COMPILE") == "1",
+                    reason="MLIPUQ_SKIP_COMPILE=1: AOTInductor compile (~2 min) skipped")
 def test_compiled_model_keeps_descriptors(model_path, ltau, calc, test_frames, tmp_path):
     from mlipuq.backends.nequip.compile import compile_model
 
