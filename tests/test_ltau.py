@@ -216,7 +216,7 @@ def test_save_load_round_trip(tmp_path, rng, kind):
     meta = json.loads((tmp_path / "est" / "estimator.json").read_text())
     meta["format_version"] = 99
     (tmp_path / "est" / "estimator.json").write_text(json.dumps(meta))
-    with pytest.raises(InputError, match="LTAU format version 99 is not supported"):
+    with pytest.raises(InputError, match="LTAU estimator format_version 99 is not supported"):
         LTAUEstimator.load(tmp_path / "est")
     with pytest.raises(InputError, match="not an mlipuq LTAU estimator"):
         LTAUEstimator.load(tmp_path)

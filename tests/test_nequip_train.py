@@ -265,7 +265,7 @@ def test_run_folder_from_another_version_is_refused(tmp_path, capsys):
     with pytest.raises(InputError, match=r"format_version 99 .*supports format_version 1"):
         RunFolder.open(folder)
     (folder / "run.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(InputError, match="not an mlipuq run file"):
+    with pytest.raises(InputError, match="not an mlipuq run folder"):
         RunFolder.open(folder)
     with pytest.raises(InputError, match="not an mlipuq run folder"):
         RunFolder.open(tmp_path)

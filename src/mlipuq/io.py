@@ -71,6 +71,43 @@ def read_json(path: str | os.PathLike) -> dict:
         raise InputError(f"{path}: not a readable JSON file ({exc})") from None
 
 
+def read_header(
+    header_file: str | os.PathLike, *, what: str, format_name: str, format_version: int
+) -> dict:
+    """Read the JSON header of an mlipuq artefact and check its format and version.
+
+    Parameters
+    ----------
+    header_file : path-like
+        The header (e.g. ``RUN/run.json``, ``STORE/store.json``).
+    what : str
+        What the artefact is called in messages (``"run folder"``, ...).
+    format_name, format_version : str, int
+        The expected ``"format"`` and ``"format_version"`` fields.
+
+    Raises
+    ------
+    InputError
+        Missing header, foreign format, or another format version.
+    """
+    header_file = Path(header_file)
+    if not header_file.is_file():
+        raise InputError(f"{header_file.parent}: not an mlipuq {what} (no {header_file.name})")
+    meta = read_json(header_file)
+    if not isinstance(meta, dict) or meta.get("format") != format_name:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise InputError(
+            f"{header_file}: not an mlipuq {what} (format {found!r}, expected {format_name!r})"
+        )
+    version = meta.get("format_version")
+    if version != format_version:
+        raise InputError(
+            f"{header_file}: {what} format_version {version!r} is not supported "
+            f"(this mlipuq supports format_version {format_version})"
+        )
+    return meta
+
+
 def save_npz(target: str | os.PathLike, **arrays: np.ndarray) -> None:
     """Save arrays to ``target`` (.npz, uncompressed), atomically; no pickled objects."""
     with atomic_path(target, suffix=".npz") as tmp:

@@ -538,20 +538,16 @@ class LTAUEstimator:
             not agree with ``estimator.json``.
         """
         from mlipuq.distributions import ErrorDistributions
-        from mlipuq.io import load_npz, read_json
+        from mlipuq.io import load_npz, read_header
         from mlipuq.knn_index import load_index
 
         directory = Path(directory)
-        if not (directory / "estimator.json").is_file():
-            raise InputError(f"{directory}: not an mlipuq LTAU estimator (no estimator.json)")
-        meta = read_json(directory / "estimator.json")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise InputError(f"{directory}: estimator.json is not an mlipuq LTAU estimator")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise InputError(
-                f"{directory}: LTAU format version {meta.get('format_version')} is not "
-                f"supported (this mlipuq reads version {FORMAT_VERSION})"
-            )
+        meta = read_header(
+            directory / "estimator.json",
+            what="LTAU estimator",
+            format_name=FORMAT_NAME,
+            format_version=FORMAT_VERSION,
+        )
         params = dict(meta["params"])
         if params.get("window") is not None:
             params["window"] = tuple(params["window"])

@@ -30,7 +30,7 @@ from ase import Atoms
 
 from mlipuq.atom_table import AtomTable
 from mlipuq.exceptions import InputError
-from mlipuq.io import read_json, read_structures, write_json
+from mlipuq.io import read_header, read_structures, write_json
 
 FORMAT_NAME = "mlipuq-run"
 FORMAT_VERSION = 1
@@ -68,20 +68,9 @@ class RunFolder:
         if not path.is_dir():
             raise InputError(f"{path}: run folder not found")
         run_file = path / RUN_FILE
-        if not run_file.is_file():
-            raise InputError(f"{path}: not an mlipuq run folder (no {RUN_FILE})")
-        meta = read_json(run_file)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-            raise InputError(
-                f"{run_file}: not an mlipuq run file (format {found!r}, expected {FORMAT_NAME!r})"
-            )
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise InputError(
-                f"{run_file}: run folder format_version {version!r} is not supported by this "
-                f"mlipuq (supports format_version {FORMAT_VERSION})"
-            )
+        meta = read_header(
+            run_file, what="run folder", format_name=FORMAT_NAME, format_version=FORMAT_VERSION
+        )
         for key in ("model_ids", "elements"):
             if not isinstance(meta.get(key), list):
                 raise InputError(f"{run_file}: field {key!r} missing or not a list")

@@ -35,7 +35,7 @@ import numpy as np
 
 from mlipuq.atom_table import AtomTable
 from mlipuq.exceptions import InputError
-from mlipuq.io import atomic_path, read_json, write_json
+from mlipuq.io import atomic_path, read_header, read_json, write_json
 from mlipuq.validation import check_array
 
 FORMAT_NAME = "mlipuq.trajectory_store"
@@ -225,16 +225,12 @@ class TrajectoryStore:
             ``path`` is not a (complete, readable) trajectory store of a supported version.
         """
         path = Path(path)
-        if not (path / "store.json").is_file():
-            raise InputError(f"{path}: not an mlipuq trajectory store (no store.json)")
-        meta = read_json(path / "store.json")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise InputError(f"{path}: store.json is not an mlipuq trajectory store header")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise InputError(
-                f"{path}: store format version {meta.get('format_version')} is not supported "
-                f"(this mlipuq reads version {FORMAT_VERSION})"
-            )
+        meta = read_header(
+            path / "store.json",
+            what="trajectory store",
+            format_name=FORMAT_NAME,
+            format_version=FORMAT_VERSION,
+        )
         if meta.get("error_kind") not in ERROR_KINDS:
             raise InputError(f"{path}: unknown error kind {meta.get('error_kind')!r}")
         table = AtomTable.load(path / "atom_table.npz")
