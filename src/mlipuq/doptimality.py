@@ -37,6 +37,7 @@ from mlipuq.thresholds import tukey_fence
 from mlipuq.validation import (
     as_species,
     check_array,
+    check_config_index,
     check_consistent_length,
     check_feature_dim,
     check_is_fitted,
@@ -155,21 +156,6 @@ def check_predict_inputs(
     if unknown:
         raise InputError(f"species: element(s) {unknown} have no active set (fitted: {elements})")
     return features, species
-
-
-def check_config_index(config_index: object, n_atoms: int) -> np.ndarray:
-    """Validate a per-atom configuration index (N,) of non-negative integers."""
-    index = check_array(config_index, "config_index", ndim=1, dtype=None)
-    if not np.issubdtype(index.dtype, np.integer):
-        if np.issubdtype(index.dtype, np.floating) and np.all(index == np.round(index)):
-            index = index.astype(np.int64)
-        else:
-            raise InputError(f"config_index: expected integers, got dtype {index.dtype}")
-    if len(index) != n_atoms:
-        raise InputError(f"config_index: expected {n_atoms} entries got {len(index)}")
-    if index.min() < 0:
-        raise InputError(f"config_index: contains negative values (min {int(index.min())})")
-    return index.astype(np.int64)
 
 
 def outlier_mask(

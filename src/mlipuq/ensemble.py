@@ -18,12 +18,11 @@ import os
 import numpy as np
 
 from mlipuq.atom_table import config_max
-from mlipuq.doptimality import check_config_index
 from mlipuq.exceptions import InputError
 from mlipuq.io import read_json, write_json
 from mlipuq.result import UQResult
 from mlipuq.thresholds import tukey_fence
-from mlipuq.validation import check_array, check_is_fitted
+from mlipuq.validation import check_array, check_config_index, check_is_fitted
 
 THRESHOLD_SOURCES = ("uncertainty", "error")
 

@@ -42,6 +42,7 @@ from mlipuq.result import UQResult
 from mlipuq.validation import (
     as_species,
     check_array,
+    check_config_index,
     check_consistent_length,
     check_feature_dim,
     check_is_fitted,
@@ -379,7 +380,7 @@ class LTAUEstimator:
         check_feature_dim(desc, self.n_features_in_, "descriptors")
         symbols = as_species(species)
         n_atoms = check_consistent_length(descriptors=desc, species=symbols)
-        configs = _check_config_index(config_index, n_atoms)
+        configs = None if config_index is None else check_config_index(config_index, n_atoms)
         k = self.k if k is None else k
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise InputError(f"k: expected a positive integer, got {k!r}")
@@ -605,18 +606,6 @@ def _group_rows(symbols: np.ndarray, per_element: bool) -> dict[str, np.ndarray]
 def _unknown_message(unknown: list[str], trained: np.ndarray) -> str:
     known = ", ".join(sorted(set(trained.tolist())))
     return f"species: element(s) {', '.join(unknown)} not in the training set (trained on {known})"
-
-
-def _check_config_index(config_index: Any, n_atoms: int) -> np.ndarray | None:
-    if config_index is None:
-        return None
-    configs = check_array(config_index, "config_index", ndim=1, dtype=None)
-    if not np.issubdtype(configs.dtype, np.integer):
-        raise InputError(f"config_index: expected integers, got dtype {configs.dtype}")
-    check_consistent_length(config_index=configs, descriptors=np.empty(n_atoms))
-    if configs.min() < 0:
-        raise InputError(f"config_index: expected non-negative values, min {configs.min()}")
-    return configs.astype(np.int64)
 
 
 def _result(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlipuq.exceptions import InputError
-from mlipuq.validation import check_array, check_consistent_length
+from mlipuq.validation import check_array, check_config_index, check_consistent_length
 
 __all__ = [
     "CalibrationCurve",
@@ -113,7 +113,7 @@ def config_aggregate(
         ``nan`` for configurations without atoms.
     """
     per_atom = check_array(per_atom, "per_atom", ndim=1, finite=False)
-    config_index = _check_index(config_index, len(per_atom))
+    config_index = check_config_index(config_index, len(per_atom))
     n_configs = int(config_index.max()) + 1
     counts = np.bincount(config_index, minlength=n_configs)
     if how == "max":
@@ -127,19 +127,6 @@ def config_aggregate(
         raise InputError(f"how: expected 'max' or 'mean', got {how!r}")
     out[counts == 0] = np.nan
     return out
-
-
-def _check_index(config_index: object, n: int) -> np.ndarray:
-    config_index = check_array(config_index, "config_index", ndim=1, dtype=None)
-    if not np.issubdtype(config_index.dtype, np.integer):
-        raise InputError(f"config_index: expected integers, got dtype {config_index.dtype}")
-    if len(config_index) != n:
-        raise InputError(
-            f"inconsistent numbers of atoms: values={n}, config_index={len(config_index)}"
-        )
-    if config_index.min() < 0:
-        raise InputError(f"config_index: negative entries (min {config_index.min()})")
-    return config_index.astype(np.int64)
 
 
 def config_spearman(

@@ -77,6 +77,29 @@ def check_feature_dim(array: np.ndarray, expected: int, name: str) -> None:
         raise InputError(f"{name}: expected {expected} features per row, got {array.shape[1]}")
 
 
+def check_config_index(config_index: object, n_atoms: int) -> np.ndarray:
+    """Validate a per-atom configuration index: (N,) non-negative integers.
+
+    Integral floats are accepted (extxyz round trips). Returns int64.
+
+    Examples
+    --------
+    >>> check_config_index([0, 0, 1.0], 3)
+    array([0, 0, 1])
+    """
+    index = check_array(config_index, "config_index", ndim=1, dtype=None)
+    if not np.issubdtype(index.dtype, np.integer):
+        if not (np.issubdtype(index.dtype, np.floating) and np.all(index == np.round(index))):
+            raise InputError(f"config_index: expected integers, got dtype {index.dtype}")
+    if len(index) != n_atoms:
+        raise InputError(
+            f"config_index: expected {n_atoms} entries (one per atom), got {len(index)}"
+        )
+    if index.min() < 0:
+        raise InputError(f"config_index: expected non-negative values, min {int(index.min())}")
+    return index.astype(np.int64)
+
+
 def check_is_fitted(estimator: object, attribute: str) -> None:
     """Raise :class:`NotFittedError` unless ``estimator`` has the fitted ``attribute``."""
     if getattr(estimator, attribute, None) is None:
