@@ -138,6 +138,19 @@ def cost_table(metrics: dict) -> str:
 
 
 # ---------------------------------------------------------------------- stages
+def train_or_reuse(args, folder: Path, start: float, train_fn):
+    """The run folder given by ``--reuse``, else a freshly trained one; (run, seconds)."""
+    from mlipuq.run_folder import RunFolder
+
+    if args.reuse:
+        run = RunFolder.open(args.reuse)
+        note(f"reusing run {run.path}", start)
+        return run, None
+    run, train_seconds = train_fn(args, folder, start)
+    note(f"trained in {train_seconds:.0f} s: {run.path}", start)
+    return run, train_seconds
+
+
 def train(args, folder: Path, start: float):
     from mlipuq.backends.nequip.training import train_ensemble
 
@@ -202,17 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from mlipuq.io import read_structures, write_json
     from mlipuq.pipeline import evaluate_run
-    from mlipuq.run_folder import RunFolder
 
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.reuse:
-        run, train_seconds = RunFolder.open(args.reuse), None
-        note(f"reusing run {run.path}", start)
-    else:
-        run, train_seconds = train(args, folder, start)
-        note(f"trained in {train_seconds:.0f} s: {run.path}", start)
+    run, train_seconds = train_or_reuse(args, folder, start, train)
 
     sets = {name: subsample(read_structures(folder / file), args.test_subset, args.seed)
             for name, file in TESTS.items()}

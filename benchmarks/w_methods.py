@@ -45,6 +45,7 @@ from acac import (  # noqa: E402
     metric_table,
     note,
     subsample,
+    train_or_reuse,
     write_subset,
 )
 
@@ -182,17 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mlipuq.backends.nequip.features import torch_threads
     from mlipuq.io import read_structures, write_json
     from mlipuq.pipeline import fit_methods, load_test_sets, model_outputs
-    from mlipuq.run_folder import RunFolder
 
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.reuse:
-        run, train_seconds = RunFolder.open(args.reuse), None
-        note(f"reusing run {run.path}", start)
-    else:
-        run, train_seconds = train(args, folder, start)
-        note(f"trained in {train_seconds:.0f} s: {run.path}", start)
+    run, train_seconds = train_or_reuse(args, folder, start, train)
 
     full = {name: read_structures(folder / f"{name}.xyz") for name in TEST_SETS}
     n_max = args.max_configs or None
