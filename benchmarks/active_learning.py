@@ -59,14 +59,21 @@ def start_structures(seed: int):
 
 
 def force_mae(run, frames) -> float:
-    """Component force MAE (eV/Å) of member model_0 of ``run`` on ``frames``."""
+    """Component force MAE (eV/Å) on ``frames``, averaged over the members of ``run``.
+
+    Averaging over M models trained with different seeds on the same data takes
+    the model-seed noise (as large as the active/random effect for one model) out
+    of the comparison of two training sets.
+    """
     from mlipuq.backends.nequip.features import NequIPBackend
     from mlipuq.io import reference_forces
 
-    backend = NequIPBackend(run.model_path("model_0"), threads=1, batch_size=16)
-    predicted = backend.outputs(frames).forces
     reference = np.concatenate([reference_forces(a) for a in frames])
-    return float(np.mean(np.abs(predicted - reference)))
+    errors = []
+    for model_id in run.model_ids:
+        backend = NequIPBackend(run.model_path(model_id), threads=1, batch_size=16)
+        errors.append(float(np.mean(np.abs(backend.outputs(frames).forces - reference))))
+    return float(np.mean(errors))
 
 
 def train(frames, directory: Path, args):
@@ -79,7 +86,7 @@ def train(frames, directory: Path, args):
     data = directory / "train.extxyz"
     write(data, frames, format="extxyz")
     return train_ensemble(
-        data, directory / "run", preset=args.preset, epochs=args.epochs, n_models=1,
+        data, directory / "run", preset=args.preset, epochs=args.epochs, n_models=args.models,
         seed=args.seed, val_fraction=args.val_fraction, threads=1, r_max=args.r_max,
         package=False, overwrite=True, progress=False,
     )
@@ -115,12 +122,16 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
     return pool
 
 
-def select_active(pool, method: str, budget: int, seed: int, reference=None) -> np.ndarray:
+def select_active(
+    pool, method: str, budget: int, seed: int, reference=None, per_origin: bool = True
+) -> np.ndarray:
     """Configuration indices by max-over-atoms uncertainty with MaxVol diversity.
 
     ``reference`` (the current training frames, optional): MaxVol extends the
     training set's active set (greedy D-optimal extension) instead of choosing
-    among the candidates alone.
+    among the candidates alone. ``per_origin``: the budget is shared out over the
+    MD runs (``groups=`` of ``select_configurations``), as active-learning MD
+    collects the extrapolative frames of every trajectory.
     """
     from mlipuq.descriptors import radial_descriptor
     from mlipuq.selection import select_configurations
@@ -139,6 +150,7 @@ def select_active(pool, method: str, budget: int, seed: int, reference=None) -> 
         config_index=config_index, diversity="maxvol", seed=seed,
         reference_features=reference_features,
         upper_bound=1.0 if method == "ltau" else None,
+        groups=[a.info["origin"] for a in pool] if per_origin else None,
     )
     picked = list(selection.indices)
     if len(picked) < budget:  # fewer candidates above 0 than budget: most uncertain rest
@@ -163,11 +175,15 @@ def labelled_copies(pool, indices, tag: str) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--budget", type=int, default=4, help="configurations per round B")
+    parser.add_argument("--budget", type=int, default=6, help="configurations per round B")
     parser.add_argument("--method", default="ltau", choices=("ltau", "doptimality"))
     parser.add_argument("--train-frames", type=int, default=24)
-    parser.add_argument("--test-frames", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--test-frames", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--models", type=int, default=3,
+                        help="models (seeds) per training set; errors are their mean")
+    parser.add_argument("--pooled", action="store_true",
+                        help="one budget over the whole pool (default: shared over MD runs)")
     parser.add_argument("--preset", default="tiny", choices=("tiny", "small"))
     parser.add_argument("--r-max", type=float, default=4.5)
     parser.add_argument("--val-fraction", type=float, default=0.15)
@@ -186,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.budget, args.train_frames, args.test_frames = 1, 2, 10, 3
-        args.epochs, args.md_steps = 3, 8
+        args.epochs, args.md_steps, args.models = 3, 8, 1
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
@@ -218,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         active_idx = select_active(
             pool, args.method, args.budget, args.seed + round_number,
             reference=base + added["active"] if args.maxvol_reference else None,
+            per_origin=not args.pooled,
         )
         random_idx = rng.choice(len(pool), size=args.budget, replace=False)
         picks.append({
@@ -257,8 +274,10 @@ def _report_round(record: dict) -> None:
 
 def _report_table(history: list[dict], args) -> None:
     reference = ", MaxVol vs training set" if args.maxvol_reference else ""
-    print(f"\nforce MAE (eV/Å) on the test sets; method {args.method}{reference}, budget "
-          f"{args.budget}/round, preset {args.preset}, {args.epochs} epochs, seed {args.seed}")
+    sharing = "one pooled budget" if args.pooled else "budget shared over the MD runs"
+    print(f"\nforce MAE (eV/Å) on the test sets, mean of {args.models} models; method "
+          f"{args.method}{reference}, {sharing}, budget {args.budget}/round, preset "
+          f"{args.preset}, {args.epochs} epochs, seed {args.seed}")
     print("round  n_train  " + "  ".join(f"{n:>12s} act/rand (ratio)" for n in TEST_SETS))
     for record in history:
         cells = []

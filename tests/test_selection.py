@@ -18,6 +18,7 @@ from mlipuq.selection import (
     cut_environment,
     select_configurations,
     select_environments,
+    share_budget,
     write_selection,
 )
 
@@ -64,6 +65,47 @@ def test_budget_respected_and_no_repeats(rng, diversity, per_atom):
         assert len(set(sel.indices.tolist())) == len(sel.indices)
         assert np.all(u[sel.indices] > 2.0)
         assert sum(r["selected"] for r in sel.table) == len(sel.indices)
+
+
+@pytest.mark.parametrize(
+    ("budget", "available", "expected"),
+    [(6, [10, 10, 10], [2, 2, 2]), (7, [10, 1, 10], [3, 1, 3]), (5, [0, 2, 9], [0, 2, 3]),
+     (9, [1, 2, 3], [1, 2, 3]), (1, [4, 4], [1, 0])],
+)
+def test_share_budget_round_robin(budget, available, expected):
+    quota = share_budget(budget, available)
+    assert quota.tolist() == expected
+    assert np.all(quota <= np.asarray(available))
+
+
+@pytest.mark.parametrize("diversity", [None, "maxvol"])
+def test_per_group_budget_takes_the_top_of_every_group(rng, diversity):
+    groups = np.repeat(["hot", "surface", "particle"], [20, 20, 20])
+    u = rng.uniform(0, 1, 60) + np.repeat([5.0, 0.0, 2.0], 20)  # "hot" dominates overall
+    features = rng.normal(size=(60, 3))
+    sel = select_configurations(u, threshold=0.0, budget=7, groups=groups, features=features,
+                                diversity=diversity, seed=0)
+    picked = groups[sel.indices]
+    assert len(sel.indices) == 7 and len(set(sel.indices.tolist())) == 7
+    counts = {name: int(np.sum(picked == name)) for name in ("hot", "surface", "particle")}
+    assert counts == {"hot": 3, "surface": 2, "particle": 2}  # remainder: most uncertain group
+    if diversity is None:
+        for name in counts:
+            members = np.flatnonzero(groups == name)
+            top = members[np.argsort(-u[members])][: counts[name]]
+            assert sorted(sel.indices[picked == name].tolist()) == sorted(top.tolist())
+    assert [row["rank"] for row in sel.table] == list(range(1, 61))
+    assert all(row["criterion"].startswith("group ") for row in sel.table)
+    assert sum(row["selected"] for row in sel.table) == 7
+
+
+def test_per_group_budget_moves_to_groups_with_candidates():
+    u = np.array([0.9, 0.8, 0.7, 0.95, 0.1, 0.2])
+    groups = ["a", "a", "a", "b", "b", "b"]
+    sel = select_configurations(u, threshold=0.5, budget=4, groups=groups)
+    assert sorted(sel.indices.tolist()) == [0, 1, 2, 3]
+    with pytest.raises(InputError, match=r"groups: expected one label per configuration \(6\)"):
+        select_configurations(u, threshold=0.5, budget=2, groups=["a", "b"])
 
 
 def test_maxvol_picks_the_largest_volume_pair():
@@ -370,9 +412,26 @@ def test_cli_select_atom_level_with_descriptor_diversity(candidates, tmp_path):
         assert frame.arrays["ltau_uncertainty"][a.info["origin_atom"]] > 0.9
 
 
+def test_cli_select_per_group(candidates, tmp_path):
+    path, frames = candidates
+    for k, atoms in enumerate(frames):
+        atoms.info["run"] = "early" if k < 3 else "late"
+    write(path, frames, format="extxyz")
+    out = tmp_path / "sel.extxyz"
+    code = main(["select", "--candidates", str(path), "--uncertainty-key", "doptimality",
+                 "--threshold", "0", "--budget", "2", "--diversity", "none",
+                 "--per-group", "run", "--out", str(out)])
+    assert code == 0
+    per_config = np.array([a.arrays["doptimality_uncertainty"].max() for a in frames])
+    expected = {int(np.argmax(per_config[:3])), 3 + int(np.argmax(per_config[3:]))}
+    assert {a.info["origin_config"] for a in read(out, ":")} == expected
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
+        (["--uncertainty-key", "doptimality", "--threshold", "1", "--budget", "2",
+          "--per-group", "nope"], "configuration 0 has no info key 'nope'"),
         (["--uncertainty-key", "doptimality", "--threshold", "-1", "--budget", "2"],
          "threshold: expected a finite number >= 0"),
         (["--uncertainty-key", "ltau_uncertainty", "--threshold", "2", "--budget", "2"],

@@ -80,6 +80,9 @@ def faiss_threads(n_threads: int | None) -> Iterator[None]:
     if int(n_threads) < 1:
         raise InputError(f"n_threads: expected a positive integer, got {n_threads}")
     previous = faiss.omp_get_max_threads()
+    if previous == int(n_threads):  # nothing to switch (the common case inside MD loops)
+        yield
+        return
     faiss.omp_set_num_threads(int(n_threads))
     try:
         yield
@@ -269,8 +272,20 @@ def search(
     k = int(k)
     if k < 1 or k > index.ntotal:
         raise InputError(f"k: expected 1 <= k <= {index.ntotal} (indexed rows), got {k}")
+    return search_checked(index, data, k, n_threads=n_threads)
+
+
+def search_checked(
+    index: Any, queries: np.ndarray, k: int, *, n_threads: int | None = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`search` for queries already checked by the caller (no validation).
+
+    ``queries`` must be a C-contiguous float32 array of shape (n, ``index.d``) without
+    NaN, and ``1 <= k <= index.ntotal``: the per-call path of estimators that
+    validated their input once (e.g. inside every MD step).
+    """
     with faiss_threads(n_threads):
-        sq_distances, indices = index.search(data, k)
+        sq_distances, indices = index.search(queries, k)
     if np.any(indices < 0):
         missing = int(np.count_nonzero(np.any(indices < 0, axis=1)))
         raise InputError(

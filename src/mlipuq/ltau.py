@@ -373,13 +373,15 @@ class LTAUEstimator:
             (n,) in eV/Å, ``"knn_distance"`` (n,) mean Euclidean distance to the k
             neighbours (descriptor units), optionally ``"distribution"`` (n, B).
         """
-        from mlipuq.knn_index import search
+        from mlipuq.knn_index import search_checked
 
         check_is_fitted(self, "indices_")
         desc = check_array(descriptors, "descriptors", ndim=2, dtype=np.float32)
         check_feature_dim(desc, self.n_features_in_, "descriptors")
-        symbols = as_species(species)
-        n_atoms = check_consistent_length(descriptors=desc, species=symbols)
+        groups = self._test_groups(species)
+        n_atoms = check_consistent_length(
+            descriptors=desc, species=np.empty(sum(len(rows) for rows in groups.values()))
+        )
         configs = None if config_index is None else check_config_index(config_index, n_atoms)
         k = self.k if k is None else k
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
@@ -390,7 +392,6 @@ class LTAUEstimator:
         scales = self._check_scale(self.scale if scale is None else scale, n_atoms)
         if threshold is not None and (not np.isscalar(threshold) or not np.isfinite(threshold)):
             raise InputError(f"threshold: expected a finite number, got {threshold!r}")
-        groups = self._test_groups(symbols)
 
         p = np.empty(n_atoms)
         expected = np.empty(n_atoms)
@@ -398,15 +399,15 @@ class LTAUEstimator:
         n_bins = self.distributions_.mass.shape[1]
         mass = np.empty((n_atoms, n_bins), dtype=np.float32) if return_distribution else None
         for name, rows in groups.items():
-            train_rows = self.group_rows_[name]
             k_group = self._clamped_k(k, name)
-            sq_dist, local = search(self.indices_[name], desc[rows], k_group,
-                                    n_threads=self.n_threads)
-            neighbours = train_rows[local]
-            distance[rows] = np.sqrt(np.maximum(sq_dist.astype(np.float64), 0.0)).mean(axis=1)
+            queries = desc if len(groups) == 1 else np.ascontiguousarray(desc[rows])
+            sq_dist, local = search_checked(self.indices_[name], queries, k_group,
+                                            n_threads=self.n_threads)
+            neighbours = self.group_rows_[name][local]
+            distance[rows] = np.sqrt(np.maximum(sq_dist, 0.0)).sum(axis=1) / k_group
             p[rows] = self._neighbour_p(neighbours, float(atol), scales, rows)
             s_rows = scales if np.ndim(scales) == 0 else scales[rows]
-            expected[rows] = s_rows * self._expected_train[neighbours].mean(axis=1)
+            expected[rows] = s_rows * self._expected_train[neighbours].sum(axis=1) / k_group
             if mass is not None:
                 mass[rows] = self.distributions_.mean_over(neighbours).mass
         return _result(p, expected, distance, mass, configs, threshold)
@@ -420,16 +421,28 @@ class LTAUEstimator:
             raise InputError(f"scale: expected positive values, min {values.min():.6g}")
         return values
 
-    def _test_groups(self, symbols: np.ndarray) -> dict[str, np.ndarray]:
+    def _test_groups(self, species: Sequence[str] | np.ndarray) -> dict[str, np.ndarray]:
+        """Test rows of each index for ``species`` (cached for a repeated species array).
+
+        Inside an MD loop every call has the same species; the grouping (and its
+        element check) is then computed once.
+        """
+        raw = np.asarray(species)
+        key = (raw.dtype.str, raw.shape, raw.tobytes())
+        cached = self.__dict__.get("_groups_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        symbols = as_species(raw)
         if not self.per_element:
             unknown = sorted(set(symbols.tolist()) - set(self.species_.tolist()))
-            if unknown:
-                raise InputError(_unknown_message(unknown, self.species_))
-            return {ALL_ELEMENTS: np.arange(len(symbols))}
-        unknown = sorted(set(symbols.tolist()) - set(self.group_rows_))
+            groups = {ALL_ELEMENTS: np.arange(len(symbols), dtype=np.int64)}
+        else:
+            unknown = sorted(set(symbols.tolist()) - set(self.group_rows_))
+            groups = _group_rows(symbols, per_element=True)
         if unknown:
             raise InputError(_unknown_message(unknown, self.species_))
-        return _group_rows(symbols, per_element=True)
+        self._groups_cache = (key, groups)
+        return groups
 
     def _clamped_k(self, k: int, name: str) -> int:
         n_train = len(self.group_rows_[name])
@@ -471,7 +484,8 @@ class LTAUEstimator:
     ) -> np.ndarray:
         """Mean neighbour CDF at their (scaled) tolerance, shape (len(rows),)."""
         if np.ndim(scales) == 0:
-            return self.train_confidence(atol, float(scales))[neighbours].mean(axis=1)
+            confidence = self.train_confidence(atol, float(scales))
+            return confidence[neighbours].sum(axis=1) / neighbours.shape[1]
         n_rows, k = neighbours.shape
         flat_rows = neighbours.ravel()
         limits = self._tolerance(atol, flat_rows) / np.repeat(scales[rows], k)

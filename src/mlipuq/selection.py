@@ -148,6 +148,7 @@ def select_configurations(
     diversity: str | None = None,
     min_distance: float | None = None,
     upper_bound: float | None = None,
+    groups: Sequence[object] | np.ndarray | None = None,
     seed: int = 0,
 ) -> Selection:
     """Select at most ``budget`` configurations whose uncertainty exceeds ``threshold``.
@@ -176,6 +177,12 @@ def select_configurations(
         Drop candidates closer than this (feature unit) to a more uncertain kept one.
     upper_bound : float, optional
         Largest valid uncertainty (1 for LTAU); larger values or thresholds are errors.
+    groups : sequence, shape (C,), optional
+        A label per configuration (e.g. the MD run it comes from). The budget is
+        shared out over the groups (:func:`share_budget`: round-robin, most uncertain
+        group first, a group never gets more than its candidates) and the rule above
+        runs within each group, as active-learning MD collects the extrapolative
+        frames of every trajectory rather than of the most uncertain one only.
     seed : int
         Seed of k-means.
 
@@ -198,10 +205,13 @@ def select_configurations(
     rows, owner = _config_rows(features, config_index, n_cfg, diversity, min_distance)
     pooled = _pool(rows, owner, n_cfg) if rows is not None else None
     reference = _check_reference(reference_features, rows)
-    picks, table = _select(
-        uncertainty, threshold, budget, rows=rows, owner=owner, pooled=pooled,
-        reference=reference, diversity=diversity, min_distance=min_distance, seed=seed,
-    )
+    options = dict(rows=rows, owner=owner, pooled=pooled, reference=reference,
+                   diversity=diversity, min_distance=min_distance, seed=seed)
+    if groups is None:
+        picks, table = _select(uncertainty, threshold, budget, **options)
+    else:
+        labels = _check_groups(groups, n_cfg)
+        picks, table = _select_per_group(uncertainty, threshold, budget, labels, **options)
     for row in table:
         row.update(source=f"config {row['index']}", config=row["index"], atom=-1)
     return Selection("config", np.asarray(picks, dtype=np.int64), table, threshold)
@@ -307,6 +317,89 @@ def _select(
             "rank": rank[c], "selected": c in chosen, "pick": pick_number.get(c, 0),
             "criterion": criterion,
         })
+    return picks, table
+
+
+def _check_groups(groups: Sequence[object] | np.ndarray, n_cfg: int) -> np.ndarray:
+    labels = np.asarray(groups).astype(str)
+    if labels.shape != (n_cfg,):
+        raise InputError(
+            f"groups: expected one label per configuration ({n_cfg}), got shape {labels.shape}"
+        )
+    return labels
+
+
+def share_budget(budget: int, n_candidates: Sequence[int]) -> np.ndarray:
+    """Split ``budget`` over groups round-robin, never beyond a group's candidates.
+
+    Parameters
+    ----------
+    budget : int
+        Picks to share out.
+    n_candidates : sequence of int, shape (G,)
+        Candidates (above the threshold) of each group, in the order that gets
+        the remainder first.
+
+    Returns
+    -------
+    ndarray of int64, shape (G,)
+        Picks per group; sums to ``min(budget, sum(n_candidates))``.
+
+    Examples
+    --------
+    >>> share_budget(7, [10, 1, 10]).tolist()
+    [3, 1, 3]
+    """
+    available = np.asarray(n_candidates, dtype=np.int64)
+    quota = np.zeros(len(available), dtype=np.int64)
+    remaining = min(int(budget), int(available.sum()))
+    while remaining > 0:
+        for group in np.flatnonzero(quota < available):
+            if remaining == 0:
+                break
+            quota[group] += 1
+            remaining -= 1
+    return quota
+
+
+def _select_per_group(
+    uncertainty: np.ndarray, threshold: float, budget: int, labels: np.ndarray, **options
+) -> tuple[list[int], list[dict]]:
+    """:func:`_select` within each group on a share of the budget; one merged table."""
+    names = np.unique(labels)
+    peak = [float(np.max(uncertainty[labels == name])) for name in names]
+    names = names[np.argsort(-np.asarray(peak), kind="stable")]  # remainder: most uncertain
+    counts = [int(np.count_nonzero((labels == name) & (uncertainty > threshold)))
+              for name in names]
+    quotas = share_budget(budget, counts)
+    picks: list[int] = []
+    table: list[dict] = []
+    for name, quota in zip(names, quotas, strict=True):
+        masked = np.where(labels == name, uncertainty, -np.inf)
+        if quota == 0:
+            above = np.flatnonzero(masked > threshold)
+            table += [{"index": int(c), "uncertainty": float(uncertainty[c]),
+                       "threshold": threshold, "selected": False, "pick": 0,
+                       "criterion": f"group {name}: not selected: no budget left"}
+                      for c in above]
+            continue
+        group_picks, group_table = _select(masked, threshold, int(quota), **options)
+        for row in group_table:
+            row["criterion"] = f"group {name} ({quota} of {budget}): {row['criterion']}"
+        picks += group_picks
+        table += group_table
+    return _merge_ranks(picks, table, uncertainty)
+
+
+def _merge_ranks(
+    picks: list[int], table: list[dict], uncertainty: np.ndarray
+) -> tuple[list[int], list[dict]]:
+    """Order picks and table rows by uncertainty; rank and pick number over all groups."""
+    picks = sorted(picks, key=lambda c: -uncertainty[c])
+    pick_number = {c: k + 1 for k, c in enumerate(picks)}
+    table = sorted(table, key=lambda row: -row["uncertainty"])
+    for rank, row in enumerate(table, start=1):
+        row.update(rank=rank, pick=pick_number.get(row["index"], 0))
     return picks, table
 
 

@@ -47,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="known elements, comma-separated (default: from --reference)")
     parser.add_argument("--cutoff", type=float, default=5.0,
                         help="cutoff of the radial descriptor in Å")
+    parser.add_argument("--per-group", default=None, metavar="INFO_KEY",
+                        help="share the budget over the groups of this info key, e.g. the "
+                             "MD run each frame came from (config level)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run", default=None, help="compute uncertainties with this run")
     parser.add_argument("--doptimality", default=None,
@@ -113,6 +116,20 @@ def _features(frames: list, elements: list[str] | None, args: argparse.Namespace
     return np.concatenate(rows)
 
 
+def _group_labels(frames: list, key: str | None, args: argparse.Namespace) -> list | None:
+    from mlipuq.exceptions import InputError
+
+    if key is None:
+        return None
+    if args.level != "config":
+        raise InputError("--per-group: only with --level config")
+    for number, atoms in enumerate(frames):
+        if key not in atoms.info:
+            raise InputError(f"{args.candidates}: configuration {number} has no info key "
+                             f"{key!r} (--per-group)")
+    return [str(atoms.info[key]) for atoms in frames]
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute ``mlipuq select``."""
     from pathlib import Path
@@ -145,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
             if unknown:
                 raise InputError(f"{args.candidates}: configuration {number} has element(s) "
                                  f"{unknown} not among the known elements {elements}")
+    groups = _group_labels(frames, args.per_group, args)
     uncertainty = _atom_uncertainty(frames, key, args)
     diversity = None if args.diversity == "none" else args.diversity
     needs_features = diversity is not None or args.min_distance is not None
@@ -165,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
             np.add.at(per_config, config_index, uncertainty)
             per_config /= np.bincount(config_index, minlength=len(frames))
         selection = select_configurations(
-            per_config, config_index=config_index if features is not None else None, **common
+            per_config, config_index=config_index if features is not None else None,
+            groups=groups, **common
         )
     else:
         selection = select_environments(frames, uncertainty, config_index,
