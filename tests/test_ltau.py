@@ -95,6 +95,26 @@ def test_per_element_search_only_uses_same_element(rng):
     assert np.abs(mixed.predict(test, test_species).extras["p"] - expected_p).max() > 0.1
 
 
+def test_repeated_species_cache_never_serves_stale_groups(rng):
+    """predict caches the grouping of the last species array (MD loops): it must follow
+    any change of species and still reject unknown elements."""
+    errors, train, train_species, test, _ = make_data(rng, n_test=40)
+    est = LTAUEstimator(k=3).fit(errors, train, train_species)
+    fresh = LTAUEstimator(k=3).fit(errors, train, train_species)
+    first = np.array(["H", "O"] * 20)
+    second = first[::-1].copy()
+    for species in (first, first, second, first, np.where(first == "H", 1, 8)):
+        got = est.predict(test, species).extras["p"]
+        fresh.__dict__.pop("_groups_cache", None)
+        np.testing.assert_array_equal(got, fresh.predict(test, species).extras["p"])
+    assert not np.array_equal(est.predict(test, first).extras["p"],
+                              est.predict(test, second).extras["p"])
+    with pytest.raises(InputError, match=r"element\(s\) C not in the training set"):
+        est.predict(test[:2], ["C", "H"])
+    with pytest.raises(InputError, match="species"):
+        est.predict(test, first[:-1])
+
+
 def test_trajectory_input_default_atol_and_window(rng):
     errors, train, train_species, test, test_species = make_data(rng)
     est = LTAUEstimator(k=3, n_bins=50).fit(errors, train, train_species)

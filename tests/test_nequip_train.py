@@ -127,6 +127,12 @@ def test_metrics_csv_has_one_row_per_epoch(tiny_run):
         rows = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
     assert all(float(r["val0_epoch/forces_mae"]) > 0 for r in rows)
+    # "best.ckpt" is chosen on per-atom energy + force MAE (normalised weights), not
+    # on the total energy, which grows with the cell size
+    for r in rows:
+        balanced = 0.5 * (float(r["val0_epoch/per_atom_energy_mae"])
+                          + float(r["val0_epoch/forces_mae"]))
+        assert float(r["val0_epoch/weighted_sum"]) == pytest.approx(balanced, rel=1e-5)
 
 
 def test_in_batch_equals_epoch_end_when_learning_rate_is_zero(tmp_path):

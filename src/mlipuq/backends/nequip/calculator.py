@@ -222,7 +222,7 @@ class UQCalculator(NequIPCalculator):
         )
         if self.keep_descriptors:
             self.results[DESCRIPTORS_KEY] = descriptors
-        species = np.asarray(self.atoms.get_chemical_symbols(), dtype=str)
+        species = self.atoms.numbers  # atomic numbers: estimators cache their grouping
         for name, estimator in self.estimators.items():
             self.results.update(uncertainty_results(name, estimator.predict(descriptors, species)))
 

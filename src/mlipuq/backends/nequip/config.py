@@ -171,7 +171,11 @@ def preset_config(
             },
             "val_metrics": {
                 "_target_": "nequip.train.EnergyForceMetrics",
-                "coeffs": {"total_energy_mae": 1.0, "forces_mae": 1.0},
+                # per-atom energy (eV/atom) + forces (eV/Å) select "best.ckpt": with the
+                # total energy (eV, grows with cell size) an untrained epoch-0 model whose
+                # energies happen to be close won "best" for 32-atom cells
+                "coeffs": {"per_atom_energy_mae": 1.0, "forces_mae": 1.0,
+                           "total_energy_mae": None},
             },
             "train_metrics": "${training_module.val_metrics}",
             "optimizer": {"_target_": "torch.optim.Adam", "lr": float(params["lr"])},
