@@ -42,8 +42,11 @@ import numpy as np
 TEST_SETS = ("hot", "surface", "nanoparticle")
 
 
-def start_structures(seed: int):
-    """(name, atoms, temperature offset) of the three out-of-domain MD starts."""
+def start_structures(seed: int, in_domain: bool = True):
+    """(name, atoms) of the MD starts: three out of domain (bulk heated to ``--hot``,
+    a (111) slab, a 19-atom octahedron) and, with ``in_domain``, bulk at the training
+    temperature (frames the model already knows: a selection should not spend its
+    budget there)."""
     from ase.build import fcc111
     from ase.cluster import Octahedron
 
@@ -55,7 +58,12 @@ def start_structures(seed: int):
     slab = fcc111("Cu", size=(2, 2, 4), a=LATTICE_CONSTANT_A, vacuum=6.0, periodic=True)
     particle = Octahedron("Cu", length=3, cutoff=0, latticeconstant=LATTICE_CONSTANT_A)
     particle.center(vacuum=6.0)
-    return [("hot", bulk), ("surface", slab), ("nanoparticle", particle)]
+    starts = [("hot", bulk), ("surface", slab), ("nanoparticle", particle)]
+    if in_domain:
+        room = bulk_copper(2)
+        room.positions += rng.normal(scale=0.05, size=room.positions.shape)
+        starts.append(("bulk300", room))
+    return starts
 
 
 def force_mae(run, frames) -> float:
@@ -101,7 +109,8 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
 
     estimator = fit_methods(run, methods=[method], threads=1, save=False)[method]
     pool = []
-    for number, (name, atoms) in enumerate(start_structures(args.seed + 100 * round_number)):
+    starts = start_structures(args.seed + 100 * round_number, in_domain=not args.no_in_domain)
+    for number, (name, atoms) in enumerate(starts):
         calc = UQCalculator.from_run(run.path, estimators={method: estimator}, threads=1)
         atoms = atoms.copy()
         atoms.calc = calc
@@ -119,11 +128,31 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
         for frame in frames:
             frame.info["origin"] = name
         pool.extend(frames)
-    return pool
+    return pool, estimator
+
+
+def training_fence(run, method: str, estimator) -> float:
+    """Tukey fence (Q3 + 1.5 IQR) of the training frames' max-over-atoms uncertainty.
+
+    Candidates above it are more uncertain than the training data themselves: the
+    extrapolation threshold, chosen without looking at the candidates (as gamma > 1
+    is for D-optimality).
+    """
+    from mlipuq.atom_table import config_max
+    from mlipuq.pipeline import model_outputs
+    from mlipuq.thresholds import tukey_fence
+
+    frames = run.train_frames()
+    outputs, _ = model_outputs(run, frames, model_ids=["model_0"], threads=1)
+    out = outputs["model_0"]
+    result = estimator.predict(out.descriptors, out.species)
+    configs = np.repeat(np.arange(len(frames)), [len(a) for a in frames])
+    return float(tukey_fence(config_max(np.asarray(result.atom_uncertainty), configs)))
 
 
 def select_active(
-    pool, method: str, budget: int, seed: int, reference=None, per_origin: bool = True
+    pool, method: str, budget: int, seed: int, reference=None, per_origin: bool = True,
+    threshold: float = 0.0,
 ) -> np.ndarray:
     """Configuration indices by max-over-atoms uncertainty with MaxVol diversity.
 
@@ -145,17 +174,20 @@ def select_active(
         reference_features = np.concatenate(
             [radial_descriptor(a, elements=["Cu"]) for a in reference]
         )
-    selection = select_configurations(
-        uncertainty, threshold=0.0, budget=budget, features=features,
-        config_index=config_index, diversity="maxvol", seed=seed,
-        reference_features=reference_features,
+    options = dict(
+        budget=budget, features=features, config_index=config_index, diversity="maxvol",
+        seed=seed, reference_features=reference_features,
         upper_bound=1.0 if method == "ltau" else None,
         groups=[a.info["origin"] for a in pool] if per_origin else None,
     )
-    picked = list(selection.indices)
-    if len(picked) < budget:  # fewer candidates above 0 than budget: most uncertain rest
-        rest = [int(i) for i in np.argsort(-uncertainty, kind="stable") if i not in picked]
-        picked += rest[: budget - len(picked)]
+    picked = [int(i) for i in select_configurations(
+        uncertainty, threshold=threshold, **options).indices]
+    if len(picked) < budget:  # fewer candidates above the threshold: the same rule below it
+        rest = uncertainty.copy()
+        rest[picked] = 0.0  # only values > 0 are candidates
+        options["budget"] = budget - len(picked)
+        picked += [int(i) for i in select_configurations(rest, threshold=0.0,
+                                                         **options).indices]
     return np.asarray(picked, dtype=np.int64)
 
 
@@ -182,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--models", type=int, default=3,
                         help="models (seeds) per training set; errors are their mean")
+    parser.add_argument("--no-threshold", action="store_true",
+                        help="rank all candidates (default: only those above the Tukey fence "
+                             "of the training frames' uncertainty)")
+    parser.add_argument("--no-in-domain", action="store_true",
+                        help="no MD at the training temperature in the candidate pool")
     parser.add_argument("--pooled", action="store_true",
                         help="one budget over the whole pool (default: shared over MD runs)")
     parser.add_argument("--preset", default="tiny", choices=("tiny", "small"))
@@ -230,15 +267,24 @@ def main(argv: list[str] | None = None) -> int:
     for round_number in range(1, args.rounds + 1):
         directory = workdir / f"round{round_number}"
         directory.mkdir(parents=True, exist_ok=True)
-        pool = candidate_pool(runs["active"], args.method, directory, round_number, args)
+        pool, estimator = candidate_pool(runs["active"], args.method, directory,
+                                         round_number, args)
+        threshold = 0.0 if args.no_threshold else training_fence(runs["active"], args.method,
+                                                                 estimator)
+        n_above = {}
+        for atoms in pool:
+            if float(np.max(atoms.arrays[f"{args.method}_uncertainty"])) > threshold:
+                n_above[atoms.info["origin"]] = n_above.get(atoms.info["origin"], 0) + 1
+        print(f"round {round_number}: threshold {threshold:.4f}; candidates above it per "
+              f"MD run {n_above}", flush=True)
         active_idx = select_active(
             pool, args.method, args.budget, args.seed + round_number,
             reference=base + added["active"] if args.maxvol_reference else None,
-            per_origin=not args.pooled,
+            per_origin=not args.pooled, threshold=threshold,
         )
         random_idx = rng.choice(len(pool), size=args.budget, replace=False)
         picks.append({
-            "pool": len(pool),
+            "pool": len(pool), "threshold": threshold, "above": n_above,
             "active": [f"{pool[i].info['origin']}@{int(pool[i].info.get('step', -1))}"
                        for i in active_idx],
             "random": [f"{pool[i].info['origin']}@{int(pool[i].info.get('step', -1))}"

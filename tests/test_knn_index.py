@@ -10,6 +10,7 @@ from mlipuq.knn_index import (
     build_index,
     choose_kind,
     default_nlist,
+    default_nprobe,
     default_pq_m,
     faiss_threads,
     index_kind,
@@ -65,6 +66,26 @@ def test_hnsw_recall_against_flat_on_clustered_data():
     assert recall(exact, better) >= recall(exact, approx)
 
 
+def test_ivfflat_recall_and_defaults_on_clustered_data():
+    rng = np.random.default_rng(11)
+    data = clustered(rng, 8_300, 16, n_clusters=40)
+    train, queries = data[:8_000], data[8_000:]
+    _, exact = search(build_index(train, kind="flat"), queries, 5)
+    index = build_index(train, kind="auto", seed=0)
+    assert index_kind(index) == "ivfflat"
+    assert (index.nlist, index.nprobe) == (89, default_nprobe("ivfflat", 89)) == (89, 5)
+    sq, approx = search(index, queries, 5)
+    assert recall(exact, approx) >= 0.95
+    # distances are exact (full vectors): equal to the flat ones wherever the row is found
+    flat_sq, _ = search(build_index(train, kind="flat"), queries, 5)
+    found = approx == exact
+    np.testing.assert_allclose(sq[found], flat_sq[found], rtol=1e-4, atol=1e-5)
+    set_search_params(index, nprobe=index.nlist)  # every list: exact search
+    assert recall(exact, search(index, queries, 5)[1]) == 1.0
+    with pytest.raises(InputError, match="ivfflat needs at least nlist=50 training rows"):
+        build_index(train[:40], kind="ivfflat", ivf_nlist=50)
+
+
 def test_ivfpq_finds_most_neighbours_and_checks_its_parameters():
     rng = np.random.default_rng(3)
     data = clustered(rng, 6_100, 16, n_clusters=20)
@@ -82,9 +103,11 @@ def test_ivfpq_finds_most_neighbours_and_checks_its_parameters():
 
 
 def test_size_rule_and_defaults():
-    assert [choose_kind(n) for n in (1, 49_999, 50_000, 4_999_999, 5_000_000)] == [
-        "flat", "flat", "hnsw", "hnsw", "ivfpq"
+    assert [choose_kind(n) for n in (1, 999, 1_000, 49_999, 50_000, 4_999_999, 5_000_000)] == [
+        "flat", "flat", "ivfflat", "ivfflat", "hnsw", "hnsw", "ivfpq"
     ]
+    assert default_nprobe("ivfpq", 4000) == 16 and default_nprobe("ivfpq", 8) == 8
+    assert default_nprobe("ivfflat", 30) == 4 and default_nprobe("ivfflat", 224) == 14
     assert index_kind(build_index(np.eye(4, dtype=np.float32))) == "flat"
     assert default_pq_m(32) == 8 and default_pq_m(30) == 6 and default_pq_m(3) == 1
     assert default_nlist(1_000_000) == 4000 and default_nlist(10) == 1
@@ -93,7 +116,7 @@ def test_size_rule_and_defaults():
 def test_save_load_gives_identical_search(tmp_path, rng):
     train = clustered(rng, 3000, 12)
     queries = clustered(rng, 50, 12)
-    for kind in ("flat", "hnsw"):
+    for kind in ("flat", "ivfflat", "hnsw"):
         index = build_index(train, kind=kind, ef_search=24)
         save_index(index, tmp_path / f"{kind}.faiss")
         loaded = load_index(tmp_path / f"{kind}.faiss")
@@ -124,7 +147,7 @@ def test_bad_input(tmp_path, rng):
         search(index, queries, 2)
     with pytest.raises(InputError, match="descriptors: is empty"):
         build_index(np.empty((0, 8)))
-    with pytest.raises(InputError, match="index: expected one of auto, flat, hnsw, ivfpq"):
+    with pytest.raises(InputError, match="index: expected one of auto, flat, ivfflat, hnsw, ivfpq"):
         build_index(rng.normal(size=(5, 8)), kind="lsh")
     with pytest.raises(InputError, match="n_threads: expected a positive integer, got 0"):
         build_index(rng.normal(size=(5, 8)), n_threads=0)

@@ -1,10 +1,18 @@
 """Nearest-neighbour search in descriptor space with FAISS, with the index choice visible.
 
-Three FAISS index kinds are offered, named as FAISS names them:
+Four FAISS index kinds are offered, named as FAISS names them:
 
 ``"flat"``
     ``IndexFlatL2``: exact brute force. Used by default below
-    :data:`FLAT_MAX_ROWS` (50 000) rows.
+    :data:`FLAT_MAX_ROWS` (1 000) rows.
+``"ivfflat"``
+    ``IndexIVFFlat``: k-means inverted lists (``sqrt(n)`` lists by default) holding
+    the full vectors; a query scans the ``nprobe`` nearest lists (default
+    ``max(4, nlist // 16)``). Used by default from 1 000 up to
+    :data:`IVFFLAT_MAX_ROWS` (50 000) rows: inside an MD step, right after the
+    model's forward pass (cold caches), scanning a few contiguous lists is the
+    cheapest search (``docs/benchmarks_calculator.md``: 108 Cu atoms against 3 888
+    training rows, 0.80 ms per step vs 2.0 ms flat and 1.4 ms HNSW).
 ``"hnsw"``
     ``IndexHNSWFlat(d, M)`` with ``efConstruction`` / ``efSearch``: approximate
     graph search (M=32, efConstruction=40, efSearch=16 as in the LTAU paper).
@@ -40,27 +48,33 @@ from mlipuq.exceptions import InputError
 
 logger = logging.getLogger(__name__)
 
-FLAT_MAX_ROWS = 50_000
+FLAT_MAX_ROWS = 1_000
 """Below this many rows ``kind="auto"`` builds an exact ``IndexFlatL2``."""
 
-HNSW_MAX_ROWS = 5_000_000
-"""Below this many rows (and from :data:`FLAT_MAX_ROWS`) ``"auto"`` builds ``IndexHNSWFlat``."""
+IVFFLAT_MAX_ROWS = 50_000
+"""Below this many rows (and from :data:`FLAT_MAX_ROWS`) ``"auto"`` builds ``IndexIVFFlat``."""
 
-INDEX_KINDS = ("flat", "hnsw", "ivfpq")
+HNSW_MAX_ROWS = 5_000_000
+"""Below this many rows (and from :data:`IVFFLAT_MAX_ROWS`) ``"auto"`` builds ``IndexHNSWFlat``."""
+
+INDEX_KINDS = ("flat", "ivfflat", "hnsw", "ivfpq")
 
 
 def choose_kind(n_rows: int) -> str:
     """The index kind ``"auto"`` picks for ``n_rows`` training vectors.
 
-    ``"flat"`` below 50 000 rows, ``"hnsw"`` below 5 000 000, ``"ivfpq"`` above.
+    ``"flat"`` below 1 000 rows, ``"ivfflat"`` below 50 000, ``"hnsw"`` below
+    5 000 000, ``"ivfpq"`` above.
 
     Examples
     --------
-    >>> choose_kind(13_500), choose_kind(400_000), choose_kind(14_600_000)
-    ('flat', 'hnsw', 'ivfpq')
+    >>> choose_kind(540), choose_kind(13_500), choose_kind(400_000), choose_kind(14_600_000)
+    ('flat', 'ivfflat', 'hnsw', 'ivfpq')
     """
     if n_rows < FLAT_MAX_ROWS:
         return "flat"
+    if n_rows < IVFFLAT_MAX_ROWS:
+        return "ivfflat"
     if n_rows < HNSW_MAX_ROWS:
         return "hnsw"
     return "ivfpq"
@@ -95,6 +109,13 @@ def default_nlist(n_rows: int) -> int:
     return int(max(1, min(round(4 * math.sqrt(n_rows)), n_rows // 39)))
 
 
+def default_nprobe(kind: str, nlist: int) -> int:
+    """Inverted lists scanned per query by default: 16 (IVF-PQ), ``max(4, nlist // 16)``
+    (IVF-flat), never more than ``nlist``."""
+    wanted = 16 if kind == "ivfpq" else max(4, nlist // 16)
+    return int(min(wanted, nlist))
+
+
 def default_pq_m(dim: int) -> int:
     """PQ sub-quantizers by default: the largest divisor of D that is at most D / 4 (>= 1)."""
     target = max(1, dim // 4)
@@ -117,7 +138,7 @@ def build_index(
     ef_search: int = 16,
     ivf_nlist: int | None = None,
     pq_m: int | None = None,
-    nprobe: int = 16,
+    nprobe: int | None = None,
     n_threads: int | None = 1,
     seed: int = 0,
 ) -> Any:
@@ -127,16 +148,17 @@ def build_index(
     ----------
     vectors : ndarray, shape (n, D)
         Training descriptors (converted to contiguous float32).
-    kind : {"auto", "flat", "hnsw", "ivfpq"}
+    kind : {"auto", "flat", "ivfflat", "hnsw", "ivfpq"}
         Index kind; ``"auto"`` applies :func:`choose_kind`.
     hnsw_m, ef_construction, ef_search : int
         ``IndexHNSWFlat`` graph degree M, ``efConstruction`` and ``efSearch``.
     ivf_nlist : int, optional
-        IVF inverted lists (default :func:`default_nlist`).
+        IVF inverted lists (default ``sqrt(n)`` for IVF-flat, :func:`default_nlist`
+        for IVF-PQ).
     pq_m : int, optional
         PQ sub-quantizers; must divide D (default :func:`default_pq_m`).
-    nprobe : int
-        Inverted lists visited per query (IVF-PQ).
+    nprobe : int, optional
+        Inverted lists visited per query (IVF; default :func:`default_nprobe`).
     n_threads : int or None
         OpenMP threads for building (None: leave FAISS's setting).
     seed : int
@@ -170,6 +192,8 @@ def build_index(
             index = faiss.IndexHNSWFlat(dim, int(hnsw_m))
             index.hnsw.efConstruction = int(ef_construction)
             index.hnsw.efSearch = int(ef_search)
+        elif kind == "ivfflat":
+            index = _train_ivfflat(data, ivf_nlist, nprobe, seed)
         else:
             index = _train_ivfpq(data, ivf_nlist, pq_m, nprobe, seed)
         index.add(data)
@@ -182,13 +206,34 @@ def _check_positive(**values: int) -> None:
             raise InputError(f"{name}: expected a positive integer, got {value}")
 
 
+def _train_ivfflat(data: np.ndarray, nlist: int | None, nprobe: int | None, seed: int) -> Any:
+    import faiss
+
+    n_rows, dim = data.shape
+    if nlist is None:  # sqrt(n) lists, at least 39 training points each (FAISS's advice)
+        nlist = int(max(1, min(round(math.sqrt(n_rows)), n_rows // 39)))
+    nlist = int(nlist)
+    nprobe = default_nprobe("ivfflat", nlist) if nprobe is None else int(nprobe)
+    _check_positive(ivf_nlist=nlist, nprobe=nprobe)
+    if n_rows < nlist:
+        raise InputError(f"index: ivfflat needs at least nlist={nlist} training rows, got "
+                         f"{n_rows}; use index='flat'")
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
+    index.cp.seed = int(seed)
+    index.cp.min_points_per_centroid = 1  # small sets: no "too few points" warnings
+    index.train(data)
+    index.nprobe = min(nprobe, nlist)
+    return index
+
+
 def _train_ivfpq(
-    data: np.ndarray, nlist: int | None, pq_m: int | None, nprobe: int, seed: int
+    data: np.ndarray, nlist: int | None, pq_m: int | None, nprobe: int | None, seed: int
 ) -> Any:
     import faiss
 
     n_rows, dim = data.shape
     nlist = default_nlist(n_rows) if nlist is None else int(nlist)
+    nprobe = default_nprobe("ivfpq", nlist) if nprobe is None else int(nprobe)
     pq_m = default_pq_m(dim) if pq_m is None else int(pq_m)
     _check_positive(ivf_nlist=nlist, pq_m=pq_m, nprobe=nprobe)
     if dim % pq_m:
@@ -212,11 +257,13 @@ def _train_ivfpq(
 
 
 def index_kind(index: Any) -> str:
-    """Name of a FAISS index built by :func:`build_index` (``"flat"``, ``"hnsw"``, ``"ivfpq"``)."""
+    """Name of a FAISS index built by :func:`build_index` (one of :data:`INDEX_KINDS`)."""
     import faiss
 
     if isinstance(index, faiss.IndexHNSW):
         return "hnsw"
+    if isinstance(index, faiss.IndexIVFFlat):
+        return "ivfflat"
     if isinstance(index, faiss.IndexIVF):
         return "ivfpq"
     if isinstance(index, faiss.IndexFlat):

@@ -73,15 +73,16 @@ class LTAUEstimator:
         Relative tolerance: neighbour i counts errors up to ``atol + rtol * |F_ref,i|``.
     scale : float
         Default calibration scale factor ``s`` (1: uncalibrated).
-    index : {"auto", "flat", "hnsw", "ivfpq"}
+    index : {"auto", "flat", "ivfflat", "hnsw", "ivfpq"}
         FAISS index kind; ``"auto"`` picks by size per index
         (:func:`mlipuq.knn_index.choose_kind`). The choice is in ``index_kinds_``.
     per_element : bool
         One index per element (neighbours share the test atom's element), else one.
     hnsw_m, ef_construction, ef_search : int
         ``IndexHNSWFlat`` parameters (paper: 32, 40, 16).
-    ivf_nlist, pq_m, nprobe : int
-        ``IndexIVFPQ`` parameters (defaults in :mod:`mlipuq.knn_index`).
+    ivf_nlist, pq_m, nprobe : int, optional
+        ``IndexIVFFlat`` / ``IndexIVFPQ`` parameters (defaults by size in
+        :mod:`mlipuq.knn_index`).
     n_bins : int
         Histogram bins (log-spaced) when errors are given as trajectories.
     window : (start, size), optional
@@ -106,7 +107,7 @@ class LTAUEstimator:
     indices_ : dict of str -> faiss.Index
         The FAISS index of each group.
     index_kinds_ : dict of str -> str
-        Kind of each index (``"flat"``, ``"hnsw"``, ``"ivfpq"``).
+        Kind of each index (``"flat"``, ``"ivfflat"``, ``"hnsw"``, ``"ivfpq"``).
     n_features_in_ : int
         Descriptor size D.
 
@@ -136,7 +137,7 @@ class LTAUEstimator:
         ef_search: int = 16,
         ivf_nlist: int | None = None,
         pq_m: int | None = None,
-        nprobe: int = 16,
+        nprobe: int | None = None,
         n_bins: int = 100,
         window: tuple[int, int | None] | None = None,
         n_threads: int = 1,
@@ -246,8 +247,10 @@ class LTAUEstimator:
         if not np.isfinite(self.rtol) or self.rtol < 0:
             raise InputError(f"rtol: expected a finite non-negative number, got {self.rtol!r}")
         _check_scale_scalar(self.scale)
-        if self.index not in ("auto", "flat", "hnsw", "ivfpq"):
-            raise InputError(f"index: expected auto, flat, hnsw or ivfpq, got {self.index!r}")
+        if self.index not in ("auto", "flat", "ivfflat", "hnsw", "ivfpq"):
+            raise InputError(
+                f"index: expected auto, flat, ivfflat, hnsw or ivfpq, got {self.index!r}"
+            )
 
     def _index_options(self) -> dict[str, Any]:
         return {
@@ -393,6 +396,9 @@ class LTAUEstimator:
         if threshold is not None and (not np.isscalar(threshold) or not np.isfinite(threshold)):
             raise InputError(f"threshold: expected a finite number, got {threshold!r}")
 
+        if np.ndim(scales) == 0 and not return_distribution:  # the per-MD-step path
+            p, expected, distance = self._transfer(desc, groups, k, float(atol), float(scales))
+            return _result(p, expected, distance, None, configs, threshold)
         p = np.empty(n_atoms)
         expected = np.empty(n_atoms)
         distance = np.empty(n_atoms)
@@ -411,6 +417,40 @@ class LTAUEstimator:
             if mass is not None:
                 mass[rows] = self.distributions_.mean_over(neighbours).mass
         return _result(p, expected, distance, mass, configs, threshold)
+
+    def _transfer(
+        self, desc: np.ndarray, groups: dict[str, np.ndarray], k: int, atol: float, scale: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """p_j, expected error (eV/Å) and mean k-NN distance for one scalar ``scale``.
+
+        One search and one gather of the cached per-training-row table
+        (:meth:`_row_table`) per index: the lean path that runs inside every MD step.
+        """
+        from mlipuq.knn_index import search_checked
+
+        table = self._row_table(atol, scale)
+        means = np.empty((len(desc), 3))
+        for name, rows in groups.items():
+            k_group = self._clamped_k(k, name)
+            queries = desc if len(groups) == 1 else np.ascontiguousarray(desc[rows])
+            sq_dist, local = search_checked(self.indices_[name], queries, k_group,
+                                            n_threads=self.n_threads)
+            block = np.empty((len(local), 3))
+            block[:, :2] = table[self.group_rows_[name][local]].sum(axis=1)
+            block[:, 2] = np.sqrt(np.maximum(sq_dist, 0.0)).sum(axis=1)
+            means[rows] = block / k_group
+        return means[:, 0], means[:, 1], means[:, 2]
+
+    def _row_table(self, atol: float, scale: float) -> np.ndarray:
+        """(N, 2) float64: p_i at the scaled tolerance and s * expected error of each
+        training row (cached for the last (atol, s))."""
+        key = (atol, scale, float(self.rtol))
+        cached = self.__dict__.get("_table_cache")
+        if cached is None or cached[0] != key:
+            table = np.column_stack([self.train_confidence(atol, scale),
+                                     scale * self._expected_train])
+            cached = self._table_cache = (key, table)
+        return cached[1]
 
     def _check_scale(self, scale: Any, n_atoms: int) -> float | np.ndarray:
         if np.ndim(scale) == 0:

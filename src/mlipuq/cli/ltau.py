@@ -65,8 +65,8 @@ def _register_fit(verbs: argparse._SubParsersAction) -> None:
     fit.add_argument("--rtol", type=float, default=0.0,
                      help="relative tolerance on |F_ref| of each neighbour (default 0)")
     fit.add_argument("--scale", type=float, default=1.0, help="default scale factor s")
-    fit.add_argument("--index", choices=("auto", "flat", "hnsw", "ivfpq"), default="auto",
-                     help="FAISS index (auto: flat < 50k rows <= hnsw < 5M <= ivfpq)")
+    fit.add_argument("--index", choices=("auto", "flat", "ivfflat", "hnsw", "ivfpq"), default="auto",
+                     help="FAISS index (auto: flat < 1k rows <= ivfflat < 50k <= hnsw < 5M <= ivfpq)")
     fit.add_argument("--no-per-element", dest="per_element", action="store_false",
                      help="one index for all elements instead of one per element")
     fit.add_argument("--hnsw-m", type=int, default=32)
@@ -74,7 +74,8 @@ def _register_fit(verbs: argparse._SubParsersAction) -> None:
     fit.add_argument("--ef-search", type=int, default=16)
     fit.add_argument("--ivf-nlist", type=int, default=None)
     fit.add_argument("--pq-m", type=int, default=None)
-    fit.add_argument("--nprobe", type=int, default=16)
+    fit.add_argument("--nprobe", type=int, default=None,
+                     help="IVF lists scanned per query (default: 16 ivfpq, nlist/16 ivfflat)")
     fit.add_argument("--n-bins", type=int, default=100, help="histogram bins (log-spaced)")
     fit.add_argument("--window", nargs=2, metavar=("START", "SIZE"), default=None,
                      help="epoch window: start position and size (SIZE 'all': to the end)")
