@@ -165,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=2_000)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree M")
+    parser.add_argument("--ef-construction", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -177,9 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     intrinsic = args.intrinsic_dim or None
     shape = "isotropic clusters" if intrinsic is None else f"clusters of intrinsic dim {intrinsic}"
     print(f"LTAU neighbour search: {args.dim}-d Gaussian mixture ({shape}), k={args.k}, "
-          f"{args.queries} queries, {args.threads} threads (baseline: IndexFlatL2)")
+          f"{args.queries} queries, {args.threads} threads (baseline: IndexFlatL2); HNSW M="
+          f"{args.hnsw_m}, efConstruction={args.ef_construction}")
     bench_index(args.sizes, dim=args.dim, n_queries=args.queries, k=args.k,
-                ef_search=args.ef_search, n_threads=args.threads, repeats=args.repeats,
+                ef_search=args.ef_search, hnsw_m=args.hnsw_m,
+                ef_construction=args.ef_construction, n_threads=args.threads, repeats=args.repeats,
                 intrinsic_dim=intrinsic, seed=args.seed)
     return 0
 
