@@ -101,34 +101,56 @@ def train(frames, directory: Path, args):
 
 
 def candidate_pool(run, method: str, directory: Path, round_number: int, args):
-    """MD with the run's UQ calculator from the three starts; returns the frames."""
+    """MD with the run's UQ calculator from every start; returns (frames, estimator,
+    threshold).
+
+    ``--protocol rank``: one fixed-length MD per start; every frame is a candidate.
+    ``--protocol stop`` (pacemaker / MLIP-3 active-learning MD): ``--md-repeats`` MD
+    runs per start (other seeds), each stopped at the first frame whose uncertainty
+    crosses the threshold; that frame is marked ``info["crossing"]``. The pool (for
+    the random baseline too) is every frame the runs produced.
+    """
     from mlipuq.backends.nequip.calculator import UQCalculator
     from mlipuq.io import read_structures
     from mlipuq.pipeline import fit_methods
     from mlipuq.simulation import run_simulation
 
     estimator = fit_methods(run, methods=[method], threads=1, save=False)[method]
+    threshold = 0.0 if args.no_threshold else training_fence(run, method, estimator)
+    stop = args.protocol == "stop"
+    repeats = args.md_repeats if stop else 1
     pool = []
     starts = start_structures(args.seed + 100 * round_number, in_domain=not args.no_in_domain)
     for number, (name, atoms) in enumerate(starts):
-        calc = UQCalculator.from_run(run.path, estimators={method: estimator}, threads=1)
-        atoms = atoms.copy()
-        atoms.calc = calc
-        log_path = directory / f"md_{name}.extxyz"
-        temperature = args.hot if name == "hot" else args.temperature
-        try:
-            run_simulation(
-                atoms, calc, kind="md", steps=args.md_steps, temperature_K=temperature,
-                timestep_fs=args.timestep, seed=args.seed + 10 * round_number + number,
-                log_path=log_path,
-            )
-        except Exception as exc:  # a model blowing up: keep the frames written so far
-            print(f"  round {round_number} {name}: MD stopped ({type(exc).__name__}: {exc})")
-        frames = read_structures(log_path)[1:]  # step 0 is the start structure itself
-        for frame in frames:
-            frame.info["origin"] = name
-        pool.extend(frames)
-    return pool, estimator
+        for repeat in range(repeats):
+            calc = UQCalculator.from_run(run.path, estimators={method: estimator}, threads=1)
+            atoms = atoms.copy()
+            if stop:  # repeats start from different (seeded) 0.05 Å rattles
+                atoms.rattle(0.05, seed=args.seed + 100 * round_number + 10 * number + repeat)
+            atoms.calc = calc
+            log_path = directory / f"md_{name}_{repeat}.extxyz"
+            temperature = args.hot if name == "hot" else args.temperature
+            stop_rule = dict(stop_on=f"{method}_uncertainty", stop_threshold=threshold)
+            log = None
+            try:
+                log = run_simulation(
+                    atoms, calc, kind="md", steps=args.md_steps, temperature_K=temperature,
+                    timestep_fs=args.timestep,
+                    seed=args.seed + 10 * round_number + number + 1000 * repeat,
+                    log_path=log_path, **(stop_rule if stop else {}),
+                )
+            except Exception as exc:  # a model blowing up: keep the frames written so far
+                print(f"  round {round_number} {name}: MD stopped ({type(exc).__name__}: {exc})")
+            # step 0 is the start structure: a candidate only if it stops the run
+            frames = read_structures(log_path)[0 if stop else 1:]
+            if stop and not (log is not None and log.stopped and log.stop_step == 0):
+                frames = frames[1:]
+            for frame in frames:
+                frame.info["origin"] = name
+            if stop and log is not None and log.stopped and frames:
+                frames[-1].info["crossing"] = True
+            pool.extend(frames)
+    return pool, estimator, threshold
 
 
 def training_fence(run, method: str, estimator) -> float:
@@ -152,7 +174,7 @@ def training_fence(run, method: str, estimator) -> float:
 
 def select_active(
     pool, method: str, budget: int, seed: int, reference=None, per_origin: bool = True,
-    threshold: float = 0.0,
+    threshold: float = 0.0, crossing_only: bool = False,
 ) -> np.ndarray:
     """Configuration indices by max-over-atoms uncertainty with MaxVol diversity.
 
@@ -167,6 +189,11 @@ def select_active(
 
     key = f"{method}_uncertainty"
     uncertainty = np.array([float(np.max(a.arrays[key])) for a in pool])
+    if crossing_only:  # stop protocol: the frames where an MD run crossed the threshold
+        crossing = np.array([bool(a.info.get("crossing", False)) for a in pool])
+        uncertainty_first = np.where(crossing, uncertainty, 0.0)
+    else:
+        uncertainty_first = uncertainty
     features = np.concatenate([radial_descriptor(a, elements=["Cu"]) for a in pool])
     config_index = np.concatenate([np.full(len(a), c) for c, a in enumerate(pool)])
     reference_features = None
@@ -181,7 +208,7 @@ def select_active(
         groups=[a.info["origin"] for a in pool] if per_origin else None,
     )
     picked = [int(i) for i in select_configurations(
-        uncertainty, threshold=threshold, **options).indices]
+        uncertainty_first, threshold=threshold, **options).indices]
     if len(picked) < budget:  # fewer candidates above the threshold: the same rule below it
         rest = uncertainty.copy()
         rest[picked] = 0.0  # only values > 0 are candidates
@@ -214,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--models", type=int, default=3,
                         help="models (seeds) per training set; errors are their mean")
+    parser.add_argument("--protocol", choices=("rank", "stop"), default="rank",
+                        help="rank: every frame of fixed-length MD is a candidate; stop: MD "
+                             "runs stop at the first threshold crossing (pacemaker-style)")
+    parser.add_argument("--md-repeats", type=int, default=2,
+                        help="MD runs per start structure (protocol stop)")
     parser.add_argument("--no-threshold", action="store_true",
                         help="rank all candidates (default: only those above the Tukey fence "
                              "of the training frames' uncertainty)")
@@ -267,13 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     for round_number in range(1, args.rounds + 1):
         directory = workdir / f"round{round_number}"
         directory.mkdir(parents=True, exist_ok=True)
-        pool, estimator = candidate_pool(runs["active"], args.method, directory,
-                                         round_number, args)
-        threshold = 0.0 if args.no_threshold else training_fence(runs["active"], args.method,
-                                                                 estimator)
+        pool, _, threshold = candidate_pool(runs["active"], args.method, directory,
+                                            round_number, args)
         n_above = {}
         for atoms in pool:
-            if float(np.max(atoms.arrays[f"{args.method}_uncertainty"])) > threshold:
+            above = float(np.max(atoms.arrays[f"{args.method}_uncertainty"])) > threshold
+            if atoms.info.get("crossing", args.protocol == "rank") and above:
                 n_above[atoms.info["origin"]] = n_above.get(atoms.info["origin"], 0) + 1
         print(f"round {round_number}: threshold {threshold:.4f}; candidates above it per "
               f"MD run {n_above}", flush=True)
@@ -281,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             pool, args.method, args.budget, args.seed + round_number,
             reference=base + added["active"] if args.maxvol_reference else None,
             per_origin=not args.pooled, threshold=threshold,
+            crossing_only=args.protocol == "stop",
         )
         random_idx = rng.choice(len(pool), size=args.budget, replace=False)
         picks.append({

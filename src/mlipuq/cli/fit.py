@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-id", default="model_0",
                         help="member whose descriptors are used (default: model_0)")
     parser.add_argument("--k", type=int, default=5, help="neighbours per atom (default: 5)")
-    parser.add_argument("--index", choices=("auto", "flat", "ivfflat", "hnsw", "ivfpq"), default="auto",
+    parser.add_argument("--index", choices=("auto", "flat", "ivfflat", "hnsw", "ivfpq"),
+                        default="auto",
                         help="FAISS index kind (default: auto, chosen by size)")
     parser.add_argument("--atol", type=float, default=None,
                         help="tolerance in eV/Å (default: training MAE of the final models)")

@@ -65,8 +65,10 @@ def _register_fit(verbs: argparse._SubParsersAction) -> None:
     fit.add_argument("--rtol", type=float, default=0.0,
                      help="relative tolerance on |F_ref| of each neighbour (default 0)")
     fit.add_argument("--scale", type=float, default=1.0, help="default scale factor s")
-    fit.add_argument("--index", choices=("auto", "flat", "ivfflat", "hnsw", "ivfpq"), default="auto",
-                     help="FAISS index (auto: flat < 1k rows <= ivfflat < 50k <= hnsw < 5M <= ivfpq)")
+    fit.add_argument("--index", choices=("auto", "flat", "ivfflat", "hnsw", "ivfpq"),
+                     default="auto",
+                     help="FAISS index (auto: flat < 1k rows <= ivfflat < 50k <= hnsw < 5M "
+                          "<= ivfpq)")
     fit.add_argument("--no-per-element", dest="per_element", action="store_false",
                      help="one index for all elements instead of one per element")
     fit.add_argument("--hnsw-m", type=int, default=32)
