@@ -116,7 +116,8 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
     from mlipuq.simulation import run_simulation
 
     estimator = fit_methods(run, methods=[method], threads=1, save=False)[method]
-    threshold = 0.0 if args.no_threshold else training_fence(run, method, estimator)
+    threshold = 0.0 if args.no_threshold else (
+        args.threshold_factor * training_fence(run, method, estimator))
     stop = args.protocol == "stop"
     repeats = args.md_repeats if stop else 1
     pool = []
@@ -244,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", choices=("rank", "stop"), default="rank",
                         help="rank: every frame of fixed-length MD is a candidate; stop: MD "
                              "runs stop at the first threshold crossing (pacemaker-style)")
+    parser.add_argument("--threshold-factor", type=float, default=1.0,
+                        help="threshold = this factor x the Tukey fence of the training "
+                             "frames (MLIP-3 / pacemaker select well above the training level)")
     parser.add_argument("--md-repeats", type=int, default=2,
                         help="MD runs per start structure (protocol stop)")
     parser.add_argument("--no-threshold", action="store_true",
