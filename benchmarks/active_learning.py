@@ -1,29 +1,33 @@
-"""Active learning on EMT copper: uncertainty + MaxVol selection vs random selection.
+"""Active learning on EMT copper: uncertainty-driven selection vs random selection.
 
-Start: a NequIP model (``mlipuq train``, one member) on bulk fcc copper at 300 K.
-Each round r = 1..R:
+Start: NequIP models (``mlipuq train``, ``--models`` seeds) on bulk fcc copper at
+300 K. Each round r = 1..R, with the active lineage's current models:
 
-1. **simulate** -- Langevin MD with :class:`~mlipuq.backends.nequip.calculator.UQCalculator`
-   of the current active-learning model (its uncertainty method fitted on its own
-   training set) from three out-of-domain starts: bulk at ``--hot`` K, a (111)
-   surface slab and a 19-atom octahedral nanoparticle (``mlipuq.simulation``);
-   every frame of the three runs is a candidate;
-2. **select** -- ``B`` configurations by per-configuration uncertainty (max over
-   atoms) with MaxVol diversity on the model-free radial descriptor
-   (``mlipuq.selection.select_configurations``);
-   the **random** baseline draws ``B`` configurations uniformly from the same pool
-   (seeded);
+1. **simulate** (default ``--protocol stop``, the pacemaker / MLIP-3 active-learning
+   MD): the uncertainty method (default D-optimality) is fitted on the training set;
+   the threshold is ``--threshold-factor`` (default 2) x the Tukey fence of the
+   training frames' own max-over-atoms uncertainty. ``--md-repeats`` (2) Langevin
+   runs from each of four starts -- bulk heated to ``--hot`` K and bulk at 300 K
+   (both from a training frame), a (111) slab and a 19-atom octahedron at 300 K
+   (rattled) -- each stopped at the first frame above the threshold
+   (``mlipuq.simulation.run_simulation(stop_on=..., stop_threshold=...)``).
+   ``--protocol rank``: one fixed-length run per start, every frame a candidate.
+2. **select** ``B`` configurations: the crossing frames, budget shared over the MD
+   starts (``select_configurations(groups=...)``) with MaxVol diversity on the
+   model-free radial descriptor; if fewer than ``B`` crossed, the rest by the same
+   rule among all frames. The **random** baseline draws ``B`` frames uniformly from
+   every frame the same runs produced (seeded).
 3. **label** with EMT and add to the respective training set;
-4. **retrain** both from scratch with identical settings (preset, epochs, seed).
+4. **retrain** both from scratch with identical settings (preset, epochs, seeds).
 
-Figures: component force MAE (eV/Å) of each model on the hot-bulk, surface and
-nanoparticle test sets (``mlipuq.emt_data.copper_datasets``, never used for
-training) after every round, and the ratio active / random (< 1: active learning
-better). Both lineages share round 0 and, in each round, the candidate pool.
+Figures: component force MAE (eV/Å) on the hot-bulk, surface and nanoparticle test
+sets (``mlipuq.emt_data.copper_datasets``, never trained on), averaged over the
+``--models`` members of each training set, after every round; the ratio active /
+random (< 1: active better) per set and for the mean of the three sets.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/active_learning.py --rounds 3 --budget 4
+    OMP_NUM_THREADS=1 python benchmarks/active_learning.py --rounds 3 --epochs 20 --seed 0
     python benchmarks/active_learning.py --quick          # 1 round, tiny everything
 """
 
@@ -126,8 +130,9 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
         for repeat in range(repeats):
             calc = UQCalculator.from_run(run.path, estimators={method: estimator}, threads=1)
             atoms = atoms.copy()
-            if stop:  # repeats start from different (seeded) 0.05 Å rattles
-                atoms.rattle(0.05, seed=args.seed + 100 * round_number + 10 * number + repeat)
+            if stop:
+                atoms = _stop_protocol_start(name, atoms, run, args.seed + 100 * round_number
+                                             + 10 * number + repeat)
             atoms.calc = calc
             log_path = directory / f"md_{name}_{repeat}.extxyz"
             temperature = args.hot if name == "hot" else args.temperature
@@ -152,6 +157,22 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
                 frames[-1].info["crossing"] = True
             pool.extend(frames)
     return pool, estimator, threshold
+
+
+def _stop_protocol_start(name: str, atoms, run, seed: int):
+    """Start of one stopped MD run: bulk runs start from a (seeded) training frame, an
+    equilibrated 300 K structure the model knows, so they stop when the dynamics
+    leaves the training domain (a perfect lattice is itself out of domain for a model
+    trained on thermal frames); the slab and particle get a seeded 0.05 Å rattle."""
+    from ase import Atoms
+
+    if name in ("hot", "bulk300"):
+        frames = [a for a in run.train_frames() if a.info.get("config_type") == "bulk_300K"]
+        frame = frames[int(np.random.default_rng(seed).integers(len(frames)))]
+        return Atoms(numbers=frame.numbers, positions=frame.positions, cell=frame.cell,
+                     pbc=frame.pbc)
+    atoms.rattle(0.05, seed=seed)
+    return atoms
 
 
 def training_fence(run, method: str, estimator) -> float:
@@ -236,16 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budget", type=int, default=6, help="configurations per round B")
-    parser.add_argument("--method", default="ltau", choices=("ltau", "doptimality"))
+    parser.add_argument("--method", default="doptimality", choices=("ltau", "doptimality"))
     parser.add_argument("--train-frames", type=int, default=24)
     parser.add_argument("--test-frames", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--models", type=int, default=3,
                         help="models (seeds) per training set; errors are their mean")
-    parser.add_argument("--protocol", choices=("rank", "stop"), default="rank",
+    parser.add_argument("--protocol", choices=("rank", "stop"), default="stop",
                         help="rank: every frame of fixed-length MD is a candidate; stop: MD "
                              "runs stop at the first threshold crossing (pacemaker-style)")
-    parser.add_argument("--threshold-factor", type=float, default=1.0,
+    parser.add_argument("--threshold-factor", type=float, default=2.0,
                         help="threshold = this factor x the Tukey fence of the training "
                              "frames (MLIP-3 / pacemaker select well above the training level)")
     parser.add_argument("--md-repeats", type=int, default=2,
@@ -360,14 +381,17 @@ def _report_table(history: list[dict], args) -> None:
     print(f"\nforce MAE (eV/Å) on the test sets, mean of {args.models} models; method "
           f"{args.method}{reference}, {sharing}, budget {args.budget}/round, preset "
           f"{args.preset}, {args.epochs} epochs, seed {args.seed}")
-    print("round  n_train  " + "  ".join(f"{n:>12s} act/rand (ratio)" for n in TEST_SETS))
+    print("round  n_train  " + "  ".join(f"{n:>12s} act/rand (ratio)" for n in TEST_SETS)
+          + "   mean of the sets act/rand (ratio)")
     for record in history:
         cells = []
         for name in TEST_SETS:
             a, r = record["active"][name], record["random"][name]
             cells.append(f"{a:.4f}/{r:.4f} ({a / r:4.2f})")
+        mean_a = np.mean([record["active"][n] for n in TEST_SETS])
+        mean_r = np.mean([record["random"][n] for n in TEST_SETS])
         print(f"{record['round']:5d}  {record['n_train']:7d}  " + "  ".join(
-            f"{c:>29s}" for c in cells))
+            f"{c:>29s}" for c in cells) + f"   {mean_a:.4f}/{mean_r:.4f} ({mean_a / mean_r:4.2f})")
     wins = sum(
         record["active"][n] < record["random"][n] for record in history[1:] for n in TEST_SETS
     )
