@@ -104,9 +104,10 @@ def faiss_threads(n_threads: int | None) -> Iterator[None]:
         faiss.omp_set_num_threads(previous)
 
 
-def default_nlist(n_rows: int) -> int:
-    """Number of IVF inverted lists by default: ``4 * sqrt(n)``, at least 1, at most n // 39."""
-    return int(max(1, min(round(4 * math.sqrt(n_rows)), n_rows // 39)))
+def default_nlist(n_rows: int, per_sqrt: float = 4.0) -> int:
+    """Number of IVF inverted lists by default: ``per_sqrt * sqrt(n)`` (4 for IVF-PQ, 1 for
+    IVF-flat), at least 1, at most n // 39 (FAISS's minimum of 39 points per list)."""
+    return int(max(1, min(round(per_sqrt * math.sqrt(n_rows)), n_rows // 39)))
 
 
 def default_nprobe(kind: str, nlist: int) -> int:
@@ -210,9 +211,7 @@ def _train_ivfflat(data: np.ndarray, nlist: int | None, nprobe: int | None, seed
     import faiss
 
     n_rows, dim = data.shape
-    if nlist is None:  # sqrt(n) lists, at least 39 training points each (FAISS's advice)
-        nlist = int(max(1, min(round(math.sqrt(n_rows)), n_rows // 39)))
-    nlist = int(nlist)
+    nlist = default_nlist(n_rows, per_sqrt=1.0) if nlist is None else int(nlist)
     nprobe = default_nprobe("ivfflat", nlist) if nprobe is None else int(nprobe)
     _check_positive(ivf_nlist=nlist, nprobe=nprobe)
     if n_rows < nlist:

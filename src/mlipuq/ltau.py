@@ -31,7 +31,7 @@ import inspect
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -247,9 +247,11 @@ class LTAUEstimator:
         if not np.isfinite(self.rtol) or self.rtol < 0:
             raise InputError(f"rtol: expected a finite non-negative number, got {self.rtol!r}")
         _check_scale_scalar(self.scale)
-        if self.index not in ("auto", "flat", "ivfflat", "hnsw", "ivfpq"):
+        from mlipuq.knn_index import INDEX_KINDS
+
+        if self.index != "auto" and self.index not in INDEX_KINDS:
             raise InputError(
-                f"index: expected auto, flat, ivfflat, hnsw or ivfpq, got {self.index!r}"
+                f"index: expected auto, {', '.join(INDEX_KINDS)}, got {self.index!r}"
             )
 
     def _index_options(self) -> dict[str, Any]:
@@ -376,8 +378,6 @@ class LTAUEstimator:
             (n,) in eV/Å, ``"knn_distance"`` (n,) mean Euclidean distance to the k
             neighbours (descriptor units), optionally ``"distribution"`` (n, B).
         """
-        from mlipuq.knn_index import search_checked
-
         check_is_fitted(self, "indices_")
         desc = check_array(descriptors, "descriptors", ndim=2, dtype=np.float32)
         check_feature_dim(desc, self.n_features_in_, "descriptors")
@@ -404,19 +404,29 @@ class LTAUEstimator:
         distance = np.empty(n_atoms)
         n_bins = self.distributions_.mass.shape[1]
         mass = np.empty((n_atoms, n_bins), dtype=np.float32) if return_distribution else None
-        for name, rows in groups.items():
-            k_group = self._clamped_k(k, name)
-            queries = desc if len(groups) == 1 else np.ascontiguousarray(desc[rows])
-            sq_dist, local = search_checked(self.indices_[name], queries, k_group,
-                                            n_threads=self.n_threads)
-            neighbours = self.group_rows_[name][local]
-            distance[rows] = np.sqrt(np.maximum(sq_dist, 0.0)).sum(axis=1) / k_group
+        for rows, neighbours, distance_sum in self._neighbours(desc, groups, k):
+            k_group = neighbours.shape[1]
+            distance[rows] = distance_sum / k_group
             p[rows] = self._neighbour_p(neighbours, float(atol), scales, rows)
             s_rows = scales if np.ndim(scales) == 0 else scales[rows]
             expected[rows] = s_rows * self._expected_train[neighbours].sum(axis=1) / k_group
             if mass is not None:
                 mass[rows] = self.distributions_.mean_over(neighbours).mass
         return _result(p, expected, distance, mass, configs, threshold)
+
+    def _neighbours(
+        self, desc: np.ndarray, groups: dict[str, np.ndarray], k: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per index: test rows, their training neighbours (n_g, k_g) and the sum of
+        the k_g neighbour distances (n_g,), one FAISS search each."""
+        from mlipuq.knn_index import search_checked
+
+        for name, rows in groups.items():
+            k_group = self._clamped_k(k, name)
+            queries = desc if len(groups) == 1 else np.ascontiguousarray(desc[rows])
+            sq_dist, local = search_checked(self.indices_[name], queries, k_group,
+                                            n_threads=self.n_threads)
+            yield rows, self.group_rows_[name][local], np.sqrt(np.maximum(sq_dist, 0.0)).sum(1)
 
     def _transfer(
         self, desc: np.ndarray, groups: dict[str, np.ndarray], k: int, atol: float, scale: float
@@ -426,19 +436,13 @@ class LTAUEstimator:
         One search and one gather of the cached per-training-row table
         (:meth:`_row_table`) per index: the lean path that runs inside every MD step.
         """
-        from mlipuq.knn_index import search_checked
-
         table = self._row_table(atol, scale)
         means = np.empty((len(desc), 3))
-        for name, rows in groups.items():
-            k_group = self._clamped_k(k, name)
-            queries = desc if len(groups) == 1 else np.ascontiguousarray(desc[rows])
-            sq_dist, local = search_checked(self.indices_[name], queries, k_group,
-                                            n_threads=self.n_threads)
-            block = np.empty((len(local), 3))
-            block[:, :2] = table[self.group_rows_[name][local]].sum(axis=1)
-            block[:, 2] = np.sqrt(np.maximum(sq_dist, 0.0)).sum(axis=1)
-            means[rows] = block / k_group
+        for rows, neighbours, distance_sum in self._neighbours(desc, groups, k):
+            block = np.empty((len(neighbours), 3))
+            block[:, :2] = table[neighbours].sum(axis=1)
+            block[:, 2] = distance_sum
+            means[rows] = block / neighbours.shape[1]
         return means[:, 0], means[:, 1], means[:, 2]
 
     def _row_table(self, atol: float, scale: float) -> np.ndarray:

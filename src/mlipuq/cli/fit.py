@@ -19,6 +19,8 @@ from typing import Any
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``fit`` verb."""
+    from mlipuq.knn_index import INDEX_KINDS
+
     parser = subparsers.add_parser(
         "fit",
         help="fit LTAU on a training run (writes RUN/ltau)",
@@ -32,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-id", default="model_0",
                         help="member whose descriptors are used (default: model_0)")
     parser.add_argument("--k", type=int, default=5, help="neighbours per atom (default: 5)")
-    parser.add_argument("--index", choices=("auto", "flat", "ivfflat", "hnsw", "ivfpq"),
+    parser.add_argument("--index", choices=("auto", *INDEX_KINDS),
                         default="auto",
                         help="FAISS index kind (default: auto, chosen by size)")
     parser.add_argument("--atol", type=float, default=None,

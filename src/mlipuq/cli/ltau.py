@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_fit(verbs: argparse._SubParsersAction) -> None:
+    from mlipuq.knn_index import INDEX_KINDS
+
     fit = verbs.add_parser(
         "fit", help="build an LTAU estimator from error trajectories and descriptors"
     )
@@ -65,7 +67,7 @@ def _register_fit(verbs: argparse._SubParsersAction) -> None:
     fit.add_argument("--rtol", type=float, default=0.0,
                      help="relative tolerance on |F_ref| of each neighbour (default 0)")
     fit.add_argument("--scale", type=float, default=1.0, help="default scale factor s")
-    fit.add_argument("--index", choices=("auto", "flat", "ivfflat", "hnsw", "ivfpq"),
+    fit.add_argument("--index", choices=("auto", *INDEX_KINDS),
                      default="auto",
                      help="FAISS index (auto: flat < 1k rows <= ivfflat < 50k <= hnsw < 5M "
                           "<= ivfpq)")
