@@ -432,6 +432,8 @@ def test_cli_select_per_group(candidates, tmp_path):
     [
         (["--uncertainty-key", "doptimality", "--threshold", "1", "--budget", "2",
           "--per-group", "nope"], "configuration 0 has no info key 'nope'"),
+        (["--uncertainty-key", "doptimality", "--threshold", "1", "--budget", "2",
+          "--level", "atom", "--per-group", "run"], "--per-group: only with --level config"),
         (["--uncertainty-key", "doptimality", "--threshold", "-1", "--budget", "2"],
          "threshold: expected a finite number >= 0"),
         (["--uncertainty-key", "ltau_uncertainty", "--threshold", "2", "--budget", "2"],
