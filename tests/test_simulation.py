@@ -217,6 +217,34 @@ def test_snapshot_mode_saves_crossings_and_continues(tmp_path):
                                5 + 0.05 * np.arange(7, 11), rtol=1e-7)
 
 
+def test_break_threshold_ends_a_snapshot_run_at_its_first_crossing(tmp_path):
+    atoms, calc = _flying_pair()
+    # x(n) = 5 + 0.05 n: snapshots above 5.3375 from n = 7, break above 5.4375 at n = 9
+    log = run_simulation(atoms, calc, kind="md", thermostat="nve", set_velocities=False,
+                         steps=50, timestep_fs=0.5, stop_on="x", stop_threshold=5.3375,
+                         stop_mode="snapshot", break_threshold=5.4375,
+                         log_path=tmp_path / "s.extxyz")
+    assert log.stopped and log.stop_step == 9 and log.n_frames == 10
+    assert log.snapshot_steps == [7, 8, 9]
+    snapshots = read(tmp_path / "s_snapshots.extxyz", ":")
+    assert [f.info["step"] for f in snapshots] == [7, 8, 9]  # the break frame is saved too
+    assert summarise(log)["break_threshold"] == 5.4375
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"stop_mode": "stop", "break_threshold": 6.0}, "only with stop_mode='snapshot'"),
+        ({"stop_mode": "snapshot", "break_threshold": 5.0}, r"expected > stop_threshold"),
+        ({"stop_mode": "snapshot", "break_threshold": float("inf")}, "break_threshold: expected a finite"),
+    ],
+)
+def test_bad_break_threshold(kwargs, match):
+    atoms, calc = _flying_pair()
+    with pytest.raises(InputError, match=match):
+        run_simulation(atoms, calc, steps=2, stop_on="x", stop_threshold=5.3375, **kwargs)
+
+
 def test_mean_aggregate_changes_the_stop_step():
     atoms, calc = _flying_pair()
     # mean x = (0 + 5 + 0.05 n) / 2 > 2.6 first at n = 5
@@ -337,12 +365,26 @@ def test_cli_simulate(cli_calc, cu_start, tmp_path, capsys):
     assert "5 frames" in capsys.readouterr().out
 
 
+def test_cli_simulate_break_threshold(cli_calc, cu_start, tmp_path, capsys):
+    start = tmp_path / "start.xyz"
+    write(start, cu_start, format="extxyz")
+    out = tmp_path / "traj.extxyz"
+    code = main(["simulate", "--run", str(tmp_path), "--structure", str(start), "--steps", "3",
+                 "--stop-on", "doptimality_uncertainty", "--stop-threshold", "0",
+                 "--stop-mode", "snapshot", "--break-threshold", "1e-9", "--out", str(out)])
+    assert code == 0
+    assert len(read(out, ":")) == 1 and len(read(tmp_path / "traj_snapshots.extxyz", ":")) == 1
+    assert "stopped at step 0: doptimality_uncertainty (max) > 1e-09" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
         (["--stop-on", "doptimality_uncertainty", "--stop-threshold", "-1"], "threshold"),
         (["--stop-on", "ltau_uncertainty", "--stop-threshold", "2"], r"\[0, 1\]"),
         (["--index", "9"], "--index: 9 out of range"),
+        (["--stop-on", "doptimality_uncertainty", "--stop-threshold", "2", "--stop-mode",
+          "snapshot", "--break-threshold", "1"], "break_threshold: expected > stop_threshold"),
     ],
 )
 def test_cli_simulate_bad_input_exits_2(cli_calc, cu_start, tmp_path, capsys, extra, match):

@@ -23,7 +23,11 @@ aggregate (``aggregate="max"`` or ``"mean"`` over the masked atoms) is compared 
 t. ``stop_mode="stop"`` ends the run at the FIRST frame whose aggregate exceeds t
 (that frame is logged); ``stop_mode="snapshot"`` appends every such frame to a
 separate snapshot extxyz and carries on (as pacemaker's / MACE's active-learning MD
-collects extrapolative structures).
+collects extrapolative structures). With ``break_threshold=b`` (> t) a snapshot run
+also ends at the first frame above b (saved as a snapshot too): the two-level rule
+of MLIP-3 (``select:threshold`` ~2, ``threshold-break`` ~10) and of pacemaker's
+LAMMPS recipe (dump above gamma 5, halt above 25), which collects the frames between
+"worth labelling" and "the dynamics can no longer be trusted".
 """
 
 from __future__ import annotations
@@ -74,7 +78,10 @@ class SimulationLog:
     stopped : bool
         True if the stop rule ended the run early.
     stop_step : int or None
-        Step of the first frame above the threshold (``stop`` mode) or None.
+        Step of the first frame above the threshold (``stop`` mode) or above
+        ``break_threshold`` (``snapshot`` mode), or None.
+    stop_on, stop_threshold, break_threshold : str / float or None
+        The stop rule as run.
     snapshot_steps : list of int
         Steps of frames above the threshold (both modes; saved in snapshot mode).
     converged : bool
@@ -95,6 +102,7 @@ class SimulationLog:
     stop_step: int | None = None
     stop_on: str | None = None
     stop_threshold: float | None = None
+    break_threshold: float | None = None
     snapshot_steps: list[int] = field(default_factory=list)
     converged: bool = False
     log_path: Path | None = None
@@ -143,6 +151,7 @@ def summarise(log: SimulationLog) -> dict:
         "stopped": log.stopped,
         "stop_on": log.stop_on,
         "stop_threshold": log.stop_threshold,
+        "break_threshold": log.break_threshold,
         "stop_step": log.stop_step,
         "n_snapshots": len(log.snapshot_steps),
         "converged": log.converged,
@@ -193,6 +202,7 @@ def run_simulation(
     stop_on: str | None = None,
     stop_threshold: float | None = None,
     stop_mode: str = "stop",
+    break_threshold: float | None = None,
     aggregate: str = "max",
     atoms_mask: np.ndarray | Sequence[int] | None = None,
 ) -> SimulationLog:
@@ -238,6 +248,9 @@ def run_simulation(
         Threshold in the key's unit (>= 0; <= 1 for LTAU keys).
     stop_mode : {"stop", "snapshot"}
         Stop at the first crossing, or save crossing frames and continue.
+    break_threshold : float, optional
+        Snapshot mode only: also stop at the first frame above this value
+        (> ``stop_threshold``, same unit); that frame is saved as a snapshot too.
     aggregate : {"max", "mean"}
         Per-frame aggregate over the masked atoms used for the stop rule and summary.
     atoms_mask : array of bool (n_atoms,) or of int indices, optional
@@ -259,6 +272,7 @@ def run_simulation(
     if int(steps) < 0:
         raise InputError(f"steps: expected >= 0, got {steps!r}")
     stop_threshold = check_stop_threshold(stop_on, stop_threshold)
+    break_threshold = check_break_threshold(stop_on, stop_threshold, break_threshold, stop_mode)
     if stop_on is not None and not stop_on.endswith(UNCERTAINTY_SUFFIX):
         stop_on = stop_on + UNCERTAINTY_SUFFIX
     if len(atoms) == 0:
@@ -282,7 +296,7 @@ def run_simulation(
     log = SimulationLog(
         kind=kind, steps=np.zeros(0, int), times_fs=np.zeros(0), energies=np.zeros(0),
         fmax=np.zeros(0), uncertainty_max={}, uncertainty_mean={}, aggregate=aggregate,
-        stop_on=stop_on, stop_threshold=stop_threshold,
+        stop_on=stop_on, stop_threshold=stop_threshold, break_threshold=break_threshold,
         log_path=Path(log_path) if log_path is not None else None,
         table_path=Path(table_path) if table_path is not None else None,
         snapshot_path=Path(snapshot_path) if snapshot_path and stop_mode == "snapshot" else None,
@@ -304,13 +318,35 @@ def run_simulation(
                 log.snapshot_steps.append(int(dyn.nsteps))
                 if stop_mode == "snapshot":
                     logger.snapshot(work)
-                else:
+                if stop_mode == "stop" or (break_threshold is not None
+                                           and value > break_threshold):
                     log.stopped, log.stop_step = True, int(dyn.nsteps)
                     break
     finally:
         logger.close()
     logger.fill(log)
     return log
+
+
+def check_break_threshold(
+    key: str | None, threshold: float | None, break_threshold: float | None, mode: str
+) -> float | None:
+    """Validate the break threshold of a snapshot run: a number above ``threshold``."""
+    if break_threshold is None:
+        return None
+    if mode != "snapshot":
+        raise InputError(f"break_threshold: only with stop_mode='snapshot', got {mode!r}")
+    if key is None:
+        raise InputError("break_threshold: given without stop_on (which uncertainty?)")
+    try:
+        value = check_stop_threshold(key, break_threshold)
+    except InputError as exc:
+        raise InputError(f"break_{exc}") from None
+    if value is None or threshold is None or value <= threshold:
+        raise InputError(
+            f"break_threshold: expected > stop_threshold ({threshold}), got {break_threshold!r}"
+        )
+    return value
 
 
 def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> None:

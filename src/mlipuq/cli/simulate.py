@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="uncertainty key of the stop rule, e.g. ltau_uncertainty")
     parser.add_argument("--stop-threshold", type=float, default=None)
     parser.add_argument("--stop-mode", choices=["stop", "snapshot"], default="stop")
+    parser.add_argument("--break-threshold", type=float, default=None,
+                        help="snapshot mode: also stop above this (> --stop-threshold), "
+                             "MLIP-3's threshold-break / pacemaker's halt level")
     parser.add_argument("--aggregate", choices=["max", "mean"], default="max",
                         help="per-frame aggregate over atoms for the stop rule and summary")
     parser.add_argument("--atoms", default=None,
@@ -79,10 +82,17 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``mlipuq simulate``."""
     from mlipuq.exceptions import InputError
     from mlipuq.io import read_structures, write_json
-    from mlipuq.simulation import check_stop_threshold, run_simulation, summarise
+    from mlipuq.simulation import (
+        check_break_threshold,
+        check_stop_threshold,
+        run_simulation,
+        summarise,
+    )
 
     if args.stop_on is not None or args.stop_threshold is not None:
         check_stop_threshold(args.stop_on, args.stop_threshold)
+    check_break_threshold(args.stop_on, args.stop_threshold, args.break_threshold,
+                          args.stop_mode)
     frames = read_structures(args.structure)
     if not -len(frames) <= args.index < len(frames):
         raise InputError(f"--index: {args.index} out of range for {len(frames)} frames")
@@ -103,14 +113,14 @@ def run(args: argparse.Namespace) -> int:
         friction_per_fs=args.friction, optimizer=args.optimizer, fmax=args.fmax,
         seed=args.seed, log_path=out, table_path=table, stop_on=args.stop_on,
         stop_threshold=args.stop_threshold, stop_mode=args.stop_mode,
-        aggregate=args.aggregate, atoms_mask=mask,
+        break_threshold=args.break_threshold, aggregate=args.aggregate, atoms_mask=mask,
     )
     summary = summarise(log)
     write_json(summary_path, summary)
     print(f"{log.n_frames} frames -> {out} (table {table}, summary {summary_path})")
     if log.stopped:
-        print(f"stopped at step {log.stop_step}: {log.stop_on} ({args.aggregate}) > "
-              f"{log.stop_threshold:g}")
+        level = log.break_threshold if log.break_threshold is not None else log.stop_threshold
+        print(f"stopped at step {log.stop_step}: {log.stop_on} ({args.aggregate}) > {level:g}")
     if log.snapshot_steps and args.stop_mode == "snapshot":
         print(f"{len(log.snapshot_steps)} snapshot frame(s) -> {log.snapshot_path}")
     for key, stats in summary["uncertainty"].items():
