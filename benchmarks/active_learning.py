@@ -11,6 +11,8 @@ Start: NequIP models (``mlipuq train``, ``--models`` seeds) on bulk fcc copper a
    (both from a training frame), a (111) slab and a 19-atom octahedron at 300 K
    (rattled) -- each stopped at the first frame above the threshold
    (``mlipuq.simulation.run_simulation(stop_on=..., stop_threshold=...)``).
+   ``--protocol window`` (MLIP-3 select / break): every frame above the threshold
+   is a candidate, a run stops above ``--break-factor`` x the threshold.
    ``--protocol rank``: one fixed-length run per start, every frame a candidate.
 2. **select** ``B`` configurations: the crossing frames, budget shared over the MD
    starts (``select_configurations(groups=...)``) with MaxVol diversity on the
@@ -111,8 +113,11 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
     ``--protocol rank``: one fixed-length MD per start; every frame is a candidate.
     ``--protocol stop`` (pacemaker / MLIP-3 active-learning MD): ``--md-repeats`` MD
     runs per start (other seeds), each stopped at the first frame whose uncertainty
-    crosses the threshold; that frame is marked ``info["crossing"]``. The pool (for
-    the random baseline too) is every frame the runs produced.
+    crosses the threshold; that frame is marked ``info["crossing"]``.
+    ``--protocol window`` (MLIP-3's select / break thresholds, pacemaker's dump / halt):
+    every frame above the threshold is marked, and a run stops at the first frame
+    above ``--break-factor`` x the threshold. The pool (for the random baseline too)
+    is every frame the runs produced.
     """
     from mlipuq.backends.nequip.calculator import UQCalculator
     from mlipuq.io import read_structures
@@ -122,7 +127,7 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
     estimator = fit_methods(run, methods=[method], threads=1, save=False)[method]
     threshold = 0.0 if args.no_threshold else (
         args.threshold_factor * training_fence(run, method, estimator))
-    stop = args.protocol == "stop"
+    stop = args.protocol in ("stop", "window")
     repeats = args.md_repeats if stop else 1
     pool = []
     starts = start_structures(args.seed + 100 * round_number, in_domain=not args.no_in_domain)
@@ -137,6 +142,9 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
             log_path = directory / f"md_{name}_{repeat}.extxyz"
             temperature = args.hot if name == "hot" else args.temperature
             stop_rule = dict(stop_on=f"{method}_uncertainty", stop_threshold=threshold)
+            if args.protocol == "window":
+                stop_rule.update(stop_mode="snapshot",
+                                 break_threshold=args.break_factor * threshold)
             log = None
             try:
                 log = run_simulation(
@@ -147,14 +155,14 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
                 )
             except Exception as exc:  # a model blowing up: keep the frames written so far
                 print(f"  round {round_number} {name}: MD stopped ({type(exc).__name__}: {exc})")
-            # step 0 is the start structure: a candidate only if it stops the run
-            frames = read_structures(log_path)[0 if stop else 1:]
-            if stop and not (log is not None and log.stopped and log.stop_step == 0):
-                frames = frames[1:]
+            # step 0 is the start structure: in the pool only if it is above the threshold
+            above = set(log.snapshot_steps) if (stop and log is not None) else set()
+            frames = read_structures(log_path)
+            frames = [f for f in frames if int(f.info["step"]) > 0 or 0 in above]
             for frame in frames:
                 frame.info["origin"] = name
-            if stop and log is not None and log.stopped and frames:
-                frames[-1].info["crossing"] = True
+                # candidates: the crossing frame (stop) / every frame above it (window)
+                frame.info["crossing"] = int(frame.info["step"]) in above
             pool.extend(frames)
     return pool, estimator, threshold
 
@@ -263,9 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--models", type=int, default=3,
                         help="models (seeds) per training set; errors are their mean")
-    parser.add_argument("--protocol", choices=("rank", "stop"), default="stop",
+    parser.add_argument("--protocol", choices=("rank", "stop", "window"), default="stop",
                         help="rank: every frame of fixed-length MD is a candidate; stop: MD "
-                             "runs stop at the first threshold crossing (pacemaker-style)")
+                             "runs stop at the first threshold crossing (pacemaker-style); "
+                             "window: every frame above the threshold is a candidate and a "
+                             "run stops above --break-factor x threshold (MLIP-3 select/"
+                             "break)")
+    parser.add_argument("--break-factor", type=float, default=5.0,
+                        help="window protocol: break threshold / selection threshold "
+                             "(MLIP-3 2 -> 10, pacemaker 5 -> 25)")
     parser.add_argument("--threshold-factor", type=float, default=2.0,
                         help="threshold = this factor x the Tukey fence of the training "
                              "frames (MLIP-3 / pacemaker select well above the training level)")
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         n_above = {}
         for atoms in pool:
             above = float(np.max(atoms.arrays[f"{args.method}_uncertainty"])) > threshold
-            if atoms.info.get("crossing", args.protocol == "rank") and above:
+            if (args.protocol == "rank" or atoms.info["crossing"]) and above:
                 n_above[atoms.info["origin"]] = n_above.get(atoms.info["origin"], 0) + 1
         print(f"round {round_number}: threshold {threshold:.4f}; candidates above it per "
               f"MD run {n_above}", flush=True)
@@ -337,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             pool, args.method, args.budget, args.seed + round_number,
             reference=base + added["active"] if args.maxvol_reference else None,
             per_origin=not args.pooled, threshold=threshold,
-            crossing_only=args.protocol == "stop",
+            crossing_only=args.protocol != "rank",
         )
         random_idx = rng.choice(len(pool), size=args.budget, replace=False)
         picks.append({
