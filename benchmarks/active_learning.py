@@ -9,7 +9,9 @@ Start: NequIP models (``mlipuq train``, ``--models`` seeds) on bulk fcc copper a
    training frames' own max-over-atoms uncertainty. ``--md-repeats`` (2) Langevin
    runs from each of four starts -- bulk heated to ``--hot`` K and bulk at 300 K
    (both from a training frame), a (111) slab and a 19-atom octahedron at 300 K
-   (rattled) -- each stopped at the first frame above the threshold
+   (rattled once; its repeats differ in the MD seed only, so a start that is itself
+   above the threshold enters the pool once) -- each stopped at the first frame
+   above the threshold
    (``mlipuq.simulation.run_simulation(stop_on=..., stop_threshold=...)``).
    ``--protocol window`` (MLIP-3 select / break): every frame above the threshold
    is a candidate, a run stops above ``--break-factor`` x the threshold.
@@ -46,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 TEST_SETS = ("hot", "surface", "nanoparticle")
+BULK_STARTS = ("hot", "bulk300")
 
 
 def start_structures(seed: int, in_domain: bool = True):
@@ -112,17 +115,14 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
 
     ``--protocol rank``: one fixed-length MD per start; every frame is a candidate.
     ``--protocol stop`` (pacemaker / MLIP-3 active-learning MD): ``--md-repeats`` MD
-    runs per start (other seeds), each stopped at the first frame whose uncertainty
+    runs per start (other MD seeds; bulk: another training frame as start), each stopped at the first frame whose uncertainty
     crosses the threshold; that frame is marked ``info["crossing"]``.
     ``--protocol window`` (MLIP-3's select / break thresholds, pacemaker's dump / halt):
     every frame above the threshold is marked, and a run stops at the first frame
     above ``--break-factor`` x the threshold. The pool (for the random baseline too)
     is every frame the runs produced.
     """
-    from mlipuq.backends.nequip.calculator import UQCalculator
-    from mlipuq.io import read_structures
     from mlipuq.pipeline import fit_methods
-    from mlipuq.simulation import run_simulation
 
     estimator = fit_methods(run, methods=[method], threads=1, save=False)[method]
     threshold = 0.0 if args.no_threshold else (
@@ -133,38 +133,57 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
     starts = start_structures(args.seed + 100 * round_number, in_domain=not args.no_in_domain)
     for number, (name, atoms) in enumerate(starts):
         for repeat in range(repeats):
-            calc = UQCalculator.from_run(run.path, estimators={method: estimator}, threads=1)
-            atoms = atoms.copy()
-            if stop:
-                atoms = _stop_protocol_start(name, atoms, run, args.seed + 100 * round_number
-                                             + 10 * number + repeat)
-            atoms.calc = calc
-            log_path = directory / f"md_{name}_{repeat}.extxyz"
-            temperature = args.hot if name == "hot" else args.temperature
-            stop_rule = dict(stop_on=f"{method}_uncertainty", stop_threshold=threshold)
-            if args.protocol == "window":
-                stop_rule.update(stop_mode="snapshot",
-                                 break_threshold=args.break_factor * threshold)
-            log = None
-            try:
-                log = run_simulation(
-                    atoms, calc, kind="md", steps=args.md_steps, temperature_K=temperature,
-                    timestep_fs=args.timestep,
-                    seed=args.seed + 10 * round_number + number + 1000 * repeat,
-                    log_path=log_path, **(stop_rule if stop else {}),
-                )
-            except Exception as exc:  # a model blowing up: keep the frames written so far
-                print(f"  round {round_number} {name}: MD stopped ({type(exc).__name__}: {exc})")
-            # step 0 is the start structure: in the pool only if it is above the threshold
-            above = set(log.snapshot_steps) if (stop and log is not None) else set()
-            frames = read_structures(log_path)
-            frames = [f for f in frames if int(f.info["step"]) > 0 or 0 in above]
-            for frame in frames:
-                frame.info["origin"] = name
-                # candidates: the crossing frame (stop) / every frame above it (window)
-                frame.info["crossing"] = int(frame.info["step"]) in above
+            start_seed = args.seed + 100 * round_number + 10 * number
+            if name in BULK_STARTS:  # each bulk repeat starts from another training frame
+                start_seed += repeat
+            start = _stop_protocol_start(name, atoms.copy(), run, start_seed) if stop else \
+                atoms.copy()
+            frames, log = _md_frames(name, start, run, method, estimator, threshold,
+                                     directory / f"md_{name}_{repeat}.extxyz",
+                                     args.seed + 10 * round_number + number + 1000 * repeat,
+                                     round_number, args)
+            if repeat > 0 and name not in BULK_STARTS:  # a shared start is in the pool once
+                frames = [f for f in frames if int(f.info["step"]) > 0]
             pool.extend(frames)
+            if stop and name not in BULK_STARTS and log is not None and log.stop_step == 0:
+                break  # the shared start itself crossed: every repeat would stop there
     return pool, estimator, threshold
+
+
+def _md_frames(name: str, atoms, run, method: str, estimator, threshold: float,
+               log_path: Path, seed: int, round_number: int, args):
+    """One MD run with the UQ calculator; (frames of the pool, SimulationLog or None).
+
+    Step 0 (the start) is kept only if it is above the threshold. Frames carry
+    ``info["origin"]`` and ``info["crossing"]`` (the crossing frame in the stop
+    protocol, every frame above the threshold in the window protocol).
+    """
+    from mlipuq.backends.nequip.calculator import UQCalculator
+    from mlipuq.io import read_structures
+    from mlipuq.simulation import run_simulation
+
+    stop = args.protocol in ("stop", "window")
+    calc = UQCalculator.from_run(run.path, estimators={method: estimator}, threads=1)
+    atoms.calc = calc
+    stop_rule = dict(stop_on=f"{method}_uncertainty", stop_threshold=threshold)
+    if args.protocol == "window":
+        stop_rule.update(stop_mode="snapshot", break_threshold=args.break_factor * threshold)
+    log = None
+    try:
+        log = run_simulation(
+            atoms, calc, kind="md", steps=args.md_steps,
+            temperature_K=args.hot if name == "hot" else args.temperature,
+            timestep_fs=args.timestep, seed=seed, log_path=log_path,
+            **(stop_rule if stop else {}),
+        )
+    except Exception as exc:  # a model blowing up: keep the frames written so far
+        print(f"  round {round_number} {name}: MD stopped ({type(exc).__name__}: {exc})")
+    above = set(log.snapshot_steps) if (stop and log is not None) else set()
+    frames = [f for f in read_structures(log_path) if int(f.info["step"]) > 0 or 0 in above]
+    for frame in frames:
+        frame.info["origin"] = name
+        frame.info["crossing"] = int(frame.info["step"]) in above
+    return frames, log
 
 
 def _stop_protocol_start(name: str, atoms, run, seed: int):
