@@ -31,7 +31,7 @@ random (< 1: active better) per set and for the mean of the three sets.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/active_learning.py --rounds 3 --epochs 20 --seed 0
+    OMP_NUM_THREADS=1 python benchmarks/active_learning.py --seed 0  # small preset, 60 epochs
     python benchmarks/active_learning.py --quick          # 1 round, tiny everything
 """
 
@@ -115,8 +115,9 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
 
     ``--protocol rank``: one fixed-length MD per start; every frame is a candidate.
     ``--protocol stop`` (pacemaker / MLIP-3 active-learning MD): ``--md-repeats`` MD
-    runs per start (other MD seeds; bulk: another training frame as start), each stopped at the first frame whose uncertainty
-    crosses the threshold; that frame is marked ``info["crossing"]``.
+    runs per start (other MD seeds; bulk: another training frame as start), each
+    stopped at the first frame whose uncertainty crosses the threshold; that frame is
+    marked ``info["crossing"]``.
     ``--protocol window`` (MLIP-3's select / break thresholds, pacemaker's dump / halt):
     every frame above the threshold is marked, and a run stops at the first frame
     above ``--break-factor`` x the threshold. The pool (for the random baseline too)
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="doptimality", choices=("ltau", "doptimality"))
     parser.add_argument("--train-frames", type=int, default=24)
     parser.add_argument("--test-frames", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--models", type=int, default=3,
                         help="models (seeds) per training set; errors are their mean")
     parser.add_argument("--protocol", choices=("rank", "stop", "window"), default="stop",
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="no MD at the training temperature in the candidate pool")
     parser.add_argument("--pooled", action="store_true",
                         help="one budget over the whole pool (default: shared over MD runs)")
-    parser.add_argument("--preset", default="tiny", choices=("tiny", "small"))
+    parser.add_argument("--preset", default="small", choices=("tiny", "small"))
     parser.add_argument("--r-max", type=float, default=4.5)
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--md-steps", type=int, default=30)
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.budget, args.train_frames, args.test_frames = 1, 2, 10, 3
-        args.epochs, args.md_steps, args.models = 3, 8, 1
+        args.epochs, args.md_steps, args.models, args.preset = 3, 8, 1, "tiny"
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 

@@ -236,7 +236,8 @@ def test_break_threshold_ends_a_snapshot_run_at_its_first_crossing(tmp_path):
     [
         ({"stop_mode": "stop", "break_threshold": 6.0}, "only with stop_mode='snapshot'"),
         ({"stop_mode": "snapshot", "break_threshold": 5.0}, r"expected > stop_threshold"),
-        ({"stop_mode": "snapshot", "break_threshold": float("inf")}, "break_threshold: expected a finite"),
+        ({"stop_mode": "snapshot", "break_threshold": float("inf")},
+         "break_threshold: expected a finite"),
     ],
 )
 def test_bad_break_threshold(kwargs, match):
