@@ -347,11 +347,17 @@ def cli_calc(monkeypatch, cu_calc):
     return cu_calc
 
 
-def test_cli_simulate(cli_calc, cu_start, tmp_path, capsys):
-    start = tmp_path / "start.xyz"
-    write(start, cu_start, format="extxyz")
+@pytest.fixture
+def start_file(cu_start, tmp_path):
+    """The rattled copper start written as extxyz."""
+    path = tmp_path / "start.xyz"
+    write(path, cu_start, format="extxyz")
+    return path
+
+
+def test_cli_simulate(cli_calc, start_file, tmp_path, capsys):
     out = tmp_path / "traj.extxyz"
-    code = main(["simulate", "--run", str(tmp_path), "--structure", str(start), "--steps", "4",
+    code = main(["simulate", "--run", str(tmp_path), "--structure", str(start_file), "--steps", "4",
                  "--temperature", "300", "--stop-on", "doptimality_uncertainty",
                  "--stop-threshold", "1e6", "--out", str(out), "--seed", "5"])
     assert code == 0
@@ -366,11 +372,9 @@ def test_cli_simulate(cli_calc, cu_start, tmp_path, capsys):
     assert "5 frames" in capsys.readouterr().out
 
 
-def test_cli_simulate_break_threshold(cli_calc, cu_start, tmp_path, capsys):
-    start = tmp_path / "start.xyz"
-    write(start, cu_start, format="extxyz")
+def test_cli_simulate_break_threshold(cli_calc, start_file, tmp_path, capsys):
     out = tmp_path / "traj.extxyz"
-    code = main(["simulate", "--run", str(tmp_path), "--structure", str(start), "--steps", "3",
+    code = main(["simulate", "--run", str(tmp_path), "--structure", str(start_file), "--steps", "3",
                  "--stop-on", "doptimality_uncertainty", "--stop-threshold", "0",
                  "--stop-mode", "snapshot", "--break-threshold", "1e-9", "--out", str(out)])
     assert code == 0
@@ -388,10 +392,8 @@ def test_cli_simulate_break_threshold(cli_calc, cu_start, tmp_path, capsys):
           "snapshot", "--break-threshold", "1"], "break_threshold: expected > stop_threshold"),
     ],
 )
-def test_cli_simulate_bad_input_exits_2(cli_calc, cu_start, tmp_path, capsys, extra, match):
-    start = tmp_path / "start.xyz"
-    write(start, cu_start, format="extxyz")
-    code = main(["simulate", "--run", str(tmp_path), "--structure", str(start), "--steps", "2",
+def test_cli_simulate_bad_input_exits_2(cli_calc, start_file, tmp_path, capsys, extra, match):
+    code = main(["simulate", "--run", str(tmp_path), "--structure", str(start_file), "--steps", "2",
                  "--out", str(tmp_path / "t.extxyz"), *extra])
     assert code == 2
     err = capsys.readouterr().err
