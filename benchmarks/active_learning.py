@@ -9,9 +9,9 @@ Start: NequIP models (``mlipuq train``, ``--models`` seeds) on bulk fcc copper a
    training frames' own max-over-atoms uncertainty. ``--md-repeats`` (2) Langevin
    runs from each of four starts -- bulk heated to ``--hot`` K and bulk at 300 K
    (both from a training frame), a (111) slab and a 19-atom octahedron at 300 K
-   (rattled once; its repeats differ in the MD seed only, so a start that is itself
-   above the threshold enters the pool once) -- each stopped at the first frame
-   above the threshold
+   (each repeat its own rattle; ``--shared-start``: one rattle, repeats differ in the
+   MD seed only, and a start that is itself above the threshold enters the pool
+   once) -- each stopped at the first frame above the threshold
    (``mlipuq.simulation.run_simulation(stop_on=..., stop_threshold=...)``).
    ``--protocol window`` (MLIP-3 select / break): every frame above the threshold
    is a candidate, a run stops above ``--break-factor`` x the threshold.
@@ -115,7 +115,7 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
 
     ``--protocol rank``: one fixed-length MD per start; every frame is a candidate.
     ``--protocol stop`` (pacemaker / MLIP-3 active-learning MD): ``--md-repeats`` MD
-    runs per start (other MD seeds; bulk: another training frame as start), each
+    runs per start (other MD seeds and starts: another training frame / rattle), each
     stopped at the first frame whose uncertainty crosses the threshold; that frame is
     marked ``info["crossing"]``.
     ``--protocol window`` (MLIP-3's select / break thresholds, pacemaker's dump / halt):
@@ -134,19 +134,18 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
     starts = start_structures(args.seed + 100 * round_number, in_domain=not args.no_in_domain)
     for number, (name, atoms) in enumerate(starts):
         for repeat in range(repeats):
-            start_seed = args.seed + 100 * round_number + 10 * number
-            if name in BULK_STARTS:  # each bulk repeat starts from another training frame
-                start_seed += repeat
+            shared = args.shared_start and name not in BULK_STARTS
+            start_seed = args.seed + 100 * round_number + 10 * number + (0 if shared else repeat)
             start = _stop_protocol_start(name, atoms.copy(), run, start_seed) if stop else \
                 atoms.copy()
             frames, log = _md_frames(name, start, run, method, estimator, threshold,
                                      directory / f"md_{name}_{repeat}.extxyz",
                                      args.seed + 10 * round_number + number + 1000 * repeat,
                                      round_number, args)
-            if repeat > 0 and name not in BULK_STARTS:  # a shared start is in the pool once
+            if repeat > 0 and shared:  # a shared start is in the pool once
                 frames = [f for f in frames if int(f.info["step"]) > 0]
             pool.extend(frames)
-            if stop and name not in BULK_STARTS and log is not None and log.stop_step == 0:
+            if stop and shared and log is not None and log.stop_step == 0:
                 break  # the shared start itself crossed: every repeat would stop there
     return pool, estimator, threshold
 
@@ -310,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                              "of the training frames' uncertainty)")
     parser.add_argument("--no-in-domain", action="store_true",
                         help="no MD at the training temperature in the candidate pool")
+    parser.add_argument("--shared-start", action="store_true",
+                        help="slab / particle MD repeats start from one rattled structure "
+                             "(default: a rattle per repeat)")
     parser.add_argument("--pooled", action="store_true",
                         help="one budget over the whole pool (default: shared over MD runs)")
     parser.add_argument("--preset", default="small", choices=("tiny", "small"))
