@@ -5,13 +5,13 @@ Start: NequIP models (``mlipuq train``, ``--models`` seeds) on bulk fcc copper a
 
 1. **simulate** (default ``--protocol stop``, the pacemaker / MLIP-3 active-learning
    MD): the uncertainty method (default D-optimality) is fitted on the training set;
-   the threshold is ``--threshold-factor`` (default 2) x the Tukey fence of the
+   the threshold is ``--threshold-factor`` (default 1) x the Tukey fence of the
    training frames' own max-over-atoms uncertainty. ``--md-repeats`` (2) Langevin
    runs from each of four starts -- bulk heated to ``--hot`` K and bulk at 300 K
    (both from a training frame), a (111) slab and a 19-atom octahedron at 300 K
-   (each repeat its own rattle; ``--shared-start``: one rattle, repeats differ in the
-   MD seed only, and a start that is itself above the threshold enters the pool
-   once) -- each stopped at the first frame above the threshold
+   (one rattle per round, repeats differ in the MD seed, a start that is itself above
+   the threshold enters the pool once; ``--no-shared-start``: a rattle per repeat)
+   -- each stopped at the first frame above the threshold
    (``mlipuq.simulation.run_simulation(stop_on=..., stop_threshold=...)``).
    ``--protocol window`` (MLIP-3 select / break): every frame above the threshold
    is a candidate, a run stops above ``--break-factor`` x the threshold.
@@ -299,9 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--break-factor", type=float, default=5.0,
                         help="window protocol: break threshold / selection threshold "
                              "(MLIP-3 2 -> 10, pacemaker 5 -> 25)")
-    parser.add_argument("--threshold-factor", type=float, default=2.0,
+    parser.add_argument("--threshold-factor", type=float, default=1.0,
                         help="threshold = this factor x the Tukey fence of the training "
-                             "frames (MLIP-3 / pacemaker select well above the training level)")
+                             "frames: 1 = more uncertain than any typical training frame")
     parser.add_argument("--md-repeats", type=int, default=2,
                         help="MD runs per start structure (protocol stop)")
     parser.add_argument("--no-threshold", action="store_true",
@@ -309,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                              "of the training frames' uncertainty)")
     parser.add_argument("--no-in-domain", action="store_true",
                         help="no MD at the training temperature in the candidate pool")
-    parser.add_argument("--shared-start", action="store_true",
-                        help="slab / particle MD repeats start from one rattled structure "
-                             "(default: a rattle per repeat)")
+    parser.add_argument("--shared-start", action=argparse.BooleanOptionalAction, default=True,
+                        help="slab / particle MD repeats start from one rattled structure, "
+                             "in the pool once (--no-shared-start: a rattle per repeat)")
     parser.add_argument("--pooled", action="store_true",
                         help="one budget over the whole pool (default: shared over MD runs)")
     parser.add_argument("--preset", default="small", choices=("tiny", "small"))
