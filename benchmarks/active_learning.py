@@ -49,6 +49,7 @@ import numpy as np
 
 TEST_SETS = ("hot", "surface", "nanoparticle")
 BULK_STARTS = ("hot", "bulk300")
+STOP_PROTOCOLS = ("stop", "window")  # MD runs end at a threshold crossing
 
 
 def start_structures(seed: int, in_domain: bool = True):
@@ -128,7 +129,7 @@ def candidate_pool(run, method: str, directory: Path, round_number: int, args):
     estimator = fit_methods(run, methods=[method], threads=1, save=False)[method]
     threshold = 0.0 if args.no_threshold else (
         args.threshold_factor * training_fence(run, method, estimator))
-    stop = args.protocol in ("stop", "window")
+    stop = args.protocol in STOP_PROTOCOLS
     repeats = args.md_repeats if stop else 1
     pool = []
     starts = start_structures(args.seed + 100 * round_number, in_domain=not args.no_in_domain)
@@ -162,7 +163,7 @@ def _md_frames(name: str, atoms, run, method: str, estimator, threshold: float,
     from mlipuq.io import read_structures
     from mlipuq.simulation import run_simulation
 
-    stop = args.protocol in ("stop", "window")
+    stop = args.protocol in STOP_PROTOCOLS
     calc = UQCalculator.from_run(run.path, estimators={method: estimator}, threads=1)
     atoms.calc = calc
     stop_rule = dict(stop_on=f"{method}_uncertainty", stop_threshold=threshold)
@@ -193,7 +194,7 @@ def _stop_protocol_start(name: str, atoms, run, seed: int):
     trained on thermal frames); the slab and particle get a seeded 0.05 Å rattle."""
     from ase import Atoms
 
-    if name in ("hot", "bulk300"):
+    if name in BULK_STARTS:
         frames = [a for a in run.train_frames() if a.info.get("config_type") == "bulk_300K"]
         frame = frames[int(np.random.default_rng(seed).integers(len(frames)))]
         return Atoms(numbers=frame.numbers, positions=frame.positions, cell=frame.cell,

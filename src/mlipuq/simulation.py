@@ -159,11 +159,14 @@ def summarise(log: SimulationLog) -> dict:
     }
 
 
-def check_stop_threshold(key: str | None, threshold: float | None) -> float | None:
+def check_stop_threshold(
+    key: str | None, threshold: float | None, name: str = "threshold"
+) -> float | None:
     """Validate a stop/selection threshold for the uncertainty ``key``.
 
     Uncertainties are non-negative, so the threshold must be a finite number >= 0;
-    LTAU uncertainties (keys starting with ``ltau``) are 1 - p in [0, 1].
+    LTAU uncertainties (keys starting with ``ltau``) are 1 - p in [0, 1]. ``name``
+    is the field the error messages name.
     """
     if key is None:
         if threshold is not None:
@@ -174,11 +177,11 @@ def check_stop_threshold(key: str | None, threshold: float | None) -> float | No
     try:
         value = float(threshold)
     except (TypeError, ValueError):
-        raise InputError(f"threshold: expected a number, got {threshold!r}") from None
+        raise InputError(f"{name}: expected a number, got {threshold!r}") from None
     if not np.isfinite(value) or value < 0:
-        raise InputError(f"threshold: expected a finite number >= 0, got {threshold!r}")
+        raise InputError(f"{name}: expected a finite number >= 0, got {threshold!r}")
     if key.startswith("ltau") and value > 1:
-        raise InputError(f"threshold: {key} is 1 - p in [0, 1], got threshold {value:g}")
+        raise InputError(f"{name}: {key} is 1 - p in [0, 1], got threshold {value:g}")
     return value
 
 
@@ -338,11 +341,8 @@ def check_break_threshold(
         raise InputError(f"break_threshold: only with stop_mode='snapshot', got {mode!r}")
     if key is None:
         raise InputError("break_threshold: given without stop_on (which uncertainty?)")
-    try:
-        value = check_stop_threshold(key, break_threshold)
-    except InputError as exc:
-        raise InputError(f"break_{exc}") from None
-    if value is None or threshold is None or value <= threshold:
+    value = check_stop_threshold(key, break_threshold, name="break_threshold")
+    if threshold is None or value <= threshold:
         raise InputError(
             f"break_threshold: expected > stop_threshold ({threshold}), got {break_threshold!r}"
         )
