@@ -166,7 +166,8 @@ def _md_frames(name: str, atoms, run, method: str, estimator, threshold: float,
     stop = args.protocol in STOP_PROTOCOLS
     calc = UQCalculator.from_run(run.path, estimators={method: estimator}, threads=1)
     atoms.calc = calc
-    stop_rule = dict(stop_on=f"{method}_uncertainty", stop_threshold=threshold)
+    stop_rule = dict(stop_on=f"{method}_uncertainty", stop_threshold=threshold,
+                     min_steps=min(args.heat_steps, args.md_steps) if name == "hot" else 0)
     if args.protocol == "window":
         stop_rule.update(stop_mode="snapshot", break_threshold=args.break_factor * threshold)
     log = None
@@ -303,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold-factor", type=float, default=1.0,
                         help="threshold = this factor x the Tukey fence of the training "
                              "frames: 1 = more uncertain than any typical training frame")
+    parser.add_argument("--heat-steps", type=int, default=15,
+                        help="the heated bulk run's threshold applies from this MD step on "
+                             "(run_simulation(min_steps=...)): time for the 300 K start to "
+                             "heat up, so the run is not stopped by its first warm frames")
     parser.add_argument("--md-repeats", type=int, default=2,
                         help="MD runs per start structure (protocol stop)")
     parser.add_argument("--no-threshold", action="store_true",

@@ -27,7 +27,11 @@ collects extrapolative structures). With ``break_threshold=b`` (> t) a snapshot 
 also ends at the first frame above b (saved as a snapshot too): the two-level rule
 of MLIP-3 (``select:threshold`` ~2, ``threshold-break`` ~10) and of pacemaker's
 LAMMPS recipe (dump above gamma 5, halt above 25), which collects the frames between
-"worth labelling" and "the dynamics can no longer be trusted".
+"worth labelling" and "the dynamics can no longer be trusted". With
+``min_steps=m`` the rule applies from step m on (FLARE's ``min_steps_with_model``):
+the frames before are logged with their uncertainty but can neither stop the run nor
+be snapshots, so that MD heated to a new temperature reaches it before the threshold
+can end the run.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class SimulationLog:
         ``break_threshold`` (``snapshot`` mode), or None.
     stop_on, stop_threshold, break_threshold : str / float or None
         The stop rule as run.
+    min_steps : int
+        First step at which the stop rule applies.
     snapshot_steps : list of int
         Steps of frames above the threshold (both modes; saved in snapshot mode).
     converged : bool
@@ -103,6 +109,7 @@ class SimulationLog:
     stop_on: str | None = None
     stop_threshold: float | None = None
     break_threshold: float | None = None
+    min_steps: int = 0
     snapshot_steps: list[int] = field(default_factory=list)
     converged: bool = False
     log_path: Path | None = None
@@ -152,6 +159,7 @@ def summarise(log: SimulationLog) -> dict:
         "stop_on": log.stop_on,
         "stop_threshold": log.stop_threshold,
         "break_threshold": log.break_threshold,
+        "min_steps": log.min_steps,
         "stop_step": log.stop_step,
         "n_snapshots": len(log.snapshot_steps),
         "converged": log.converged,
@@ -206,6 +214,7 @@ def run_simulation(
     stop_threshold: float | None = None,
     stop_mode: str = "stop",
     break_threshold: float | None = None,
+    min_steps: int = 0,
     aggregate: str = "max",
     atoms_mask: np.ndarray | Sequence[int] | None = None,
 ) -> SimulationLog:
@@ -254,6 +263,9 @@ def run_simulation(
     break_threshold : float, optional
         Snapshot mode only: also stop at the first frame above this value
         (> ``stop_threshold``, same unit); that frame is saved as a snapshot too.
+    min_steps : int
+        The stop rule applies to frames of step >= ``min_steps`` only (0 <= min_steps
+        <= steps, with ``stop_on``); earlier frames are logged, never stop the run.
     aggregate : {"max", "mean"}
         Per-frame aggregate over the masked atoms used for the stop rule and summary.
     atoms_mask : array of bool (n_atoms,) or of int indices, optional
@@ -276,6 +288,7 @@ def run_simulation(
         raise InputError(f"steps: expected >= 0, got {steps!r}")
     stop_threshold = check_stop_threshold(stop_on, stop_threshold)
     break_threshold = check_break_threshold(stop_on, stop_threshold, break_threshold, stop_mode)
+    min_steps = check_min_steps(stop_on, min_steps, steps)
     if stop_on is not None and not stop_on.endswith(UNCERTAINTY_SUFFIX):
         stop_on = stop_on + UNCERTAINTY_SUFFIX
     if len(atoms) == 0:
@@ -300,7 +313,7 @@ def run_simulation(
         kind=kind, steps=np.zeros(0, int), times_fs=np.zeros(0), energies=np.zeros(0),
         fmax=np.zeros(0), uncertainty_max={}, uncertainty_mean={}, aggregate=aggregate,
         stop_on=stop_on, stop_threshold=stop_threshold, break_threshold=break_threshold,
-        log_path=Path(log_path) if log_path is not None else None,
+        min_steps=min_steps, log_path=Path(log_path) if log_path is not None else None,
         table_path=Path(table_path) if table_path is not None else None,
         snapshot_path=Path(snapshot_path) if snapshot_path and stop_mode == "snapshot" else None,
     )
@@ -309,7 +322,7 @@ def run_simulation(
         for converged in run:
             row = logger.record(work, int(dyn.nsteps))
             log.converged = bool(converged) and kind == "relax"
-            if stop_on is None:
+            if stop_on is None or dyn.nsteps < min_steps:
                 continue
             if stop_on not in row["max"]:
                 raise InputError(
@@ -347,6 +360,18 @@ def check_break_threshold(
             f"break_threshold: expected > stop_threshold ({threshold}), got {break_threshold!r}"
         )
     return value
+
+
+def check_min_steps(key: str | None, min_steps: int, steps: int) -> int:
+    """Validate the first step of the stop rule: an integer in [0, steps], with a rule."""
+    if isinstance(min_steps, bool) or not isinstance(min_steps, (int, np.integer)):
+        raise InputError(f"min_steps: expected an integer, got {min_steps!r}")
+    if not 0 <= int(min_steps) <= int(steps):
+        raise InputError(f"min_steps: expected 0 <= min_steps <= steps ({steps}), "
+                         f"got {min_steps}")
+    if min_steps and key is None:
+        raise InputError("min_steps: given without stop_on (which uncertainty?)")
+    return int(min_steps)
 
 
 def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> None:

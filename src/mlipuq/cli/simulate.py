@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--break-threshold", type=float, default=None,
                         help="snapshot mode: also stop above this (> --stop-threshold), "
                              "MLIP-3's threshold-break / pacemaker's halt level")
+    parser.add_argument("--min-steps", type=int, default=0,
+                        help="the stop rule applies from this step on (time for a heated "
+                             "run to reach its temperature; FLARE's min_steps_with_model)")
     parser.add_argument("--aggregate", choices=["max", "mean"], default="max",
                         help="per-frame aggregate over atoms for the stop rule and summary")
     parser.add_argument("--atoms", default=None,
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from mlipuq.io import read_structures, write_json
     from mlipuq.simulation import (
         check_break_threshold,
+        check_min_steps,
         check_stop_threshold,
         run_simulation,
         summarise,
@@ -93,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         check_stop_threshold(args.stop_on, args.stop_threshold)
     check_break_threshold(args.stop_on, args.stop_threshold, args.break_threshold,
                           args.stop_mode)
+    check_min_steps(args.stop_on, args.min_steps, args.steps)
     frames = read_structures(args.structure)
     if not -len(frames) <= args.index < len(frames):
         raise InputError(f"--index: {args.index} out of range for {len(frames)} frames")
@@ -113,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         friction_per_fs=args.friction, optimizer=args.optimizer, fmax=args.fmax,
         seed=args.seed, log_path=out, table_path=table, stop_on=args.stop_on,
         stop_threshold=args.stop_threshold, stop_mode=args.stop_mode,
-        break_threshold=args.break_threshold, aggregate=args.aggregate, atoms_mask=mask,
+        break_threshold=args.break_threshold, min_steps=args.min_steps,
+        aggregate=args.aggregate, atoms_mask=mask,
     )
     summary = summarise(log)
     write_json(summary_path, summary)
