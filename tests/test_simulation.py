@@ -231,6 +231,50 @@ def test_break_threshold_ends_a_snapshot_run_at_its_first_crossing(tmp_path):
     assert summarise(log)["break_threshold"] == 5.4375
 
 
+@pytest.mark.parametrize("mode", ["stop", "snapshot"])
+def test_min_steps_delays_the_stop_rule(mode, tmp_path):
+    atoms, calc = _flying_pair()
+    # x(n) = 5 + 0.05 n is above 5.3375 from n = 7; the rule applies from n = 12 on
+    log = run_simulation(atoms, calc, kind="md", thermostat="nve", set_velocities=False,
+                         steps=15, timestep_fs=0.5, stop_on="x", stop_threshold=5.3375,
+                         stop_mode=mode, min_steps=12, log_path=tmp_path / "s.extxyz")
+    np.testing.assert_allclose(log.uncertainty("x_uncertainty")[:8], 5 + 0.05 * np.arange(8))
+    if mode == "stop":
+        assert log.stopped and log.stop_step == 12 and log.n_frames == 13
+        assert log.snapshot_steps == [12]
+    else:
+        assert not log.stopped and log.n_frames == 16
+        assert log.snapshot_steps == [12, 13, 14, 15]
+        snapshots = read(tmp_path / "s_snapshots.extxyz", ":")
+        assert [f.info["step"] for f in snapshots] == [12, 13, 14, 15]
+    assert summarise(log)["min_steps"] == 12
+
+
+def test_min_steps_zero_is_the_plain_rule():
+    atoms, calc = _flying_pair()
+    log = run_simulation(atoms, calc, kind="md", thermostat="nve", set_velocities=False,
+                         steps=50, timestep_fs=0.5, stop_on="x", stop_threshold=5.3375,
+                         min_steps=0)
+    assert log.stop_step == 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"min_steps": 11}, r"min_steps: expected 0 <= min_steps <= steps \(10\), got 11"),
+        ({"min_steps": -1}, r"min_steps: expected 0 <= min_steps <= steps \(10\), got -1"),
+        ({"min_steps": 2.5}, "min_steps: expected an integer, got 2.5"),
+        ({"min_steps": 3, "stop_on": None, "stop_threshold": None},
+         "min_steps: given without stop_on"),
+    ],
+)
+def test_bad_min_steps(kwargs, match):
+    atoms, calc = _flying_pair()
+    options = {"stop_on": "x", "stop_threshold": 5.3375, **kwargs}
+    with pytest.raises(InputError, match=match):
+        run_simulation(atoms, calc, steps=10, **options)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -382,12 +426,25 @@ def test_cli_simulate_break_threshold(cli_calc, start_file, tmp_path, capsys):
     assert "stopped at step 0: doptimality_uncertainty (max) > 1e-09" in capsys.readouterr().out
 
 
+def test_cli_simulate_min_steps(cli_calc, start_file, tmp_path, capsys):
+    out = tmp_path / "traj.extxyz"
+    code = main(["simulate", "--run", str(tmp_path), "--structure", str(start_file), "--steps", "4",
+                 "--stop-on", "doptimality_uncertainty", "--stop-threshold", "0",
+                 "--min-steps", "2", "--out", str(out)])
+    assert code == 0
+    assert [f.info["step"] for f in read(out, ":")] == [0, 1, 2]
+    assert json.loads((tmp_path / "traj.summary.json").read_text())["min_steps"] == 2
+    assert "stopped at step 2" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
         (["--stop-on", "doptimality_uncertainty", "--stop-threshold", "-1"], "threshold"),
         (["--stop-on", "ltau_uncertainty", "--stop-threshold", "2"], r"\[0, 1\]"),
         (["--index", "9"], "--index: 9 out of range"),
+        (["--stop-on", "doptimality_uncertainty", "--stop-threshold", "2", "--min-steps", "3"],
+         r"min_steps: expected 0 <= min_steps <= steps \(2\), got 3"),
         (["--stop-on", "doptimality_uncertainty", "--stop-threshold", "2", "--stop-mode",
           "snapshot", "--break-threshold", "1"], "break_threshold: expected > stop_threshold"),
     ],
