@@ -12,7 +12,9 @@ Start: NequIP models (``mlipuq train``, ``--models`` seeds) on bulk fcc copper a
    (one rattle per round, repeats differ in the MD seed, a start that is itself above
    the threshold enters the pool once; ``--no-shared-start``: a rattle per repeat)
    -- each stopped at the first frame above the threshold
-   (``mlipuq.simulation.run_simulation(stop_on=..., stop_threshold=...)``).
+   (``mlipuq.simulation.run_simulation(stop_on=..., stop_threshold=...)``); the
+   heated run's rule applies from step ``--heat-steps`` (15) on
+   (``min_steps=``), so that it is stopped by hot, not by its first warm frames.
    ``--protocol window`` (MLIP-3 select / break): every frame above the threshold
    is a candidate, a run stops above ``--break-factor`` x the threshold.
    ``--protocol rank``: one fixed-length run per start, every frame a candidate.
