@@ -18,11 +18,15 @@ Start: NequIP models (``mlipuq train``, ``--models`` seeds) on bulk fcc copper a
    ``--protocol window`` (MLIP-3 select / break): every frame above the threshold
    is a candidate, a run stops above ``--break-factor`` x the threshold.
    ``--protocol rank``: one fixed-length run per start, every frame a candidate.
-2. **select** ``B`` configurations: the crossing frames, budget shared over the MD
-   starts (``select_configurations(groups=...)``) with MaxVol diversity on the
-   model-free radial descriptor; if fewer than ``B`` crossed, the rest by the same
-   rule among all frames. The **random** baseline draws ``B`` frames uniformly from
-   every frame the same runs produced (seeded).
+2. **select** ``B`` configurations among the frames above the threshold (default
+   ``--candidates above``; ``crossing``: only the frames at which a run crossed) by
+   pacemaker's D-optimal rule: the picks extend the MaxVol active set of the current
+   training set (``select_configurations(reference_features=...)``, default
+   ``--maxvol-reference``) on the model-free radial descriptor, one budget over the
+   pool (``--no-pooled``: shared out over the MD starts, ``groups=``); if fewer than
+   ``B`` are above the threshold, the rest by the same rule among all frames. The
+   **random** baseline draws ``B`` frames uniformly from every frame the same runs
+   produced (seeded).
 3. **label** with EMT and add to the respective training set;
 4. **retrain** both from scratch with identical settings (preset, epochs, seeds).
 
@@ -320,8 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-start", action=argparse.BooleanOptionalAction, default=True,
                         help="slab / particle MD repeats start from one rattled structure, "
                              "in the pool once (--no-shared-start: a rattle per repeat)")
-    parser.add_argument("--pooled", action="store_true",
-                        help="one budget over the whole pool (default: shared over MD runs)")
+    parser.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=True,
+                        help="one budget over the whole pool (--no-pooled: shared out over "
+                             "the MD starts, round-robin)")
+    parser.add_argument("--candidates", choices=("above", "crossing"), default="above",
+                        help="stop / window protocols: above = every MD frame above the "
+                             "threshold (incl. a heated run's frames before --heat-steps); "
+                             "crossing = only the frames at which a run crossed it")
     parser.add_argument("--preset", default="small", choices=("tiny", "small"))
     parser.add_argument("--r-max", type=float, default=4.5)
     parser.add_argument("--val-fraction", type=float, default=0.15)
@@ -331,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hot", type=float, default=1200.0, help="hot bulk MD and test, K")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--maxvol-reference", action="store_true",
-        help="MaxVol extends the current training set's active set (pacemaker-style)",
+        "--maxvol-reference", action=argparse.BooleanOptionalAction, default=True,
+        help="MaxVol extends the current training set's active set (pacemaker's D-optimal "
+             "selection; --no-maxvol-reference: MaxVol among the candidates alone)",
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--keep", help="directory for the runs (default: temporary)")
@@ -381,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             pool, args.method, args.budget, args.seed + round_number,
             reference=base + added["active"] if args.maxvol_reference else None,
             per_origin=not args.pooled, threshold=threshold,
-            crossing_only=args.protocol != "rank",
+            crossing_only=args.protocol != "rank" and args.candidates == "crossing",
         )
         random_idx = rng.choice(len(pool), size=args.budget, replace=False)
         picks.append({
