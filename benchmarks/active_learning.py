@@ -380,18 +380,18 @@ def main(argv: list[str] | None = None) -> int:
         directory.mkdir(parents=True, exist_ok=True)
         pool, _, threshold = candidate_pool(runs["active"], args.method, directory,
                                             round_number, args)
+        crossing_only = args.protocol != "rank" and args.candidates == "crossing"
         n_above = {}
         for atoms in pool:
             above = float(np.max(atoms.arrays[f"{args.method}_uncertainty"])) > threshold
-            if (args.protocol == "rank" or atoms.info["crossing"]) and above:
+            if above and (atoms.info["crossing"] or not crossing_only):
                 n_above[atoms.info["origin"]] = n_above.get(atoms.info["origin"], 0) + 1
         print(f"round {round_number}: threshold {threshold:.4f}; candidates above it per "
-              f"MD run {n_above}", flush=True)
+              f"MD start {n_above}", flush=True)
         active_idx = select_active(
             pool, args.method, args.budget, args.seed + round_number,
             reference=base + added["active"] if args.maxvol_reference else None,
-            per_origin=not args.pooled, threshold=threshold,
-            crossing_only=args.protocol != "rank" and args.candidates == "crossing",
+            per_origin=not args.pooled, threshold=threshold, crossing_only=crossing_only,
         )
         random_idx = rng.choice(len(pool), size=args.budget, replace=False)
         picks.append({
