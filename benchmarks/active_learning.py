@@ -12,21 +12,20 @@ Start: NequIP models (``mlipuq train``, ``--models`` seeds) on bulk fcc copper a
    (one rattle per round, repeats differ in the MD seed, a start that is itself above
    the threshold enters the pool once; ``--no-shared-start``: a rattle per repeat)
    -- each stopped at the first frame above the threshold
-   (``mlipuq.simulation.run_simulation(stop_on=..., stop_threshold=...)``); the
-   heated run's rule applies from step ``--heat-steps`` (15) on
-   (``min_steps=``), so that it is stopped by hot, not by its first warm frames.
+   (``mlipuq.simulation.run_simulation(stop_on=..., stop_threshold=...)``); with
+   ``--heat-steps m`` the heated run's rule applies from step m on (``min_steps=``),
+   so that it is stopped by hot, not by its first warm frames.
    ``--protocol window`` (MLIP-3 select / break): every frame above the threshold
    is a candidate, a run stops above ``--break-factor`` x the threshold.
    ``--protocol rank``: one fixed-length run per start, every frame a candidate.
-2. **select** ``B`` configurations among the frames above the threshold (default
-   ``--candidates above``; ``crossing``: only the frames at which a run crossed) by
-   pacemaker's D-optimal rule: the picks extend the MaxVol active set of the current
-   training set (``select_configurations(reference_features=...)``, default
-   ``--maxvol-reference``) on the model-free radial descriptor, one budget over the
-   pool (``--no-pooled``: shared out over the MD starts, ``groups=``); if fewer than
-   ``B`` are above the threshold, the rest by the same rule among all frames. The
-   **random** baseline draws ``B`` frames uniformly from every frame the same runs
-   produced (seeded).
+2. **select** ``B`` configurations: the crossing frames (``--candidates above``:
+   every frame above the threshold), budget shared over the MD starts
+   (``select_configurations(groups=...)``; ``--pooled``: one budget) with MaxVol
+   diversity on the model-free radial descriptor (``--maxvol-reference``: picks that
+   extend the MaxVol active set of the current training set, pacemaker's D-optimal
+   rule); if fewer than ``B`` qualify, the rest by the same rule among all frames.
+   The **random** baseline draws ``B`` frames uniformly from every frame the same
+   runs produced (seeded).
 3. **label** with EMT and add to the respective training set;
 4. **retrain** both from scratch with identical settings (preset, epochs, seeds).
 
@@ -38,6 +37,8 @@ random (< 1: active better) per set and for the mean of the three sets.
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/active_learning.py --seed 0  # small preset, 60 epochs
+    ... --seed 0 --heat-steps 15                 # run D of docs/benchmarks_active_learning.md
+    ... --seed 0 --heat-steps 15 --maxvol-reference --pooled --candidates above  # run E
     python benchmarks/active_learning.py --quick          # 1 round, tiny everything
 """
 
@@ -310,10 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold-factor", type=float, default=1.0,
                         help="threshold = this factor x the Tukey fence of the training "
                              "frames: 1 = more uncertain than any typical training frame")
-    parser.add_argument("--heat-steps", type=int, default=15,
+    parser.add_argument("--heat-steps", type=int, default=0,
                         help="the heated bulk run's threshold applies from this MD step on "
                              "(run_simulation(min_steps=...)): time for the 300 K start to "
-                             "heat up, so the run is not stopped by its first warm frames")
+                             "heat up (15 = 30 fs: run D of the fourth session)")
     parser.add_argument("--md-repeats", type=int, default=2,
                         help="MD runs per start structure (protocol stop)")
     parser.add_argument("--no-threshold", action="store_true",
@@ -324,10 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-start", action=argparse.BooleanOptionalAction, default=True,
                         help="slab / particle MD repeats start from one rattled structure, "
                              "in the pool once (--no-shared-start: a rattle per repeat)")
-    parser.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=True,
-                        help="one budget over the whole pool (--no-pooled: shared out over "
-                             "the MD starts, round-robin)")
-    parser.add_argument("--candidates", choices=("above", "crossing"), default="above",
+    parser.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=False,
+                        help="one budget over the whole pool (default: shared out over the "
+                             "MD starts, round-robin)")
+    parser.add_argument("--candidates", choices=("above", "crossing"), default="crossing",
                         help="stop / window protocols: above = every MD frame above the "
                              "threshold (incl. a heated run's frames before --heat-steps); "
                              "crossing = only the frames at which a run crossed it")
@@ -340,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hot", type=float, default=1200.0, help="hot bulk MD and test, K")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--maxvol-reference", action=argparse.BooleanOptionalAction, default=True,
+        "--maxvol-reference", action=argparse.BooleanOptionalAction, default=False,
         help="MaxVol extends the current training set's active set (pacemaker's D-optimal "
-             "selection; --no-maxvol-reference: MaxVol among the candidates alone)",
+             "selection; default: MaxVol among the candidates alone)",
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--keep", help="directory for the runs (default: temporary)")
