@@ -114,6 +114,7 @@ def train(frames, directory: Path, args):
         data, directory / "run", preset=args.preset, epochs=args.epochs, n_models=args.models,
         seed=args.seed, val_fraction=args.val_fraction, threads=1, r_max=args.r_max,
         package=False, overwrite=True, progress=False,
+        preset_overrides={"energy_weight": args.energy_weight},
     )
 
 
@@ -334,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                              "crossing = only the frames at which a run crossed it")
     parser.add_argument("--preset", default="small", choices=("tiny", "small"))
     parser.add_argument("--r-max", type=float, default=4.5)
+    parser.add_argument("--energy-weight", type=float, default=1.0,
+                        help="loss weight of the per-atom energy MSE (force weight 1; "
+                             "mlipuq train --energy-weight)")
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--md-steps", type=int, default=30)
     parser.add_argument("--timestep", type=float, default=2.0, help="fs")
@@ -435,7 +439,8 @@ def _report_table(history: list[dict], args) -> None:
     sharing = "one pooled budget" if args.pooled else "budget shared over the MD runs"
     print(f"\nforce MAE (eV/Å) on the test sets, mean of {args.models} models; method "
           f"{args.method}{reference}, {sharing}, budget {args.budget}/round, preset "
-          f"{args.preset}, {args.epochs} epochs, seed {args.seed}")
+          f"{args.preset}, {args.epochs} epochs, energy weight {args.energy_weight:g}, seed "
+          f"{args.seed}")
     print("round  n_train  " + "  ".join(f"{n:>12s} act/rand (ratio)" for n in TEST_SETS)
           + "   mean of the sets act/rand (ratio)")
     for record in history:

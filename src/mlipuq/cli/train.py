@@ -75,6 +75,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per training process")
     parser.add_argument("--r-max", type=float, default=5.0, help="cutoff in Å (presets)")
     parser.add_argument(
+        "--energy-weight", type=float, default=None,
+        help="loss weight of the per-atom energy MSE (presets; default 1.0; e.g. 0.1 for a "
+        "force-dominated loss)",
+    )
+    parser.add_argument(
+        "--force-weight", type=float, default=None,
+        help="loss weight of the force-component MSE (presets; default 1.0)",
+    )
+    parser.add_argument(
         "--no-package", action="store_true", help="skip nequip-package build (~10 s per model)"
     )
     mode = parser.add_mutually_exclusive_group()
@@ -95,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
         return _run_reweight(args)
     if args.train_file is None:
         raise InputError("train_file: expected an extxyz training set (or --reweight --from RUN)")
+    if args.config is not None and _loss_overrides(args):
+        raise InputError(
+            f"--energy-weight / --force-weight: presets only; set the loss coeffs in "
+            f"{args.config}"
+        )
     from mlipuq.backends.nequip.training import train_ensemble
 
     folder = train_ensemble(
@@ -112,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         every_n_epochs=args.every_n_epochs,
         threads=args.threads,
         r_max=args.r_max,
+        preset_overrides=_loss_overrides(args),
         package=not args.no_package,
         overwrite=args.overwrite,
         resume=args.resume,
@@ -119,6 +134,12 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"run folder: {folder.path} (models: {', '.join(folder.model_ids)})")
     return 0
+
+
+def _loss_overrides(args: argparse.Namespace) -> dict[str, float]:
+    """Preset overrides of ``--energy-weight`` / ``--force-weight`` (only those given)."""
+    given = {"energy_weight": args.energy_weight, "force_weight": args.force_weight}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def _run_reweight(args: argparse.Namespace) -> int:
@@ -131,6 +152,11 @@ def _run_reweight(args: argparse.Namespace) -> int:
         raise InputError(
             "--reweight: the training set, config and split come from --from RUN; "
             "do not give train_file, --config or --resume"
+        )
+    if _loss_overrides(args):
+        raise InputError(
+            "--reweight: the loss weights come from --from RUN; do not give --energy-weight "
+            "or --force-weight"
         )
     if args.lam is not None and not args.lam > 0:
         raise InputError(f"--lam: expected a number > 0, got {args.lam}")

@@ -18,6 +18,7 @@ paper     3       32        2      64              float32
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,18 +29,23 @@ from mlipuq.exceptions import InputError
 CALLBACK_TARGET = "mlipuq.backends.nequip.callback.ErrorTrajectoryCallback"
 PROGRESS_TARGET = "mlipuq.backends.nequip.callback.EpochProgressCallback"
 
+#: Loss weights of every preset: per-atom energy MSE ((eV/atom)^2) and force-component
+#: MSE ((eV/Å)^2), NequIP's ``EnergyForceLoss`` coefficients. The same weights combine
+#: the validation per-atom energy MAE and force MAE that select ``best.ckpt``.
+LOSS_WEIGHTS: dict[str, float] = {"energy_weight": 1.0, "force_weight": 1.0}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "num_layers": 1, "num_features": 8, "l_max": 1, "radial_mlp_width": 16,
-        "model_dtype": "float64", "batch_size": 4, "lr": 0.01, "ema_decay": 0.99,
+        "model_dtype": "float64", "batch_size": 4, "lr": 0.01, "ema_decay": 0.99, **LOSS_WEIGHTS,
     },
     "small": {
         "num_layers": 2, "num_features": 16, "l_max": 1, "radial_mlp_width": 32,
-        "model_dtype": "float32", "batch_size": 5, "lr": 0.01, "ema_decay": 0.99,
+        "model_dtype": "float32", "batch_size": 5, "lr": 0.01, "ema_decay": 0.99, **LOSS_WEIGHTS,
     },
     "paper": {
         "num_layers": 3, "num_features": 32, "l_max": 2, "radial_mlp_width": 64,
-        "model_dtype": "float32", "batch_size": 5, "lr": 0.01, "ema_decay": 0.999,
+        "model_dtype": "float32", "batch_size": 5, "lr": 0.01, "ema_decay": 0.999, **LOSS_WEIGHTS,
     },
 }
 
@@ -77,24 +83,20 @@ def preset_config(
     r_max : float
         Cutoff radius in Å.
     overrides : mapping, optional
-        Preset fields to change (keys of :data:`PRESETS` entries).
+        Preset fields to change (keys of :data:`PRESETS` entries), e.g.
+        ``{"energy_weight": 0.1}`` for a force-dominated loss.
 
     Returns
     -------
     dict
         No callbacks for error logging yet: add them with :func:`add_callbacks`.
     """
-    if preset not in PRESETS:
-        raise InputError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-    params = dict(PRESETS[preset])
-    for key, value in (overrides or {}).items():
-        if key not in params:
-            raise InputError(f"preset override: unknown field {key!r} (known: {sorted(params)})")
-        params[key] = value
+    params = preset_params(preset, overrides)
     elements = sorted(elements)
     missing = [el for el in elements if el not in isolated_energies]
     if missing:
         raise InputError(f"isolated_energies: no energy for element(s) {missing}")
+    energy_weight, force_weight = _loss_weights(params)
     loader = {"_target_": "torch.utils.data.DataLoader", "batch_size": int(params["batch_size"])}
     train_loader = dict(loader, shuffle=True)
     return {
@@ -167,15 +169,15 @@ def preset_config(
             "loss": {
                 "_target_": "nequip.train.EnergyForceLoss",
                 "per_atom_energy": True,
-                "coeffs": {"total_energy": 1.0, "forces": 1.0},
+                "coeffs": {"total_energy": energy_weight, "forces": force_weight},
             },
             "val_metrics": {
                 "_target_": "nequip.train.EnergyForceMetrics",
                 # per-atom energy (eV/atom) + forces (eV/Å) select "best.ckpt": with the
                 # total energy (eV, grows with cell size) an untrained epoch-0 model whose
                 # energies happen to be close won "best" for 32-atom cells
-                "coeffs": {"per_atom_energy_mae": 1.0, "forces_mae": 1.0,
-                           "total_energy_mae": None},
+                "coeffs": {"per_atom_energy_mae": energy_weight,
+                           "forces_mae": force_weight, "total_energy_mae": None},
             },
             "train_metrics": "${training_module.val_metrics}",
             "optimizer": {"_target_": "torch.optim.Adam", "lr": float(params["lr"])},
@@ -197,6 +199,39 @@ def preset_config(
             },
         },
     }
+
+
+def preset_params(preset: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A preset's fields (:data:`PRESETS`) with ``overrides`` applied and checked.
+
+    Raises :class:`~mlipuq.exceptions.InputError` for an unknown preset or field and
+    for loss weights that are negative, not finite or a zero force weight.
+    """
+    if preset not in PRESETS:
+        raise InputError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    params = dict(PRESETS[preset])
+    for key, value in (overrides or {}).items():
+        if key not in params:
+            raise InputError(f"preset override: unknown field {key!r} (known: {sorted(params)})")
+        params[key] = value
+    _loss_weights(params)
+    return params
+
+
+def _loss_weights(params: Mapping[str, Any]) -> tuple[float, float]:
+    """(energy_weight, force_weight) of a preset's fields: finite, >= 0, not both 0."""
+    weights = []
+    for key in ("energy_weight", "force_weight"):
+        try:
+            value = float(params[key])
+        except (TypeError, ValueError):
+            raise InputError(f"{key}: expected a number >= 0, got {params[key]!r}") from None
+        if not math.isfinite(value) or value < 0.0:
+            raise InputError(f"{key}: expected a finite number >= 0, got {params[key]!r}")
+        weights.append(value)
+    if weights[1] == 0.0:
+        raise InputError("force_weight: expected > 0 (mlipuq logs and transfers force errors)")
+    return weights[0], weights[1]
 
 
 def check_nequip_config(config: Any, source: str) -> dict:

@@ -488,7 +488,8 @@ def train_ensemble(
     r_max : float
         Cutoff in Å (presets only).
     preset_overrides : mapping, optional
-        Preset fields to change, e.g. ``{"lr": 0.0}``.
+        Preset fields to change, e.g. ``{"lr": 0.0}`` or ``{"energy_weight": 0.1}``
+        (keys of :data:`~mlipuq.backends.nequip.config.PRESETS` entries; presets only).
     package : bool
         Build ``models/model_i.nequip.zip`` from ``best.ckpt`` (~10 s per model).
     overwrite : bool
@@ -516,9 +517,14 @@ def train_ensemble(
         raise InputError(f"weights: expected 'ema' or 'raw', got {weights!r}")
     user_config = None
     if config is not None:
+        if preset_overrides:
+            raise InputError(
+                f"preset_overrides: {sorted(preset_overrides)} apply to presets only; set "
+                f"them in {config}"
+            )
         user_config = cfg.check_nequip_config(cfg.load_yaml(config), str(config))
-    elif preset not in cfg.PRESETS:
-        raise InputError(f"preset: expected one of {sorted(cfg.PRESETS)}, got {preset!r}")
+    else:
+        cfg.preset_params(preset, preset_overrides)
     run_dir = Path(run_dir)
 
     if resume and (run_dir / "run.json").is_file():
