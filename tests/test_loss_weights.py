@@ -83,7 +83,7 @@ def test_bad_weights_are_refused(overrides, message):
         cfg.preset_params("tiny", overrides)
 
 
-def test_cli_energy_weight_reaches_the_trained_config(tmp_path):
+def test_cli_energy_weight_reaches_the_trained_config(tmp_path, capsys):
     data = write_frames(tmp_path / "cu.extxyz", make_emt_copper_frames(6, seed=2))
     run_dir = tmp_path / "run"
     argv = ["train", str(data), "-o", str(run_dir), "--preset", "tiny", "--epochs", "1",
@@ -93,6 +93,9 @@ def test_cli_energy_weight_reaches_the_trained_config(tmp_path):
     assert folder.meta["preset_overrides"] == {"energy_weight": 0.2}
     used = cfg.load_yaml(folder.config_path("model_0"))["training_module"]["loss"]
     assert used["coeffs"] == {"total_energy": 0.2, "forces": 1.0}
+    resume = [a if a != "0.2" else "0.5" for a in argv] + ["--resume"]
+    err = _cli_error(capsys, resume)
+    assert "energy_weight" in err and "0.2" in err and "0.5" in err
 
 
 def _cli_error(capsys, argv) -> str:

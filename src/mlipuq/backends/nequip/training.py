@@ -534,6 +534,12 @@ def train_ensemble(
                 f"{run_dir}: run has n_models={folder.meta.get('n_models')}, resume asked for "
                 f"{n_models}"
             )
+        stored = folder.meta.get("preset_overrides") or {}
+        if preset_overrides and dict(preset_overrides) != stored:
+            raise InputError(
+                f"{run_dir}: run was trained with preset overrides {stored}, resume asked "
+                f"for {dict(preset_overrides)}"
+            )
         folder.meta["epochs"] = epochs
         folder.save_meta()
     else:
