@@ -39,6 +39,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/active_learning.py --seed 0  # small preset, 60 epochs
     ... --seed 0 --heat-steps 15                 # run D of docs/benchmarks_active_learning.md
     ... --seed 0 --heat-steps 15 --maxvol-reference --pooled --candidates above  # run E
+    ... --seed 0 --heat-steps 15 --energy-weight 0.1   # run G (fifth session)
     python benchmarks/active_learning.py --quick          # 1 round, tiny everything
 """
 
