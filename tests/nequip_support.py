@@ -62,6 +62,17 @@ def make_emt_copper_frames(
     return frames
 
 
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run ``mlipuq argv``; assert exit 2 and a one-line stderr message; return it."""
+    from mlipuq.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
 def write_frames(path: str | os.PathLike, frames: list) -> Path:
     """Write frames as extxyz and return the path."""
     from ase.io import write

@@ -14,7 +14,7 @@ from mlipuq.backends.nequip import config as cfg  # noqa: E402
 from mlipuq.cli import main  # noqa: E402
 from mlipuq.exceptions import InputError  # noqa: E402
 from mlipuq.run_folder import RunFolder  # noqa: E402
-from nequip_support import make_emt_copper_frames, write_frames  # noqa: E402
+from nequip_support import cli_error, make_emt_copper_frames, write_frames  # noqa: E402
 
 
 def _config(**overrides) -> dict:
@@ -94,28 +94,20 @@ def test_cli_energy_weight_reaches_the_trained_config(tmp_path, capsys):
     used = cfg.load_yaml(folder.config_path("model_0"))["training_module"]["loss"]
     assert used["coeffs"] == {"total_energy": 0.2, "forces": 1.0}
     resume = [a if a != "0.2" else "0.5" for a in argv] + ["--resume"]
-    err = _cli_error(capsys, resume)
+    err = cli_error(capsys, resume)
     assert "energy_weight" in err and "0.2" in err and "0.5" in err
-
-
-def _cli_error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def test_cli_bad_weights_exit_2_and_leave_no_run(tmp_path, capsys):
     data = write_frames(tmp_path / "cu.extxyz", make_emt_copper_frames(3, seed=1))
     run_dir = tmp_path / "run"
-    err = _cli_error(capsys, ["train", str(data), "-o", str(run_dir), "--energy-weight", "-1"])
+    err = cli_error(capsys, ["train", str(data), "-o", str(run_dir), "--energy-weight", "-1"])
     assert "energy_weight" in err and "-1" in err
     assert not run_dir.exists()
     yaml = cfg.write_yaml(tmp_path / "user.yaml", _config())
-    err = _cli_error(capsys, ["train", str(data), "-o", str(run_dir), "--config", str(yaml),
+    err = cli_error(capsys, ["train", str(data), "-o", str(run_dir), "--config", str(yaml),
                               "--force-weight", "2"])
     assert "presets only" in err and "user.yaml" in err
-    err = _cli_error(capsys, ["train", "-o", str(run_dir), "--reweight", "easy", "--from",
+    err = cli_error(capsys, ["train", "-o", str(run_dir), "--reweight", "easy", "--from",
                               str(tmp_path), "--energy-weight", "0.1"])
     assert "--energy-weight" in err

@@ -19,6 +19,7 @@ from mlipuq.io import read_structures  # noqa: E402
 from mlipuq.run_folder import FORMAT_VERSION, RunFolder  # noqa: E402
 from nequip_support import (  # noqa: E402
     TINY_R_MAX,
+    cli_error,
     make_emt_copper_frames,
     make_tiny_run,
     write_frames,
@@ -219,20 +220,12 @@ def test_cli_resume_continues_store_without_duplicates(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- bad input
-def _cli_error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
-
-
 def test_extxyz_without_forces_is_refused(tmp_path, capsys):
     frames = make_emt_copper_frames(3, seed=1)
     for atoms in frames:
         atoms.calc = None
     path = write_frames(tmp_path / "noforces.extxyz", frames)
-    err = _cli_error(capsys, ["train", str(path), "-o", str(tmp_path / "run"), "--no-package"])
+    err = cli_error(capsys, ["train", str(path), "-o", str(tmp_path / "run"), "--no-package"])
     assert "noforces.extxyz" in err and "configuration 0" in err and "forces" in err
     assert not (tmp_path / "run").exists()
 
@@ -244,7 +237,7 @@ def test_unknown_element_is_refused(tmp_path, capsys):
     second = int(lines[0]) + 4
     lines[second] = lines[second].replace("Cu", "Qq", 1)
     path.write_text("\n".join(lines) + "\n")
-    err = _cli_error(capsys, ["train", str(path), "-o", str(tmp_path / "run")])
+    err = cli_error(capsys, ["train", str(path), "-o", str(tmp_path / "run")])
     assert "configuration 1" in err and "'Qq'" in err
 
 
@@ -253,7 +246,7 @@ def test_config_that_is_not_nequip_is_refused(tmp_path, capsys):
     config = tmp_path / "other.yaml"
     config.write_text("model:\n  layers: 3\nlearning_rate: 0.01\n")
     argv = ["train", str(data), "-o", str(tmp_path / "run"), "--config", str(config)]
-    err = _cli_error(capsys, argv)
+    err = cli_error(capsys, argv)
     assert "other.yaml" in err and "not a NequIP config" in err and "run" in err
     config.write_text("- just\n- a list\n")
     with pytest.raises(InputError, match="not a NequIP config"):
@@ -277,7 +270,7 @@ def test_run_folder_from_another_version_is_refused(tmp_path, capsys):
         RunFolder.open(tmp_path)
     (folder / "run.json").write_text(json.dumps({"format": "mlipuq-run", "format_version": 99}))
     data = write_frames(tmp_path / "cu.extxyz", make_emt_copper_frames(3, seed=1))
-    err = _cli_error(capsys, ["train", str(data), "-o", str(folder), "--resume", "--no-package"])
+    err = cli_error(capsys, ["train", str(data), "-o", str(folder), "--resume", "--no-package"])
     assert "format_version" in err
 
 
