@@ -219,7 +219,7 @@ def preset_params(preset: str, overrides: Mapping[str, Any] | None = None) -> di
 
 
 def _loss_weights(params: Mapping[str, Any]) -> tuple[float, float]:
-    """(energy_weight, force_weight) of a preset's fields: finite, >= 0, not both 0."""
+    """(energy_weight, force_weight) of a preset's fields: finite, energy >= 0, force > 0."""
     weights = []
     for key in ("energy_weight", "force_weight"):
         try:
