@@ -96,7 +96,7 @@ def preset_config(
     missing = [el for el in elements if el not in isolated_energies]
     if missing:
         raise InputError(f"isolated_energies: no energy for element(s) {missing}")
-    energy_weight, force_weight = _loss_weights(params)
+    energy_weight, force_weight = float(params["energy_weight"]), float(params["force_weight"])
     loader = {"_target_": "torch.utils.data.DataLoader", "batch_size": int(params["batch_size"])}
     train_loader = dict(loader, shuffle=True)
     return {
