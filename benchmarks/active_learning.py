@@ -102,8 +102,9 @@ def force_mae(run, frames) -> float:
     return float(np.mean(errors))
 
 
-def train(frames, directory: Path, args):
-    """Train one model (model_0) on ``frames`` in ``directory/run``."""
+def train(frames, directory: Path, args, val_file: Path | None = None):
+    """Train ``--models`` members on ``frames`` in ``directory/run``; validation on
+    ``val_file`` (``--val-split fixed``) or on a ``--val-fraction`` split of ``frames``."""
     from ase.io import write
 
     from mlipuq.backends.nequip.training import train_ensemble
@@ -113,10 +114,33 @@ def train(frames, directory: Path, args):
     write(data, frames, format="extxyz")
     return train_ensemble(
         data, directory / "run", preset=args.preset, epochs=args.epochs, n_models=args.models,
-        seed=args.seed, val_fraction=args.val_fraction, threads=1, r_max=args.r_max,
-        package=False, overwrite=True, progress=False,
+        seed=args.seed, val_fraction=args.val_fraction, val_file=val_file, threads=1,
+        r_max=args.r_max, package=False, overwrite=True, progress=False,
         preset_overrides={"energy_weight": args.energy_weight},
     )
+
+
+def fixed_validation(base: list, workdir: Path, args) -> tuple[list, Path | None]:
+    """(frames every round trains on, validation file or None).
+
+    ``--val-split fixed``: the ``--val-fraction`` split of the starting set is held
+    out once (``workdir/val.extxyz``), every labelled pick is trained on and every
+    training set of both lineages is validated (``best.ckpt``) on the same frames.
+    ``--val-split resplit``: each training set is split anew, so a pick can land in
+    validation and never be trained on.
+    """
+    if args.val_split == "resplit":
+        return base, None
+    from ase.io import write
+
+    from mlipuq.backends.nequip.training import split_train_val
+
+    train_idx, val_idx = split_train_val(len(base), val_fraction=args.val_fraction,
+                                         seed=args.seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    val_file = workdir / "val.extxyz"
+    write(val_file, [base[i] for i in val_idx], format="extxyz")
+    return [base[i] for i in train_idx], val_file
 
 
 def candidate_pool(run, method: str, directory: Path, round_number: int, args):
@@ -340,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="loss weight of the per-atom energy MSE (force weight 1; "
                              "mlipuq train --energy-weight)")
     parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument(
+        "--val-split", choices=("fixed", "resplit"), default="fixed",
+        help="fixed: hold out --val-fraction of the starting set once, train on every "
+        "pick (default); resplit: split every training set anew (before the sixth session)",
+    )
     parser.add_argument("--md-steps", type=int, default=30)
     parser.add_argument("--timestep", type=float, default=2.0, help="fs")
     parser.add_argument("--temperature", type=float, default=300.0, help="slab/particle MD, K")
@@ -370,10 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     data = copper_datasets(seed=args.seed, sizes=sizes, hot_temperature_K=args.hot)
     tests = {"hot": data[f"bulk_{int(args.hot)}K"], "surface": data["surface"],
              "nanoparticle": data["nanoparticle"]}
-    base = list(data["train"])
+    base, val_file = fixed_validation(list(data["train"]), workdir, args)
     rng = np.random.default_rng(args.seed + 12345)
 
-    run0 = train(base, workdir / "round0", args)
+    run0 = train(base, workdir / "round0", args, val_file)
     errors0 = {name: force_mae(run0, frames) for name, frames in tests.items()}
     history = [{"round": 0, "n_train": len(base), "active": errors0, "random": errors0,
                 "seconds": time.perf_counter() - start}]
@@ -412,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {"round": round_number, "n_train": len(base) + len(added["active"]),
                   "picks": picks[-1]}
         for lineage in ("active", "random"):
-            runs[lineage] = train(base + added[lineage], directory / lineage, args)
+            runs[lineage] = train(base + added[lineage], directory / lineage, args, val_file)
             record[lineage] = {name: force_mae(runs[lineage], f) for name, f in tests.items()}
         record["seconds"] = time.perf_counter() - start
         history.append(record)
@@ -440,8 +469,8 @@ def _report_table(history: list[dict], args) -> None:
     sharing = "one pooled budget" if args.pooled else "budget shared over the MD runs"
     print(f"\nforce MAE (eV/Å) on the test sets, mean of {args.models} models; method "
           f"{args.method}{reference}, {sharing}, budget {args.budget}/round, preset "
-          f"{args.preset}, {args.epochs} epochs, energy weight {args.energy_weight:g}, seed "
-          f"{args.seed}")
+          f"{args.preset}, {args.epochs} epochs, energy weight {args.energy_weight:g}, validation "
+          f"{args.val_split}, seed {args.seed}")
     print("round  n_train  " + "  ".join(f"{n:>12s} act/rand (ratio)" for n in TEST_SETS)
           + "   mean of the sets act/rand (ratio)")
     for record in history:

@@ -54,9 +54,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lam", type=float, default=None,
         help="re-weighting strength lambda > 0 (default 4.5 hard, 2.0 easy)",
     )
-    parser.add_argument(
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument(
         "--val-fraction", type=float, default=0.1,
         help="fraction of frames held out for validation (default 0.1)",
+    )
+    split.add_argument(
+        "--val-file",
+        help="fixed validation set (extxyz with energies and forces); every frame of "
+        "train_file is then trained on",
     )
     parser.add_argument(
         "--isolated",
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         n_models=1 if args.models is None else args.models,
         seed=0 if args.seed is None else args.seed,
         val_fraction=args.val_fraction,
+        val_file=args.val_file,
         isolated_energies=args.isolated,
         log_mode=args.log_mode,
         weights=args.weights,
@@ -148,10 +155,11 @@ def _run_reweight(args: argparse.Namespace) -> int:
 
     if args.reweight is None or args.source_run is None:
         raise InputError("--reweight and --from: both are needed to retrain with loss weights")
-    if args.train_file is not None or args.config is not None or args.resume:
+    if (args.train_file is not None or args.config is not None or args.resume
+            or args.val_file is not None):
         raise InputError(
             "--reweight: the training set, config and split come from --from RUN; "
-            "do not give train_file, --config or --resume"
+            "do not give train_file, --config, --val-file or --resume"
         )
     if _loss_overrides(args):
         raise InputError(

@@ -440,6 +440,7 @@ def train_ensemble(
     n_models: int = 1,
     seed: int = 0,
     val_fraction: float = 0.1,
+    val_file: str | os.PathLike | None = None,
     isolated_energies: str | os.PathLike | Mapping[str, float] | None = None,
     log_mode: str = "epoch_end",
     weights: str = "ema",
@@ -473,7 +474,12 @@ def train_ensemble(
     seed : int
         First seed; also seeds the train/validation split.
     val_fraction : float
-        Fraction of frames held out for validation (shared by all members).
+        Fraction of frames held out for validation (shared by all members); not
+        used with ``val_file``.
+    val_file : path-like, optional
+        A fixed validation set (extxyz with energies and forces, elements of the
+        training set): every frame of ``train_file`` is then trained on. For
+        comparing training sets (active learning rounds) on one validation set.
     isolated_energies : path-like or mapping, optional
         Isolated-atom energies (file of single-atom frames, or element -> eV); if
         absent, fitted by least squares on the training frames.
@@ -534,6 +540,7 @@ def train_ensemble(
                 f"{run_dir}: run has n_models={folder.meta.get('n_models')}, resume asked for "
                 f"{n_models}"
             )
+        _check_resumed_val_file(folder, val_file)
         stored = folder.meta.get("preset_overrides") or {}
         if preset_overrides and dict(preset_overrides) != stored:
             raise InputError(
@@ -546,9 +553,10 @@ def train_ensemble(
         folder = _new_run(
             train_file, run_dir, preset=None if config is not None else preset,
             config=config, epochs=epochs, n_models=n_models, seed=seed,
-            val_fraction=val_fraction, isolated_energies=isolated_energies,
-            log_mode=log_mode, weights=weights, threads=threads,
-            overwrite=overwrite, r_max=r_max, preset_overrides=preset_overrides,
+            val_fraction=val_fraction, val_file=val_file,
+            isolated_energies=isolated_energies, log_mode=log_mode, weights=weights,
+            threads=threads, overwrite=overwrite, r_max=r_max,
+            preset_overrides=preset_overrides,
         )
     TrajectoryStore.create(folder.store_path, folder.atom_table)
     members = zip(folder.model_ids, folder.seeds, strict=True)
@@ -566,14 +574,53 @@ def train_ensemble(
     return folder
 
 
+def _check_resumed_val_file(folder: RunFolder, val_file) -> None:
+    """InputError if ``val_file`` is given on resume and is not the run's validation set."""
+    if val_file is None:
+        return
+    if not Path(val_file).is_file():
+        raise InputError(f"{val_file}: validation file not found")
+    if folder.meta.get("val_sha256") != _sha256(Path(val_file)):
+        raise InputError(
+            f"{folder.path}: run was validated on "
+            f"{folder.meta.get('val_file') or 'a split of its training file'}, resume asked "
+            f"for {val_file}"
+        )
+
+
+def split_or_read_val(
+    frames: Sequence[Atoms], elements: Sequence[str], *, val_fraction: float, seed: int,
+    val_file: str | os.PathLike | None,
+) -> tuple[np.ndarray, np.ndarray, list[Atoms]]:
+    """(training frame numbers, held-out frame numbers, validation frames).
+
+    Without ``val_file`` a seeded split of ``frames``; with it every frame trains and
+    the validation frames are read from ``val_file`` (InputError for an element the
+    training set does not have).
+    """
+    if val_file is None:
+        train_idx, val_idx = split_train_val(len(frames), val_fraction=val_fraction, seed=seed)
+        return train_idx, val_idx, [frames[i] for i in val_idx]
+    val_frames = read_training_set(val_file)
+    extra = sorted(set(check_elements(val_frames, str(val_file))) - set(elements))
+    if extra:
+        raise InputError(
+            f"{val_file}: element(s) {extra} not in the training set (elements {list(elements)})"
+        )
+    return np.arange(len(frames)), np.zeros(0, dtype=int), val_frames
+
+
 def _new_run(
     train_file, run_dir: Path, *, preset, config, epochs, n_models, seed, val_fraction,
-    isolated_energies, log_mode, weights, threads, overwrite, r_max, preset_overrides,
+    val_file, isolated_energies, log_mode, weights, threads, overwrite, r_max,
+    preset_overrides,
 ) -> RunFolder:
     train_file = Path(train_file)
     frames = read_training_set(train_file)
     elements = check_elements(frames, str(train_file))
-    train_idx, val_idx = split_train_val(len(frames), val_fraction=val_fraction, seed=seed)
+    train_idx, val_idx, val_frames = split_or_read_val(
+        frames, elements, val_fraction=val_fraction, seed=seed, val_file=val_file
+    )
     train_frames = [frames[i] for i in train_idx]
     if isolated_energies is None:
         energies = fit_isolated_energies(train_frames, elements)
@@ -596,7 +643,9 @@ def _new_run(
         "model_ids": [f"model_{i}" for i in range(n_models)],
         "train_file": train_file.name,
         "train_sha256": _sha256(train_file),
-        "val_fraction": float(val_fraction),
+        "val_fraction": None if val_file is not None else float(val_fraction),
+        "val_file": None if val_file is None else Path(val_file).name,
+        "val_sha256": None if val_file is None else _sha256(Path(val_file)),
         "train_frames": [int(i) for i in train_idx],
         "val_frames": [int(i) for i in val_idx],
         "isolated_energies": energies,
@@ -608,7 +657,7 @@ def _new_run(
     }
     folder = RunFolder.create(run_dir, meta, overwrite=overwrite)
     _write_frames(folder.train_path, train_frames)
-    _write_frames(folder.val_path, [frames[i] for i in val_idx])
+    _write_frames(folder.val_path, val_frames)
     AtomTable.from_atoms(train_frames).save(folder.path / "atom_table.npz")
     return folder
 
@@ -760,8 +809,8 @@ def train_reweighted(
     seed = int(source_meta["seeds"][0]) if seed is None else int(seed)
     keep = (
         "elements", "preset", "user_config", "preset_overrides", "r_max", "val_fraction",
-        "train_frames", "val_frames", "isolated_energies", "isolated_energies_source",
-        "log_mode", "weights",
+        "val_file", "val_sha256", "train_frames", "val_frames", "isolated_energies",
+        "isolated_energies_source", "log_mode", "weights",
     )
     meta = {
         **_versions(),
