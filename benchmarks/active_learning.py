@@ -27,7 +27,11 @@ Start: NequIP models (``mlipuq train``, ``--models`` seeds) on bulk fcc copper a
    The **random** baseline draws ``B`` frames uniformly from every frame the same
    runs produced (seeded).
 3. **label** with EMT and add to the respective training set;
-4. **retrain** both from scratch with identical settings (preset, epochs, seeds).
+4. **retrain** both from scratch with identical settings (preset, epochs, seeds),
+   validated on one fixed set (``--val-split fixed``, default: the ``--val-fraction``
+   split of the starting 300 K set, held out once), so that every labelled pick is
+   trained on; ``--val-split resplit`` (before the sixth session) splits every training
+   set anew, and a pick that lands in validation is never trained on.
 
 Figures: component force MAE (eV/Å) on the hot-bulk, surface and nanoparticle test
 sets (``mlipuq.emt_data.copper_datasets``, never trained on), averaged over the
