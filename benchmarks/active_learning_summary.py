@@ -79,25 +79,33 @@ def print_seed_rows(runs: dict[int, list[dict]]) -> None:
             print(f"| {seed} | {record['round']} | " + " | ".join(cells) + " |")
 
 
-def print_cell_rows(cells: dict[tuple[int, str], np.ndarray]) -> None:
+def cell_statistics(pairs: np.ndarray) -> dict[str, float]:
+    """Over the seeds of one (round, set), ``pairs`` shape (n_seeds, 2) of (active,
+    random) errors in eV/Å: cells won, geometric-mean ratio with its 95 % interval,
+    and the seed-mean errors."""
+    ratios = pairs[:, 0] / pairs[:, 1]
+    centre, low, high = ratio_interval(ratios)
+    mean_active, mean_random = pairs.mean(axis=0)
+    return {"won": int(np.sum(ratios < 1)), "n": len(ratios), "centre": centre, "low": low,
+            "high": high, "mean_active": float(mean_active), "mean_random": float(mean_random)}
+
+
+def print_cell_rows(statistics: dict[tuple[int, str], dict[str, float]]) -> None:
     print("\n| round | set | cells won | geometric-mean ratio | 95 % interval | "
           "seed-mean active / random (ratio) |")
     print("|---|---|---|---|---|---|")
-    for (round_number, name), pairs in cells.items():
-        ratios = pairs[:, 0] / pairs[:, 1]
-        centre, low, high = ratio_interval(ratios)
-        mean_a, mean_r = pairs.mean(axis=0)
-        print(f"| {round_number} | {name} | {int(np.sum(ratios < 1))} / {len(ratios)} | "
-              f"{centre:.2f} | {low:.2f}-{high:.2f} | {mean_a:.4f} / {mean_r:.4f} "
-              f"({mean_a / mean_r:.2f}) |")
+    for (round_number, name), c in statistics.items():
+        print(f"| {round_number} | {name} | {c['won']} / {c['n']} | {c['centre']:.2f} | "
+              f"{c['low']:.2f}-{c['high']:.2f} | {c['mean_active']:.4f} / "
+              f"{c['mean_random']:.4f} ({c['mean_active'] / c['mean_random']:.2f}) |")
 
 
-def print_goal(cells: dict[tuple[int, str], np.ndarray]) -> None:
-    per_set = {key: pairs for key, pairs in cells.items() if key[1] != MEAN_OF_SETS}
-    won = sum(int(np.sum(p[:, 0] < p[:, 1])) for p in per_set.values())
-    total = sum(len(p) for p in per_set.values())
-    mean_won = sum(bool(p[:, 0].mean() < p[:, 1].mean()) for p in per_set.values())
-    upper_below = sum(ratio_interval(p[:, 0] / p[:, 1])[2] < 1 for p in per_set.values())
+def print_goal(statistics: dict[tuple[int, str], dict[str, float]]) -> None:
+    per_set = [c for key, c in statistics.items() if key[1] != MEAN_OF_SETS]
+    won = sum(c["won"] for c in per_set)
+    total = sum(c["n"] for c in per_set)
+    mean_won = sum(c["mean_active"] < c["mean_random"] for c in per_set)
+    upper_below = sum(c["high"] < 1 for c in per_set)
     print(f"\ngoal, every (seed, round, set) cell: {won} of {total} won")
     print(f"goal, seed-mean error of every (round, set): {mean_won} of {len(per_set)} won; "
           f"95 % interval of the ratio below 1 in {upper_below} of {len(per_set)}")
@@ -113,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         if seed in runs:
             raise SystemExit(f"{path}: seed {seed} given twice")
         runs[seed] = history
-    cells = cell_table(runs)
+    statistics = {key: cell_statistics(pairs) for key, pairs in cell_table(runs).items()}
     print_seed_rows(runs)
-    print_cell_rows(cells)
-    print_goal(cells)
+    print_cell_rows(statistics)
+    print_goal(statistics)
     return 0
 
 

@@ -61,3 +61,10 @@ def test_a_file_that_is_not_a_benchmark_result_is_refused(summary, tmp_path):
     bad.write_text(json.dumps({"history": []}))
     with pytest.raises(SystemExit, match="bad.json: not an active_learning.py --json file"):
         summary.main([str(bad)])
+
+
+def test_a_seed_given_twice_is_refused(summary, tmp_path):
+    first = _write_run(tmp_path / "a.json", 3, [0.9, 0.9, 0.9], [1.0, 1.0, 1.0])
+    second = _write_run(tmp_path / "b.json", 3, [0.8, 0.8, 0.8], [1.0, 1.0, 1.0])
+    with pytest.raises(SystemExit, match="b.json: seed 3 given twice"):
+        summary.main([str(first), str(second)])
