@@ -47,7 +47,7 @@ def exact_distributions(errors: list[np.ndarray], atol: float) -> ErrorDistribut
 def test_flat_prediction_equals_brute_force_knn(rng):
     errors, train, train_species, test, test_species = make_data(rng)
     dists = exact_distributions(errors, ATOL)
-    est = LTAUEstimator(k=4, atol=ATOL, per_element=False, index="flat").fit(
+    est = LTAUEstimator(k=4, atol=ATOL, per_element=False, index="flat", transfer="mean").fit(
         dists, train, train_species
     )
     result = est.predict(test, test_species, return_distribution=True)
@@ -78,7 +78,7 @@ def test_per_element_search_only_uses_same_element(rng):
     dists = ErrorDistributions(np.array([0.0, 1.0, 2.0]), np.stack([p, 1 - p], 1), np.ones(n))
     test = rng.normal(size=(90, 6))
     test_species = np.array(["O", "C", "H"] * 30)
-    est = LTAUEstimator(k=5, atol=1.0).fit(dists, train, species)
+    est = LTAUEstimator(k=5, atol=1.0, transfer="mean").fit(dists, train, species)
     result = est.predict(test, test_species)
     expected_p = np.select([test_species == "H", test_species == "O"], [1.0, 0.0], 0.5)
     np.testing.assert_allclose(result.extras["p"], expected_p, atol=1e-7)
@@ -91,7 +91,9 @@ def test_per_element_search_only_uses_same_element(rng):
         )
     assert sorted(est.index_kinds_) == ["C", "H", "O"]
     # one shared index mixes elements: p is no longer exactly the element's value
-    mixed = LTAUEstimator(k=5, atol=1.0, per_element=False).fit(dists, train, species)
+    mixed = LTAUEstimator(k=5, atol=1.0, per_element=False, transfer="mean").fit(
+        dists, train, species
+    )
     assert np.abs(mixed.predict(test, test_species).extras["p"] - expected_p).max() > 0.1
 
 
@@ -145,8 +147,10 @@ def test_store_input_matches_arrays(tmp_path, rng):
             writer.append(row)
     from_store = LTAUEstimator(k=3, rtol=0.05).fit(store, train, train_species)
     from_arrays = LTAUEstimator(k=3, rtol=0.05).fit(
-        [a.astype(np.float32) for a in errors], train, train_species, force_norm=force_norm
+        [a.astype(np.float32) for a in errors], train, train_species, force_norm=force_norm,
+        config_index=table.config_index,
     )
+    assert from_store.reference_distance_ == pytest.approx(from_arrays.reference_distance_)
     assert from_store.atol_ == pytest.approx(from_arrays.atol_, rel=1e-6)
     np.testing.assert_allclose(from_store.force_norm_, force_norm)
     a = from_store.predict(test, test_species).extras["p"]
@@ -163,7 +167,7 @@ def test_scale_rtol_and_per_atom_scale(rng):
     errors, train, train_species, test, test_species = make_data(rng)
     force_norm = rng.uniform(0.1, 3.0, size=len(train))
     dists = distributions_from_errors(errors, n_bins=60)
-    est = LTAUEstimator(k=4, atol=ATOL, rtol=0.02, per_element=False).fit(
+    est = LTAUEstimator(k=4, atol=ATOL, rtol=0.02, per_element=False, transfer="mean").fit(
         dists, train, train_species, force_norm=force_norm
     )
     _, neighbours = brute_neighbours(train, test, 4)
@@ -200,7 +204,7 @@ def test_config_aggregation_and_flags(rng):
     np.testing.assert_array_equal(result.config_flags, per_config > 0.6)
     arrays = result.as_arrays()
     assert set(arrays) == {"ltau_uncertainty", "ltau_flag", "ltau_p", "ltau_expected_error",
-                           "ltau_knn_distance"}
+                           "ltau_knn_distance", "ltau_knn_distance_normalised"}
 
 
 def test_k_larger_than_an_element_is_clamped_with_warning(rng):

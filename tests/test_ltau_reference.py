@@ -61,7 +61,9 @@ def test_transfer_ranks_published_uncertainty(reference):
     dists = two_bin(1 - uncertainty[:half])
     np.testing.assert_allclose(dists.cdf(1.0), 1 - uncertainty[:half], atol=1e-6)
 
-    est = LTAUEstimator(k=5, atol=1.0, index="flat").fit(dists, descriptors[:half], species[:half])
+    est = LTAUEstimator(k=5, atol=1.0, index="flat", transfer="mean").fit(
+        dists, descriptors[:half], species[:half]
+    )
     result = est.predict(descriptors[half:], species[half:])
     truth = uncertainty[half:]
     rho = spearmanr(result.atom_uncertainty, truth).statistic
@@ -80,14 +82,15 @@ def test_transfer_ranks_published_uncertainty(reference):
     shuffled_u = uncertainty[:half].copy()
     train_h = np.flatnonzero(species[:half] == "H")
     shuffled_u[train_h] = np.random.default_rng(0).permutation(shuffled_u[train_h])
-    control = LTAUEstimator(k=5, atol=1.0, index="flat").fit(
+    control = LTAUEstimator(k=5, atol=1.0, index="flat", transfer="mean").fit(
         two_bin(1 - shuffled_u), descriptors[:half], species[:half]
     )
     shuffled = control.predict(descriptors[half:], species[half:]).atom_uncertainty
     assert abs(spearmanr(shuffled[hydrogen], truth[hydrogen]).statistic) < 0.1
 
     # HNSW on the same data gives (nearly) the same answer
-    hnsw = LTAUEstimator(k=5, atol=1.0, index="hnsw").fit(dists, descriptors[:half],
-                                                         species[:half])
+    hnsw = LTAUEstimator(k=5, atol=1.0, index="hnsw", transfer="mean").fit(
+        dists, descriptors[:half], species[:half]
+    )
     approx = hnsw.predict(descriptors[half:], species[half:]).atom_uncertainty
     assert np.mean(np.isclose(approx, result.atom_uncertainty, atol=1e-6)) > 0.95

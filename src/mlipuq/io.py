@@ -72,7 +72,11 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def read_header(
-    header_file: str | os.PathLike, *, what: str, format_name: str, format_version: int
+    header_file: str | os.PathLike,
+    *,
+    what: str,
+    format_name: str,
+    format_version: int | tuple[int, ...],
 ) -> dict:
     """Read the JSON header of an mlipuq artefact and check its format and version.
 
@@ -82,8 +86,10 @@ def read_header(
         The header (e.g. ``RUN/run.json``, ``STORE/store.json``).
     what : str
         What the artefact is called in messages (``"run folder"``, ...).
-    format_name, format_version : str, int
-        The expected ``"format"`` and ``"format_version"`` fields.
+    format_name : str
+        The expected ``"format"`` field.
+    format_version : int or tuple of int
+        The supported ``"format_version"`` value(s).
 
     Raises
     ------
@@ -100,10 +106,11 @@ def read_header(
             f"{header_file}: not an mlipuq {what} (format {found!r}, expected {format_name!r})"
         )
     version = meta.get("format_version")
-    if version != format_version:
+    supported = (format_version,) if isinstance(format_version, int) else tuple(format_version)
+    if version not in supported:
         raise InputError(
             f"{header_file}: {what} format_version {version!r} is not supported "
-            f"(this mlipuq supports format_version {format_version})"
+            f"(this mlipuq supports format_version {', '.join(map(str, supported))})"
         )
     return meta
 

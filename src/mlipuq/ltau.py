@@ -3,23 +3,42 @@
 :class:`LTAUEstimator` keeps, for every training atom i, the histogram of its logged
 force errors (:class:`~mlipuq.distributions.ErrorDistributions`) and a FAISS index of
 the training descriptors (one index per element by default). For a test atom j with
-k nearest training atoms N_j (same element)::
+k nearest training atoms N_j (same element) at mean distance d_j::
 
-    p_j = (1/k) * sum_{i in N_j} CDF_i((atol + rtol * |F_ref,i|) / s)
+    z_j = d_j / d_ref                                    (normalised k-NN distance)
+    z~_j = max(z_j, mean of z over j's configuration)
+    s_j = s * max(1, z~_j) ** beta      (transfer="distance", the default)
+    s_j = s                             (transfer="mean", the paper)
+    p_j = (1/k) * sum_{i in N_j} CDF_i((atol + rtol * |F_ref,i|) / s_j)
 
 and the uncertainty is ``1 - p_j`` (METHODS.md §1.4). ``p_j`` is the probability
-that atom j's force error is at most ``atol`` (eV/Å) under the calibration model
-"test errors are ``s`` times training errors". ``s`` is the calibration scale factor
-(1: uncalibrated; fitted by :mod:`mlipuq.calibration`), a float or one value per test
-atom (per-group calibration).
+that atom j's force error is at most ``atol`` (eV/Å) under the model "test errors
+are ``s_j`` times the neighbours' training errors".
+
+- ``d_ref`` (per index) is the median over training atoms of their own mean k-NN
+  distance to the training atoms of *other* configurations (leave one configuration
+  out), so an in-domain test atom has z of order 1 whatever the descriptor units.
+- The configuration mean in z~ carries what one atom's environment misses: in a
+  configuration far from training (hotter MD, a distorted molecule) the errors of
+  all atoms grow, also of those whose own environment looks familiar
+  (``distance_scope="atom"`` uses z_j alone). Without ``config_index`` the atoms
+  passed to :meth:`LTAUEstimator.predict` form one configuration.
+- ``beta`` (``distance_power``) makes the assumed error grow with the distance to the
+  training set: an atom twice as far from its neighbours as training atoms are from
+  theirs gets errors ``2 ** beta`` times larger. This is what lets an atom far from
+  every training atom get a low p (the plain mean of the paper gives it its
+  neighbours' p whatever the distance). ``docs/ltau.md`` gives the measurements
+  behind the default.
+- ``s`` is the calibration scale factor: 1 until :meth:`LTAUEstimator.calibrate`
+  fits it on in-domain held-out atoms (then ``scale_``), or given per call.
+
 With ``rtol > 0`` the tolerance of each neighbour uses *that training atom's*
 reference force norm |F_ref,i| (the test atom's reference force is unknown at
 inference), so ``rtol`` needs ``force_norm`` (or a store whose atom table has it).
 
-The result also carries the expected error ``s * mean_i sum_b mass_ib * mid_b`` in
-eV/Å (the scaled mean of the neighbours' expected training errors: calibration says
-test errors look like ``s`` times training errors) and the mean Euclidean k-NN
-distance, a model-free out-of-domain score in descriptor units.
+The result also carries the expected error ``s_j * mean_i sum_b mass_ib * mid_b`` in
+eV/Å, the mean Euclidean k-NN distance d_j (descriptor units) and z_j, a model-free
+out-of-domain score.
 
 ``k`` larger than the training atoms of an element is clamped to that count with a
 ``UserWarning`` (the neighbours of such an element are all its training atoms).
@@ -51,11 +70,20 @@ from mlipuq.validation import (
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "mlipuq.ltau"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: distance-aware transfer, stored calibration and threshold; 1 is read as the plain mean."""
 ALL_ELEMENTS = "all"
 """Group name of the single index when ``per_element=False``."""
 
 _PAIR_CHUNK = 1 << 16  # (test atom, neighbour) pairs evaluated at once for per-atom scales
+TRANSFERS = ("distance", "mean")
+"""How neighbours' distributions become a test atom's: distance-aware or the plain mean."""
+DISTANCE_SCOPES = ("configuration", "atom")
+"""Whose normalised distance stretches an atom's distribution (see ``distance_scope``)."""
+DEFAULT_DISTANCE_POWER = 1.0
+"""beta of the distance-aware transfer (see docs/ltau.md for the measurements)."""
+DEFAULT_FPR = 0.05
+"""In-domain false-positive rate (per configuration) of the fitted flag threshold."""
 
 
 class LTAUEstimator:
@@ -90,7 +118,21 @@ class LTAUEstimator:
     n_threads : int
         FAISS OpenMP threads while building and searching.
     seed : int
-        Seed of index training (IVF-PQ).
+        Seed of index training (IVF-PQ) and of the reference-distance sample.
+    transfer : {"distance", "mean"}
+        ``"distance"``: the neighbours' error distributions are stretched by
+        ``max(1, z_j) ** distance_power`` (z_j: normalised k-NN distance), so far atoms
+        get low p. ``"mean"``: the paper's plain mean of the neighbours' p.
+    distance_power : float
+        beta of the distance-aware transfer (>= 0; 0 is the plain mean).
+    distance_scope : {"configuration", "atom"}
+        Which z stretches an atom's distribution: the larger of its own and its
+        configuration's mean z (``"configuration"``: a configuration far from training
+        raises the errors of all its atoms, measured in ``docs/ltau.md``), or its own
+        only (``"atom"``).
+    reference_sample : int
+        Training atoms per index whose leave-one-configuration-out k-NN distance
+        gives the reference distance ``d_ref`` (a seeded sample when there are more).
 
     Attributes
     ----------
@@ -110,6 +152,16 @@ class LTAUEstimator:
         Kind of each index (``"flat"``, ``"ivfflat"``, ``"hnsw"``, ``"ivfpq"``).
     n_features_in_ : int
         Descriptor size D.
+    reference_distance_ : dict of str -> float
+        d_ref of each index: median leave-one-configuration-out mean k-NN distance of
+        its training atoms (descriptor units).
+    scale_ : float
+        Calibration scale factor used by :meth:`predict` (``scale`` until
+        :meth:`calibrate` fits one).
+    threshold_ : float or None
+        Flag threshold on 1 - p fitted by :meth:`calibrate` (None before).
+    calibration_ : dict or None
+        What :meth:`calibrate` fitted and measured (JSON types), None before.
 
     Examples
     --------
@@ -142,6 +194,10 @@ class LTAUEstimator:
         window: tuple[int, int | None] | None = None,
         n_threads: int = 1,
         seed: int = 0,
+        transfer: str = "distance",
+        distance_power: float = DEFAULT_DISTANCE_POWER,
+        distance_scope: str = "configuration",
+        reference_sample: int = 20_000,
     ) -> None:
         self.k = k
         self.atol = atol
@@ -159,6 +215,10 @@ class LTAUEstimator:
         self.window = window
         self.n_threads = n_threads
         self.seed = seed
+        self.transfer = transfer
+        self.distance_power = distance_power
+        self.distance_scope = distance_scope
+        self.reference_sample = reference_sample
 
     # ------------------------------------------------------------------ params
     def get_params(self) -> dict[str, Any]:
@@ -183,6 +243,7 @@ class LTAUEstimator:
         species: Sequence[str] | np.ndarray,
         *,
         force_norm: np.ndarray | None = None,
+        config_index: np.ndarray | None = None,
     ) -> LTAUEstimator:
         """Learn the training error distributions and build the neighbour indices.
 
@@ -199,6 +260,10 @@ class LTAUEstimator:
         force_norm : ndarray, shape (N,), optional
             Reference force norms |F_ref,i| in eV/Å (needed for ``rtol > 0``; taken from
             the store's atom table when ``errors`` is a store).
+        config_index : ndarray of int, shape (N,), optional
+            Configuration of each training atom, for the leave-one-configuration-out
+            reference distances (taken from the store's atom table when ``errors`` is a
+            store; without it each atom only leaves itself out).
 
         Returns
         -------
@@ -209,10 +274,15 @@ class LTAUEstimator:
         self._check_params()
         desc = check_array(descriptors, "descriptors", ndim=2, dtype=np.float32)
         symbols = as_species(species)
-        distributions, atol_source, store_norms = self._distributions(errors, symbols)
+        distributions, atol_source, store_norms, store_configs = self._distributions(
+            errors, symbols
+        )
         check_consistent_length(
             errors=np.empty(distributions.mass.shape[0]), descriptors=desc, species=symbols
         )
+        configs = store_configs if config_index is None else config_index
+        if configs is not None:
+            configs = check_config_index(configs, len(symbols))
         self.atol_ = self._resolve_atol(atol_source)
         self.force_norm_ = self._resolve_force_norm(force_norm, store_norms, len(symbols))
         self.distributions_ = distributions
@@ -234,8 +304,14 @@ class LTAUEstimator:
         self.group_rows_ = groups
         self.indices_ = indices
         self.index_kinds_ = kinds
-        self._cache: dict[tuple[float, float, float], np.ndarray] = {}
+        self._reset_caches()
         self._expected_train = np.asarray(distributions.expected_error(), dtype=np.float64)
+        self.reference_distance_ = {
+            name: self._reference_distance(desc, name, configs) for name in groups
+        }
+        self.scale_ = float(self.scale)
+        self.threshold_ = None
+        self.calibration_ = None
         logger.info("LTAU fitted on %d atoms, indices %s", self.n_train_atoms_, kinds)
         return self
 
@@ -247,6 +323,21 @@ class LTAUEstimator:
         if not np.isfinite(self.rtol) or self.rtol < 0:
             raise InputError(f"rtol: expected a finite non-negative number, got {self.rtol!r}")
         _check_scale_scalar(self.scale)
+        if self.transfer not in TRANSFERS:
+            raise InputError(
+                f"transfer: expected one of {', '.join(TRANSFERS)}, got {self.transfer!r}"
+            )
+        power = self.distance_power
+        if isinstance(power, bool) or not np.isscalar(power) or not np.isfinite(power) or power < 0:
+            raise InputError(f"distance_power: expected a finite number >= 0, got {power!r}")
+        if self.distance_scope not in DISTANCE_SCOPES:
+            raise InputError(
+                f"distance_scope: expected one of {', '.join(DISTANCE_SCOPES)}, "
+                f"got {self.distance_scope!r}"
+            )
+        sample = self.reference_sample
+        if not isinstance(sample, (int, np.integer)) or isinstance(sample, bool) or sample < 1:
+            raise InputError(f"reference_sample: expected a positive integer, got {sample!r}")
         from mlipuq.knn_index import INDEX_KINDS
 
         if self.index != "auto" and self.index not in INDEX_KINDS:
@@ -277,7 +368,7 @@ class LTAUEstimator:
         from mlipuq.trajectory_store import TrajectoryStore, window_slice
 
         if isinstance(errors, ErrorDistributions):
-            return errors, None, None
+            return errors, None, None, None
         if isinstance(errors, (str, os.PathLike)):
             errors = TrajectoryStore.open(errors)
         if isinstance(errors, TrajectoryStore):
@@ -291,7 +382,7 @@ class LTAUEstimator:
                 )
             dists = distributions_from_store(errors, n_bins=self.n_bins, window=self.window)
             norms = table.force_norm if not np.any(np.isnan(table.force_norm)) else None
-            return dists, errors, norms
+            return dists, errors, norms, table.config_index
         arrays = [errors] if isinstance(errors, np.ndarray) else list(errors)
         if not arrays:
             raise InputError("errors: no error trajectories given")
@@ -304,7 +395,62 @@ class LTAUEstimator:
         finals = [a[-1] for a in arrays]
         windowed = [a[window_slice(len(a), self.window)] for a in arrays]
         dists = distributions_from_errors(windowed, n_bins=self.n_bins)
-        return dists, finals, None
+        return dists, finals, None, None
+
+    def _reset_caches(self) -> None:
+        """Drop every cache derived from fitted state (a refit must not reuse them)."""
+        self._cache: dict[tuple[float, float, float], np.ndarray] = {}
+        self.__dict__.pop("_table_cache", None)
+        self.__dict__.pop("_groups_cache", None)
+
+    def _reference_distance(
+        self, desc: np.ndarray, name: str, configs: np.ndarray | None
+    ) -> float:
+        """d_ref of index ``name``: median leave-one-configuration-out mean k-NN distance.
+
+        A seeded sample of at most ``reference_sample`` training atoms of the index is
+        searched for ``k`` + (most atoms of one configuration in the index) neighbours;
+        neighbours from the query's own configuration (or the query itself, without
+        ``configs``) are dropped and the first ``k`` others averaged. Queries left
+        with no neighbour (every atom of the index in one configuration) fall back to
+        leaving out only themselves.
+        """
+        from mlipuq.knn_index import faiss_threads, set_search_params
+
+        rows = self.group_rows_[name]
+        index = self.indices_[name]
+        k = min(self.k, len(rows))
+        if len(rows) < 2:
+            return float("nan")
+        rng = np.random.default_rng(self.seed)
+        sample = np.arange(len(rows))
+        if len(rows) > self.reference_sample:
+            sample = np.sort(rng.choice(len(rows), self.reference_sample, replace=False))
+        own = rows if configs is None else configs[rows]
+        largest = int(np.unique(own, return_counts=True)[1].max())
+        n_search = min(k + largest, len(rows))
+        if n_search > k + 1 and n_search >= len(rows) // 2:
+            n_search = len(rows)  # cheaper to take every row than to miss neighbours
+        set_search_params(index, ef_search=max(self.ef_search, n_search))
+        try:
+            with faiss_threads(self.n_threads):
+                sq_dist, local = index.search(np.ascontiguousarray(desc[rows[sample]]), n_search)
+        finally:
+            set_search_params(index, ef_search=self.ef_search)
+        valid = local >= 0
+        safe = np.where(valid, local, 0)
+        other = valid & (own[safe] != own[sample][:, None])
+        alone = ~other.any(axis=1)  # every neighbour in its own configuration
+        if np.any(alone):  # leave out the atom only
+            other[alone] = valid[alone] & (safe[alone] != sample[alone, None])
+        taken = other & (np.cumsum(other, axis=1) <= k)
+        counts = taken.sum(axis=1)
+        distance = np.sqrt(np.maximum(sq_dist, 0.0)) * taken
+        keep = counts > 0
+        if not np.any(keep):
+            return float("nan")
+        mean = distance[keep].sum(axis=1) / counts[keep]
+        return float(np.median(mean))
 
     def _resolve_atol(self, source: Any) -> float:
         if self.atol is not None:
@@ -392,33 +538,37 @@ class LTAUEstimator:
         atol = self.atol_ if atol is None else atol
         if not np.isscalar(atol) or not np.isfinite(atol) or atol < 0:
             raise InputError(f"atol: expected a finite non-negative number, got {atol!r}")
-        scales = self._check_scale(self.scale if scale is None else scale, n_atoms)
+        scales = self._check_scale(self.scale_ if scale is None else scale, n_atoms)
+        threshold = self.threshold_ if threshold is None else threshold
         if threshold is not None and (not np.isscalar(threshold) or not np.isfinite(threshold)):
             raise InputError(f"threshold: expected a finite number, got {threshold!r}")
 
-        if np.ndim(scales) == 0 and not return_distribution:  # the per-MD-step path
-            p, expected, distance = self._transfer(desc, groups, k, float(atol), float(scales))
-            return _result(p, expected, distance, None, configs, threshold)
         p = np.empty(n_atoms)
         expected = np.empty(n_atoms)
         distance = np.empty(n_atoms)
+        normalised = np.empty(n_atoms)
         n_bins = self.distributions_.mass.shape[1]
         mass = np.empty((n_atoms, n_bins), dtype=np.float32) if return_distribution else None
-        for rows, neighbours, distance_sum in self._neighbours(desc, groups, k):
+        base = float(scales) if np.ndim(scales) == 0 else None
+        found = list(self._neighbours(desc, groups, k))
+        for name, rows, neighbours, distance_sum in found:
+            distance[rows] = distance_sum / neighbours.shape[1]
+            normalised[rows] = self._normalised(distance[rows], name)
+        stretch = self._stretch(normalised, configs)
+        for _, rows, neighbours, _ in found:
             k_group = neighbours.shape[1]
-            distance[rows] = distance_sum / k_group
-            p[rows] = self._neighbour_p(neighbours, float(atol), scales, rows)
-            s_rows = scales if np.ndim(scales) == 0 else scales[rows]
+            s_rows = (scales if base is not None else scales[rows]) * stretch[rows]
+            p[rows] = self._neighbour_p(neighbours, float(atol), s_rows, base)
             expected[rows] = s_rows * self._expected_train[neighbours].sum(axis=1) / k_group
             if mass is not None:
                 mass[rows] = self.distributions_.mean_over(neighbours).mass
-        return _result(p, expected, distance, mass, configs, threshold)
+        return _result(p, expected, distance, normalised, mass, configs, threshold)
 
     def _neighbours(
         self, desc: np.ndarray, groups: dict[str, np.ndarray], k: int
-    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per index: test rows, their training neighbours (n_g, k_g) and the sum of
-        the k_g neighbour distances (n_g,), one FAISS search each."""
+    ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per index: its name, the test rows, their training neighbours (n_g, k_g) and
+        the sum of the k_g neighbour distances (n_g,), one FAISS search each."""
         from mlipuq.knn_index import search_checked
 
         for name, rows in groups.items():
@@ -426,35 +576,33 @@ class LTAUEstimator:
             queries = desc if len(groups) == 1 else np.ascontiguousarray(desc[rows])
             sq_dist, local = search_checked(self.indices_[name], queries, k_group,
                                             n_threads=self.n_threads)
-            yield rows, self.group_rows_[name][local], np.sqrt(np.maximum(sq_dist, 0.0)).sum(1)
+            distance_sum = np.sqrt(np.maximum(sq_dist, 0.0)).sum(1, dtype=np.float64)
+            yield name, rows, self.group_rows_[name][local], distance_sum
 
-    def _transfer(
-        self, desc: np.ndarray, groups: dict[str, np.ndarray], k: int, atol: float, scale: float
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """p_j, expected error (eV/Å) and mean k-NN distance for one scalar ``scale``.
+    def _normalised(self, distance: np.ndarray, name: str) -> np.ndarray:
+        """z = d / d_ref of index ``name`` (NaN when d_ref is unknown or zero)."""
+        reference = self.__dict__.get("reference_distance_", {}).get(name, np.nan)
+        if not np.isfinite(reference) or reference <= 0:
+            return np.full(len(distance), np.nan)
+        return distance / reference
 
-        One search and one gather of the cached per-training-row table
-        (:meth:`_row_table`) per index: the lean path that runs inside every MD step.
+    def _stretch(self, normalised: np.ndarray, configs: np.ndarray | None) -> np.ndarray:
+        """Factor on s per atom: ``max(1, z~) ** distance_power`` (1 for the plain mean).
+
+        z~ is the atom's own z (``distance_scope="atom"``) or the larger of it and the
+        mean z of its configuration (``"configuration"``; without ``configs`` all atoms
+        form one configuration).
         """
-        table = self._row_table(atol, scale)
-        means = np.empty((len(desc), 3))
-        for rows, neighbours, distance_sum in self._neighbours(desc, groups, k):
-            block = np.empty((len(neighbours), 3))
-            block[:, :2] = table[neighbours].sum(axis=1)
-            block[:, 2] = distance_sum
-            means[rows] = block / neighbours.shape[1]
-        return means[:, 0], means[:, 1], means[:, 2]
-
-    def _row_table(self, atol: float, scale: float) -> np.ndarray:
-        """(N, 2) float64: p_i at the scaled tolerance and s * expected error of each
-        training row (cached for the last (atol, s))."""
-        key = (atol, scale, float(self.rtol))
-        cached = self.__dict__.get("_table_cache")
-        if cached is None or cached[0] != key:
-            table = np.column_stack([self.train_confidence(atol, scale),
-                                     scale * self._expected_train])
-            cached = self._table_cache = (key, table)
-        return cached[1]
+        if self.transfer == "mean" or self.distance_power == 0:
+            return np.ones(len(normalised))
+        z = np.where(np.isfinite(normalised), normalised, 1.0)
+        if self.distance_scope == "configuration":
+            if configs is None:
+                z = np.maximum(z, z.mean())
+            else:
+                means = np.bincount(configs, z) / np.maximum(np.bincount(configs), 1)
+                z = np.maximum(z, means[configs])
+        return np.maximum(z, 1.0) ** float(self.distance_power)
 
     def _check_scale(self, scale: Any, n_atoms: int) -> float | np.ndarray:
         if np.ndim(scale) == 0:
@@ -499,6 +647,107 @@ class LTAUEstimator:
         )
         return n_train
 
+    def calibrate(
+        self,
+        descriptors: np.ndarray,
+        species: Sequence[str] | np.ndarray,
+        errors: np.ndarray,
+        *,
+        config_index: np.ndarray | None = None,
+        fpr: float = DEFAULT_FPR,
+        bounds: tuple[float, float] = (0.1, 20.0),
+        n_bins: int = 10,
+    ) -> LTAUEstimator:
+        """Fit the scale factor and the flag threshold on in-domain held-out atoms.
+
+        The atoms must be in domain and unseen in training (a validation set, or a
+        calibration split of an in-domain test set): the scale fitted here is what
+        :meth:`predict`, the calculator, ``simulate``, ``select`` and ``evaluate`` use
+        afterwards, and :meth:`save` stores it.
+
+        - ``scale_``: the s minimising the expected calibration error (ECE) of
+          p = CDF(atol / s_j) against the observed share of atoms with error <= atol
+          (:func:`mlipuq.calibration.fit_scale`, ``threshold_scales=False``). An s at
+          a bound of ``bounds`` is kept, flagged ``at_bound`` in ``calibration_`` and
+          warned about (the atoms may not be in domain, or the bounds too narrow).
+        - ``threshold_``: the (1 - ``fpr``) quantile of the calibrated uncertainty
+          1 - p per configuration (max over its atoms; per atom without
+          ``config_index``), so that a share ``fpr`` of in-domain configurations is
+          flagged.
+
+        Parameters
+        ----------
+        descriptors : ndarray, shape (n, D)
+            Descriptors of the calibration atoms (same model as training).
+        species : sequence of str or int, shape (n,)
+            Their elements.
+        errors : ndarray, shape (n,)
+            Their true force-error norms |F_ref - F_pred| in eV/Å (same model).
+        config_index : ndarray of int, shape (n,), optional
+            Configuration of each atom (for the per-configuration threshold).
+        fpr : float
+            In-domain false-positive rate of the threshold, in (0, 1).
+        bounds : (float, float)
+            Search interval of s.
+        n_bins : int
+            Bins of the calibration curve.
+
+        Returns
+        -------
+        self
+        """
+        from mlipuq import metrics
+        from mlipuq.calibration import fit_scale
+        from mlipuq.thresholds import fpr_threshold
+
+        check_is_fitted(self, "indices_")
+        errors = check_array(errors, "errors", ndim=1, nonnegative=True)
+        desc = check_array(descriptors, "descriptors", ndim=2, dtype=np.float32)
+        check_consistent_length(errors=errors, descriptors=desc)
+        if not 0.0 < fpr < 1.0:
+            raise InputError(f"fpr: expected a rate in (0, 1), got {fpr!r}")
+
+        def predict_p(scale: float | np.ndarray) -> np.ndarray:
+            return self.predict(desc, species, scale=scale, config_index=config_index,
+                                threshold=None).extras["p"]
+
+        atol = float(self.atol_)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            scale = fit_scale(predict_p, errors, atol, bounds=bounds, n_bins=n_bins,
+                              threshold_scales=False)
+        at_bound = any("search bound" in str(w.message) for w in caught)
+        if at_bound:
+            warnings.warn(
+                f"LTAU calibration: s = {scale:.4g} is at the search bound {bounds}: the "
+                "calibration atoms may not be in domain, or the bounds are too narrow",
+                UserWarning,
+                stacklevel=2,
+            )
+        before = predict_p(float(self.scale))
+        result = self.predict(desc, species, scale=scale, config_index=config_index)
+        scores = result.atom_uncertainty if config_index is None else result.config_uncertainty
+        threshold = fpr_threshold(scores, fpr)
+        self.scale_ = float(scale)
+        self.threshold_ = float(threshold)
+        self.calibration_ = {
+            "scale": float(scale),
+            "at_bound": bool(at_bound),
+            "bounds": [float(bounds[0]), float(bounds[1])],
+            "atol": atol,
+            "convention": "p = CDF_train(atol / s_j): test errors = s_j x training errors",
+            "ece_before": float(metrics.ece(before, errors, atol, n_bins=n_bins)),
+            "ece_after": float(metrics.ece(result.extras["p"], errors, atol, n_bins=n_bins)),
+            "scale_before": float(self.scale),
+            "n_atoms": int(len(errors)),
+            "n_configs": None if config_index is None else int(len(scores)),
+            "fpr": float(fpr),
+            "threshold": float(threshold),
+            "threshold_level": "atom" if config_index is None else "configuration",
+        }
+        self._reset_caches()
+        return self
+
     def train_confidence(
         self, atol: float | None = None, scale: float = 1.0
     ) -> np.ndarray:
@@ -524,20 +773,30 @@ class LTAUEstimator:
         return atol + self.rtol * self.force_norm_[rows]
 
     def _neighbour_p(
-        self, neighbours: np.ndarray, atol: float, scales: float | np.ndarray, rows: np.ndarray
+        self, neighbours: np.ndarray, atol: float, s_rows: np.ndarray, base: float | None
     ) -> np.ndarray:
-        """Mean neighbour CDF at their (scaled) tolerance, shape (len(rows),)."""
-        if np.ndim(scales) == 0:
-            confidence = self.train_confidence(atol, float(scales))
-            return confidence[neighbours].sum(axis=1) / neighbours.shape[1]
+        """Mean neighbour CDF at the tolerance over each atom's scale, shape (n,).
+
+        Rows whose scale equals the scalar ``base`` read the cached per-training-row
+        table (:meth:`train_confidence`, one gather: the per-MD-step path); the
+        others evaluate each (atom, neighbour) pair at its own scale.
+        """
         n_rows, k = neighbours.shape
-        flat_rows = neighbours.ravel()
-        limits = self._tolerance(atol, flat_rows) / np.repeat(scales[rows], k)
-        values = np.empty(len(flat_rows))
-        for start in range(0, len(flat_rows), _PAIR_CHUNK):
-            part = slice(start, start + _PAIR_CHUNK)
-            values[part] = self.distributions_.take(flat_rows[part]).cdf(limits[part])
-        return values.reshape(n_rows, k).mean(axis=1)
+        p = np.empty(n_rows)
+        simple = np.zeros(n_rows, bool) if base is None else s_rows == base
+        if np.any(simple):
+            confidence = self.train_confidence(atol, base)
+            p[simple] = confidence[neighbours[simple]].sum(axis=1) / k
+        rest = np.flatnonzero(~simple)
+        if rest.size:
+            flat_rows = neighbours[rest].ravel()
+            limits = self._tolerance(atol, flat_rows) / np.repeat(s_rows[rest], k)
+            values = np.empty(len(flat_rows))
+            for start in range(0, len(flat_rows), _PAIR_CHUNK):
+                part = slice(start, start + _PAIR_CHUNK)
+                values[part] = self.distributions_.take(flat_rows[part]).cdf(limits[part])
+            p[rest] = values.reshape(len(rest), k).mean(axis=1)
+        return p
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> None:
@@ -582,7 +841,14 @@ class LTAUEstimator:
                 "n_features": self.n_features_in_,
                 "n_train_atoms": self.n_train_atoms_,
                 "groups": groups,
-                "units": {"atol": "eV/Å", "bin_edges": "eV/Å"},
+                "reference_distance": {
+                    name: _json_float(value) for name, value in self.reference_distance_.items()
+                },
+                "scale": self.scale_,
+                "threshold": self.threshold_,
+                "calibration": self.calibration_,
+                "units": {"atol": "eV/Å", "bin_edges": "eV/Å",
+                          "reference_distance": "descriptor units"},
             },
         )
 
@@ -605,9 +871,11 @@ class LTAUEstimator:
             directory / "estimator.json",
             what="LTAU estimator",
             format_name=FORMAT_NAME,
-            format_version=FORMAT_VERSION,
+            format_version=(1, FORMAT_VERSION),
         )
         params = dict(meta["params"])
+        if meta["format_version"] == 1:  # written before the distance-aware transfer
+            params["transfer"] = "mean"
         if params.get("window") is not None:
             params["window"] = tuple(params["window"])
         estimator = cls(**params)
@@ -639,11 +907,23 @@ class LTAUEstimator:
             estimator.group_rows_[name] = rows.astype(np.int64)
             estimator.indices_[name] = index
             estimator.index_kinds_[name] = group["kind"]
-        estimator._cache = {}
+        estimator._reset_caches()
+        estimator.reference_distance_ = {
+            name: np.nan if value is None else float(value)
+            for name, value in meta.get("reference_distance", {}).items()
+        }
+        estimator.scale_ = float(meta.get("scale", estimator.scale))
+        threshold = meta.get("threshold")
+        estimator.threshold_ = None if threshold is None else float(threshold)
+        estimator.calibration_ = meta.get("calibration")
         estimator._expected_train = np.asarray(
             estimator.distributions_.expected_error(), dtype=np.float64
         )
         return estimator
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def _check_scale_scalar(scale: Any) -> float:
@@ -670,6 +950,7 @@ def _result(
     p: np.ndarray,
     expected: np.ndarray,
     distance: np.ndarray,
+    normalised: np.ndarray,
     mass: np.ndarray | None,
     configs: np.ndarray | None,
     threshold: float | None,
@@ -678,7 +959,8 @@ def _result(
 
     uncertainty = 1.0 - p
     config_u = None if configs is None else config_max(uncertainty, configs)
-    extras = {"p": p, "expected_error": expected, "knn_distance": distance}
+    extras = {"p": p, "expected_error": expected, "knn_distance": distance,
+              "knn_distance_normalised": normalised}
     if mass is not None:
         extras["distribution"] = mass
     atom_flags = config_flags = None
