@@ -72,6 +72,8 @@ def test_report_files_links_and_json(case, written):
         "calibration_ltau.png",
         "scatter_ltau.png",
         "scatter_dopt.png",
+        "scatter_energy_ltau.png",  # H_transfer has energies only
+        "scatter_energy_dopt.png",
         "detection_rates.png",
         "cost.png",
     }
@@ -116,34 +118,46 @@ def test_summary_text_reads_the_numbers():
         return kw
 
     metrics = {
+        "test_sets": {
+            "300K": {"in_domain": True, "has_forces": True},
+            "600K": {"in_domain": False, "has_forces": True},
+            "surface": {"in_domain": False, "has_forces": False},
+        },
         "methods": {
-            "ltau": {
+            "ltau_calibrated": {
                 "cost": {"seconds_per_atom": 1e-6, "relative_to_forward": 0.02},
                 "metrics": {
-                    "all": entry(ece=0.1, spearman_atom=0.4),
-                    "300K": entry(ece=0.03, detection_rate_config=None),
-                    "600K": entry(ece=0.2),
+                    "all": entry(ece=0.01, spearman_atom=0.9),  # pooled: never quoted
+                    "300K": entry(ece=0.03, spearman_atom=0.5),
+                    "600K": entry(ece=0.2, spearman_atom=0.3, roc_auc=0.7, tpr=0.4, fpr=0.05),
+                    "surface": entry(roc_auc=0.95, tpr=0.9, fpr=0.05),
                 },
             },
-            "D-optimality": {
+            "doptimality": {
                 "cost": {"seconds_per_atom": 1e-5, "relative_to_forward": 0.2},
                 "metrics": {
-                    "all": entry(spearman_atom=0.6, roc_auc=0.9),
-                    "surface": entry(detection_rate_config=0.95),
-                    "bulk": entry(detection_rate_config=0.03),
+                    "all": entry(spearman_atom=0.6),
+                    "300K": entry(spearman_atom=0.45),
+                    "600K": entry(spearman_atom=0.4, roc_auc=0.9, tpr=0.7, fpr=0.04),
+                    "surface": entry(roc_auc=0.8, tpr=0.5, fpr=0.04),
                 },
             },
-        }
+        },
     }
     text = summary_text(metrics)
-    assert (
-        "LTAU has the lowest calibration error over all test atoms "
-        "(ECE 0.100; worst group 600K, ECE 0.200)." in text
-    )
-    assert "D-optimality ranks the atoms by error best (Spearman 0.60" in text
-    assert "D-optimality flags 95 % of the surface configurations and 3 % of the bulk ones." in text
-    assert "D-optimality separates out-of-domain configurations best (ROC-AUC 0.90)." in text
-    assert "LTAU is the cheapest: its UQ step costs 0.02 × one forward pass." in text
+    assert ("LTAU (calibrated) has its largest calibration error on 600K (ECE 0.200); on "
+            "the held-out in-domain atoms of 300K it is 0.030.") in text
+    # ranking by each method's worst set: D-optimality 0.40 beats LTAU's 0.30
+    assert ("D-optimality ranks atoms by force error best (even on its worst set, 600K: "
+            "Spearman 0.40") in text
+    assert ("600K: D-optimality separates it from the in-domain data best (ROC-AUC 0.90; "
+            "at its threshold it flags 70 % of these configurations and 4 % of the "
+            "in-domain ones).") in text
+    assert "surface: LTAU (calibrated) separates it from the in-domain data best (ROC-AUC 0.95" \
+        in text
+    assert "surface has no reference forces: judged on configuration energy errors" in text
+    assert "LTAU (calibrated) is the cheapest: its UQ step costs 0.02 × one forward pass." in text
+    assert "0.01" not in text and "0.9 " not in text  # the pooled figures hide 600K
 
 
 def test_report_bad_input(tmp_path):

@@ -74,7 +74,9 @@ def evaluate(
         p computed at atol, observed threshold atol * s. Leave at 1 when the
         result's p already folds s in (see :mod:`mlipuq.calibration`).
     is_ood : ndarray of bool, shape (C,), optional
-        Out-of-domain label per configuration, for ROC-AUC and TPR/FPR.
+        Out-of-domain label per configuration, for ROC-AUC and TPR/FPR. A group that
+        is entirely out of domain is scored against all in-domain configurations
+        (ROC-AUC, TPR, FPR of that pairing); an in-domain group gets its FPR.
     timings : dict of str -> float, optional
         Seconds per atom of each method's UQ step.
     forward_seconds_per_atom : float, optional
@@ -93,7 +95,7 @@ def evaluate(
         "metrics": {"all": {...}, label: {...}}}}}``. Each metrics entry holds
         ``spearman_atom``, ``spearman_config_force``, ``spearman_config_energy``,
         ``detection_rate_atom``, ``detection_rate_config``, ``roc_auc``,
-        ``tpr``, ``fpr``, ``ece``, ``calibration_curve``, ``sharpness``,
+        ``tpr``, ``fpr``, ``in_domain``, ``ece``, ``calibration_curve``, ``sharpness``,
         ``cv_uncertainty``, ``mean_uncertainty``, ``n_atoms``, ``n_configs``.
         Values that cannot be computed (no forces, single class, constant
         input) are ``None``; the dict contains only JSON types.
@@ -263,16 +265,29 @@ def _subset_metrics(
 
 
 def _ood_metrics(m: _MethodArrays, data: _TestSet, cm: np.ndarray) -> dict:
-    none = {"roc_auc": None, "tpr": None, "fpr": None}
-    if data.is_ood is None:
+    """ROC-AUC, TPR and FPR of a subset of configurations.
+
+    A subset that mixes in-domain and out-of-domain configurations (``"all"``) is
+    scored as it is. A subset that is all out of domain (one out-of-domain set) is
+    scored against every in-domain configuration; a subset that is all in domain
+    gets its false-positive rate only.
+    """
+    none = {"roc_auc": None, "tpr": None, "fpr": None, "in_domain": None}
+    if data.is_ood is None or not np.any(cm):
         return none
-    labels = data.is_ood[cm]
-    scores = m.config_u[cm]
-    if labels.all() or not labels.any() or not np.all(np.isfinite(scores)):
-        return none  # a single class (typical within one group): undefined
-    out = {"roc_auc": metrics.roc_auc(scores, labels), "tpr": None, "fpr": None}
+    ood = data.is_ood
+    if not ood[cm].any():  # an in-domain subset: how often it is flagged
+        fpr = None if m.config_flags is None else float(np.mean(m.config_flags[cm]))
+        return {"roc_auc": None, "tpr": None, "fpr": fpr, "in_domain": True}
+    mask = cm | ~ood if ood[cm].all() else cm
+    labels = ood[mask]
+    scores = m.config_u[mask]
+    out = {"roc_auc": None, "tpr": None, "fpr": None, "in_domain": False}
+    if labels.all() or not np.all(np.isfinite(scores)):
+        return out  # no in-domain configuration to compare with
+    out["roc_auc"] = metrics.roc_auc(scores, labels)
     if m.config_flags is not None:
-        flags = m.config_flags[cm]
+        flags = m.config_flags[mask]
         out["tpr"] = float(np.mean(flags[labels]))
         out["fpr"] = float(np.mean(flags[~labels]))
     return out

@@ -44,6 +44,8 @@ from mlipuq.result import UQResult
 from mlipuq.run_folder import RunFolder
 
 METHODS = ("ltau", "ensemble", "doptimality", "clustered_doptimality")
+DEFAULT_FPR = 0.05
+"""In-domain false-positive rate (per configuration) of every fitted flag threshold."""
 """Every method :func:`fit_methods` knows, in report order."""
 
 DEFAULT_K = 5
@@ -156,6 +158,7 @@ def fit_methods(
     train_outputs: Mapping[str, ModelOutputs] | None = None,
     k: int = 5,
     ltau_window: tuple[int, int | None] | None = None,
+    ltau_transfer: str = "distance",
     n_clusters: int = 4,
     threads: int = 1,
     seed: int = 0,
@@ -177,6 +180,8 @@ def fit_methods(
         LTAU neighbours.
     ltau_window : (start, size), optional
         Epoch window of LTAU's error distributions (default: every logged epoch).
+    ltau_transfer : {"distance", "mean"}
+        LTAU's transfer (:class:`~mlipuq.ltau.LTAUEstimator` ``transfer``).
     n_clusters : int
         k-means clusters of clustered D-optimality.
     threads : int
@@ -205,18 +210,19 @@ def fit_methods(
     estimators: dict[str, Any] = {}
     for name in methods:
         estimators[name] = _FITTERS[name](run, base, train_outputs, k=k, n_clusters=n_clusters,
-                                          threads=threads, seed=seed, window=ltau_window)
+                                          threads=threads, seed=seed, window=ltau_window,
+                                          transfer=ltau_transfer)
     if save:
         save_methods(run, estimators, model_id=model_id)
     return estimators
 
 
-def _fit_ltau(run, base, _outputs, *, k, threads, window, **_):
+def _fit_ltau(run, base, _outputs, *, k, threads, window, transfer="distance", **_):
     from mlipuq.ltau import LTAUEstimator
 
     if not run.store_path.is_dir():
         raise InputError(f"{run.store_path}: the run has no error trajectories (needed by LTAU)")
-    estimator = LTAUEstimator(k=k, window=window, n_threads=threads)
+    estimator = LTAUEstimator(k=k, window=window, n_threads=threads, transfer=transfer)
     return estimator.fit(run.store, base.descriptors, base.species)
 
 
@@ -328,20 +334,19 @@ def predict_methods(
     outputs_by_member: Mapping[str, ModelOutputs],
     *,
     model_id: str = "model_0",
-    ltau_scale: float | np.ndarray | None = None,
 ) -> tuple[dict[str, UQResult], dict[str, float]]:
     """Every estimator's :class:`UQResult` on one set of model outputs, with timings.
 
     Parameters
     ----------
     estimators : dict of str -> fitted estimator
-        From :func:`fit_methods` or :func:`load_methods`.
+        From :func:`fit_methods` or :func:`load_methods`; ``"ltau"`` is predicted at
+        s = 1 (uncalibrated), :data:`CALIBRATED` (an LTAU estimator after
+        :meth:`~mlipuq.ltau.LTAUEstimator.calibrate`) with its fitted scale.
     outputs_by_member : dict of str -> ModelOutputs
         Outputs of the members on the test frames (all members for the ensemble).
     model_id : str
         Member whose descriptors the descriptor-based methods use.
-    ltau_scale : float or ndarray of shape (N,), optional
-        If given, an extra result :data:`CALIBRATED` = LTAU with this scale factor.
 
     Returns
     -------
@@ -363,13 +368,10 @@ def predict_methods(
         seconds[name] = (time.perf_counter() - start) / max(n_atoms, 1)
 
     for name, estimator in estimators.items():
-        if name == "ltau":
-            timed(name, lambda e=estimator: e.predict(
-                base.descriptors, base.species, config_index=base.config_index))
-            if ltau_scale is not None:
-                timed(CALIBRATED, lambda e=estimator: _renamed(e.predict(
-                    base.descriptors, base.species, config_index=base.config_index,
-                    scale=ltau_scale), CALIBRATED))
+        if name in ("ltau", CALIBRATED):
+            scale = 1.0 if name == "ltau" else None
+            timed(name, lambda e=estimator, s=scale, n=name: _renamed(e.predict(
+                base.descriptors, base.species, config_index=base.config_index, scale=s), n))
         elif name == "ensemble":
             forces, energies = _stack(outputs_by_member)
             timed(name, lambda e=estimator, f=forces, en=energies: e.predict(
@@ -483,117 +485,133 @@ def load_test_sets(
 
 
 # ---------------------------------------------------------------------- calibration
-def calibrate_ltau(
-    ltau: Any,
-    outputs: ModelOutputs,
-    force_errors: np.ndarray,
-    atom_groups: np.ndarray,
-    *,
-    calibration_set: str,
-    fraction: float = 0.5,
-    seed: int = 0,
-    min_group_size: int = 100,
-) -> dict:
-    """Fit LTAU's scale factor s on part of one test set; ECE before/after everywhere.
+def split_configurations(
+    groups: np.ndarray, calibration_set: str, fraction: float, seed: int
+) -> np.ndarray:
+    """Calibration configurations: a seeded ``fraction`` of those of ``calibration_set``.
 
-    The global s is fitted on ``fraction`` of the configurations of
-    ``calibration_set`` (seeded split by configuration). ECE before (s = 1) and
-    after is reported on the held-out rest of that set and on every other set.
-    Separately, one s per set is fitted on half of each set's configurations
-    (``group_scales``; sets with fewer than ``min_group_size`` atoms in their half
-    keep the global s) and judged on the other half: how much s grows out of domain.
+    Parameters
+    ----------
+    groups : ndarray of str, shape (C,)
+        Test-set name of each configuration.
+    calibration_set : str
+        The in-domain set to split.
+    fraction : float
+        Share of its configurations used for calibration, in (0, 1).
+    seed : int
+        Seed of the split.
 
     Returns
     -------
-    dict
-        ``scale``, ``calibration_set``, ``fraction``, ``seed``, ``atol``,
-        ``n_calibration_atoms``, ``ece_before`` / ``ece_after`` per set (held-out
-        atoms only for the calibration set), ``group_scales``,
-        ``group_ece_before`` / ``group_ece_after`` (held-out halves).
+    ndarray of bool, shape (C,)
+        True for the calibration configurations (the rest stay held out).
     """
-    from mlipuq import metrics
-    from mlipuq.calibration import calibrate, split_calibration
-
-    has_force = np.isfinite(force_errors)
-    in_set = (atom_groups == calibration_set) & has_force
-    if not np.any(in_set):
-        raise InputError(
-            f"--calibrate-on: test set {calibration_set!r} has no atoms with reference forces "
-            f"(sets: {sorted(set(atom_groups.tolist()))})"
-        )
-    rows = np.flatnonzero(has_force)  # calibration works on atoms with forces only
-    errors = force_errors[rows]
-    groups = atom_groups[rows]
-    configs = outputs.config_index[rows]
-    atol = float(ltau.atol_)
-
-    def predict_p(scale: float | np.ndarray) -> np.ndarray:
-        return ltau.predict(outputs.descriptors[rows], outputs.species[rows],
-                            scale=scale).extras["p"]
+    from mlipuq.calibration import split_calibration
 
     local = np.flatnonzero(groups == calibration_set)
-    cal, held = split_calibration(len(local), fraction, seed, config_index=configs[local])
-    cal_index, held_index = local[cal], local[held]
-    p_before = predict_p(1.0)
+    if len(local) < 2:
+        raise InputError(
+            f"--calibrate-on: test set {calibration_set!r} has {len(local)} configuration(s); "
+            "at least 2 are needed to split it into calibration and held-out parts"
+        )
+    cal, _ = split_calibration(len(local), fraction, seed)
+    mask = np.zeros(len(groups), bool)
+    mask[local[cal]] = True
+    return mask
+
+
+def subset_outputs(outputs: ModelOutputs, configs: np.ndarray) -> ModelOutputs:
+    """The outputs of the configurations where ``configs`` (bool, (C,)) is True,
+    renumbered 0..C'-1 in their order."""
+    atoms = configs[outputs.config_index]
+    renumber = np.cumsum(configs) - 1
+    return ModelOutputs(
+        energies=outputs.energies[configs],
+        forces=outputs.forces[atoms],
+        descriptors=outputs.descriptors[atoms],
+        species=outputs.species[atoms],
+        config_index=renumber[outputs.config_index[atoms]],
+    )
+
+
+def subset_data(data: EvaluationData, configs: np.ndarray) -> EvaluationData:
+    """The test data of the configurations where ``configs`` (bool, (C,)) is True."""
+    atoms = configs[data.config_index]
+    renumber = np.cumsum(configs) - 1
+    return EvaluationData(
+        frames=[frame for frame, keep in zip(data.frames, configs, strict=True) if keep],
+        groups=data.groups[configs],
+        config_index=renumber[data.config_index[atoms]],
+        ref_forces=data.ref_forces[atoms],
+        ref_energies=data.ref_energies[configs],
+    )
+
+
+def calibrate_ltau(
+    ltau: Any,
+    calibration_outputs: ModelOutputs,
+    calibration_errors: np.ndarray,
+    *,
+    fpr: float = 0.05,
+) -> Any:
+    """A copy of ``ltau`` calibrated on in-domain held-out atoms (scale and threshold).
+
+    Only atoms with reference forces count; see
+    :meth:`mlipuq.ltau.LTAUEstimator.calibrate`. A scale at a search bound is kept and
+    flagged in ``calibration_["at_bound"]`` (the warning is left to the caller).
+    """
+    import copy
+
+    rows = np.flatnonzero(np.isfinite(calibration_errors))
+    if len(rows) == 0:
+        raise InputError("--calibrate-on: the calibration configurations have no reference "
+                         "forces (LTAU is calibrated on force errors)")
+    configs = np.unique(calibration_outputs.config_index[rows], return_inverse=True)[1]
+    calibrated = copy.deepcopy(ltau)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        result = calibrate(predict_p, errors, atol, cal_index=cal_index, test_index=held_index,
-                           threshold_scales=False)
-    p_after = predict_p(result.scale)
-    before, after = {}, {}
-    for name in dict.fromkeys(groups.tolist()):
-        idx = held_index if name == calibration_set else np.flatnonzero(groups == name)
-        before[name] = metrics.ece(p_before[idx], errors[idx], atol)
-        after[name] = metrics.ece(p_after[idx], errors[idx], atol)
-    out = {
-        "calibration_set": calibration_set,
-        "fraction": float(fraction),
-        "seed": int(seed),
-        "atol": atol,
-        "convention": "p = CDF_train(atol / s): test errors = s x training errors",
-        "scale": float(result.scale),
-        "n_calibration_atoms": int(len(cal_index)),
-        "n_held_out_atoms": int(len(held_index)),
-        "ece_before": before,
-        "ece_after": after,
-    }
-    out.update(_group_scales(predict_p, errors, atol, groups, configs, seed, min_group_size,
-                             result.scale))
+        calibrated.calibrate(
+            calibration_outputs.descriptors[rows], calibration_outputs.species[rows],
+            calibration_errors[rows], config_index=configs, fpr=fpr)
+    return calibrated
+
+
+def fit_thresholds(
+    results: Mapping[str, UQResult], fpr: float = 0.05
+) -> dict[str, float]:
+    """Per method: the threshold flagging a share ``fpr`` of in-domain configurations.
+
+    ``results`` are the methods' predictions on held-out in-domain configurations
+    (the calibration part); the threshold is the (1 - ``fpr``) quantile of each
+    method's configuration uncertainty (:func:`mlipuq.thresholds.fpr_threshold`).
+    """
+    from mlipuq.thresholds import fpr_threshold
+
+    out = {}
+    for name, result in results.items():
+        scores = result.config_uncertainty
+        if scores is None:
+            scores = result.atom_uncertainty
+        scores = np.asarray(scores, dtype=float)
+        scores = scores[np.isfinite(scores)]
+        if len(scores):
+            out[name] = fpr_threshold(scores, fpr)
     return out
 
 
-def _group_scales(predict_p, errors, atol, groups, configs, seed, min_group_size, default):
-    """One s per test set, fitted on half of its configurations, judged on the rest."""
-    from mlipuq.calibration import calibrate, split_calibration
+def ece_by_set(
+    p_before: np.ndarray, p_after: np.ndarray, errors: np.ndarray, atom_groups: np.ndarray,
+    atol: float,
+) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """ECE of p before and after calibration on each set's atoms with forces."""
+    from mlipuq import metrics
 
-    cal_parts, held_parts = [], []
-    for name in dict.fromkeys(groups.tolist()):
-        local = np.flatnonzero(groups == name)
-        if len(np.unique(configs[local])) < 2:
-            continue
-        cal, held = split_calibration(len(local), 0.5, seed, config_index=configs[local])
-        cal_parts.append(local[cal])
-        held_parts.append(local[held])
-    if not cal_parts:
-        return {"group_scales": {}, "group_ece_before": {}, "group_ece_after": {}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        result = calibrate(
-            predict_p, errors, atol, cal_index=np.concatenate(cal_parts),
-            test_index=np.concatenate(held_parts), groups=groups,
-            min_group_size=min_group_size, threshold_scales=False,
-        )
-    scales = {name: float(result.group_scales.get(name, default))
-              for name in dict.fromkeys(groups.tolist())}
-    cal_groups = groups[np.concatenate(cal_parts)]
-    fitted = {name: bool(np.sum(cal_groups == name) >= min_group_size) for name in scales}
-    return {
-        "group_scales": scales,
-        "group_scale_fitted": fitted,
-        "group_min_atoms": int(min_group_size),
-        "group_ece_before": dict(result.ece_before_by_group),
-        "group_ece_after": dict(result.ece_after_by_group),
-    }
+    before, after = {}, {}
+    for name in dict.fromkeys(atom_groups.tolist()):
+        idx = np.flatnonzero((atom_groups == name) & np.isfinite(errors))
+        before[name] = float(metrics.ece(p_before[idx], errors[idx], atol)) if len(idx) else None
+        after[name] = float(metrics.ece(p_after[idx], errors[idx], atol)) if len(idx) else None
+    return before, after
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -607,9 +625,11 @@ def evaluate_run(
     in_domain: Sequence[str] | None = None,
     model_id: str = "model_0",
     refit: bool = False,
-    ltau_threshold: float = 0.5,
+    fpr: float = DEFAULT_FPR,
+    thresholds: Mapping[str, float] | None = None,
     k: int | None = None,
     ltau_window: tuple[int, int | None] | None = None,
+    ltau_transfer: str | None = None,
     n_clusters: int | None = None,
     threads: int = 1,
     seed: int = 0,
@@ -617,6 +637,13 @@ def evaluate_run(
     progress: Progress = _quiet,
 ) -> dict:
     """Fit (or load) the methods, predict every test set, evaluate, write the report.
+
+    Protocol: a seeded ``fraction`` of the configurations of one in-domain set (the
+    calibration set: ``calibration_set``, by default the run's validation frames as
+    the set ``"validation"``) is used only to fit LTAU's scale and every method's flag
+    threshold (at in-domain false-positive rate ``fpr`` per configuration); every
+    metric is computed on the other configurations, so the in-domain figures are
+    held out.
 
     Parameters
     ----------
@@ -629,23 +656,25 @@ def evaluate_run(
     methods : sequence of str, optional
         Subset of :data:`METHODS` (default: all the run supports).
     calibration_set : (name, fraction), optional
-        Fit LTAU's scale factor on ``fraction`` of the configurations of test set
-        ``name`` (in domain); adds the result ``"ltau_calibrated"``.
+        In-domain set to calibrate on and the share of its configurations used. None:
+        ``("validation", 0.5)`` with the run's ``val.extxyz`` added as a test set (no
+        calibration when the run has no validation frames).
     in_domain : sequence of str, optional
-        Test sets that are in domain (default: the calibration set); the others are
-        out of domain for ROC-AUC / TPR / FPR.
+        In-domain test sets (default: the calibration set); the others are out of
+        domain for ROC-AUC / TPR / FPR.
     model_id : str
         Member whose descriptors and errors the single-model methods use.
     refit : bool
         Refit even when estimators are saved in the run (else saved ones are reused).
-    ltau_threshold : float
-        LTAU flags atoms with 1 - p above it (0.5: an error above atol is more likely
-        than not). A Tukey fence of the training atoms' 1 - p is no use here: p is
-        bounded and spread over [0, 1], so the fence often lies above 1.
-    k, ltau_window, n_clusters : optional
-        LTAU neighbours and epoch window, clusters of clustered D-optimality. None:
-        reuse a saved estimator whatever its value, else fit with 5 / every epoch / 4;
-        a value that differs from the saved estimator's makes that method refit.
+    fpr : float
+        In-domain false-positive rate (per configuration) of the fitted thresholds.
+    thresholds : dict of str -> float, optional
+        Thresholds given by the user (per method name); they replace the fitted ones.
+    k, ltau_window, ltau_transfer, n_clusters : optional
+        LTAU neighbours, epoch window and transfer ("distance" or "mean"), clusters of
+        clustered D-optimality. None: reuse a saved estimator whatever its value, else
+        fit with 5 / every epoch / "distance" / 4; a value that differs from the saved
+        estimator's makes that method refit.
     threads, seed
         torch/FAISS threads; seed of the clustering and of the calibration split.
     title : str, optional
@@ -657,64 +686,176 @@ def evaluate_run(
     -------
     dict
         The metrics of :func:`mlipuq.evaluation.evaluate` with extra keys
-        ``"calibration"``, ``"run"``, ``"errors_from"``, ``"forward_seconds_per_atom"``
-        (as written to ``out_dir/metrics.json``).
+        ``"calibration"``, ``"thresholds"``, ``"test_sets"``, ``"run"``,
+        ``"errors_from"``, ``"forward_seconds_per_atom"`` (as written to
+        ``out_dir/metrics.json``).
     """
     from mlipuq.backends.nequip.features import torch_threads
 
     run = run if isinstance(run, RunFolder) else RunFolder.open(run)
     _check_member(run, model_id)
     methods = available_methods(run, methods)
+    if not 0.0 < float(fpr) < 1.0:
+        raise InputError(f"--fpr: expected a rate in (0, 1), got {fpr!r}")
+    test_sets, calibration_set = _with_validation(run, test_sets, calibration_set)
     data = load_test_sets(test_sets, run.elements)
     names = list(dict.fromkeys(data.groups.tolist()))
-    cal_name, fraction = _check_calibration(calibration_set, names, methods)
+    cal_name, fraction = _check_calibration(calibration_set, names)
     in_domain = _check_in_domain(in_domain, cal_name, names)
+    user_thresholds = _check_thresholds(thresholds, methods)
     with torch_threads(threads):
         estimators = _fitted(run, methods, model_id=model_id, refit=refit, k=k,
-                             window=ltau_window, n_clusters=n_clusters, threads=threads,
-                             seed=seed, progress=progress)
+                             window=ltau_window, transfer=ltau_transfer,
+                             n_clusters=n_clusters, threads=threads, seed=seed,
+                             progress=progress)
         members = run.model_ids if "ensemble" in methods else [model_id]
         progress(f"predicting {len(data.frames)} test configurations "
                  f"({len(data.config_index)} atoms) with {len(members)} model(s)")
         outputs, forward = model_outputs(run, data.frames, model_ids=members, threads=threads)
-    base = outputs[model_id]
-    force_errors = np.linalg.norm(data.ref_forces - base.forces, axis=1)
-    energy_errors = np.abs(data.ref_energies - base.energies)
 
-    calibration = None
+    is_cal = (np.zeros(len(data.frames), bool) if cal_name is None
+              else split_configurations(data.groups, cal_name, fraction, seed))
+    held = subset_data(data, ~is_cal)
+    held_outputs = {m: subset_outputs(o, ~is_cal) for m, o in outputs.items()}
+    calibration, fitted = None, {}
     if cal_name is not None:
-        progress(f"calibrating LTAU on {fraction:.0%} of {cal_name!r}")
-        calibration = calibrate_ltau(
-            estimators["ltau"], base, force_errors, data.atom_groups(),
-            calibration_set=cal_name, fraction=fraction, seed=seed)
+        cal_outputs = {m: subset_outputs(o, is_cal) for m, o in outputs.items()}
+        cal_data = subset_data(data, is_cal)
+        if "ltau" in estimators:
+            progress(f"calibrating LTAU on {fraction:.0%} of the configurations of {cal_name!r}")
+            errors = np.linalg.norm(cal_data.ref_forces - cal_outputs[model_id].forces, axis=1)
+            estimators[CALIBRATED] = calibrate_ltau(estimators["ltau"], cal_outputs[model_id],
+                                                    errors, fpr=fpr)
+        cal_results, _ = predict_methods(estimators, cal_outputs, model_id=model_id)
+        fitted = fit_thresholds(cal_results, fpr)
     progress("uncertainty of every method")
-    results, seconds = predict_methods(
-        estimators, outputs, model_id=model_id,
-        ltau_scale=None if calibration is None else calibration["scale"])
+    results, seconds = predict_methods(estimators, held_outputs, model_id=model_id)
     if "ensemble" in results:  # its real cost: the other members' forward passes too
         seconds["ensemble"] += sum(v for m, v in forward.items() if m != model_id)
-
-    metrics = _evaluate_all(results, estimators, data, outputs, force_errors, energy_errors,
-                            in_domain, seconds, forward[model_id], ltau_threshold)
+    base = held_outputs[model_id]
+    force_errors = np.linalg.norm(held.ref_forces - base.forces, axis=1)
+    energy_errors = np.abs(held.ref_energies - base.energies)
+    if CALIBRATED in estimators:
+        calibration = _calibration_summary(estimators[CALIBRATED], cal_name, fraction, seed,
+                                           results, force_errors, held)
+    threshold_info = _threshold_info(results, fitted, user_thresholds, fpr, cal_name,
+                                     int(is_cal.sum()))
+    metrics = _evaluate_all(results, estimators, held, held_outputs, force_errors,
+                            energy_errors, in_domain, seconds, forward[model_id],
+                            {n: t["value"] for n, t in threshold_info.items()})
     metrics["calibration"] = calibration
+    metrics["thresholds"] = threshold_info
     metrics["run"] = _run_info(run, model_id, estimators)
     metrics["forward_seconds_per_atom"] = forward
-    metrics["test_sets"] = {name: {"in_domain": name in in_domain,
-                                   "has_forces": bool(np.any(np.isfinite(
-                                       force_errors[data.atom_groups() == name])))}
-                            for name in names}
+    metrics["test_sets"] = test_set_table(held, held_outputs, model_id, in_domain)
     progress(f"writing the report to {out_dir}")
-    index = _write(metrics, out_dir, results, force_errors, energy_errors, data, title)
+    index = _write(metrics, out_dir, results, force_errors, energy_errors, held, title)
     metrics["report"] = str(index)
     return metrics
 
 
-def _check_calibration(calibration_set, names, methods) -> tuple[str | None, float]:
+VALIDATION = "validation"
+"""Name of the run's validation frames when they are added as a test set."""
+
+
+def _with_validation(run, test_sets, calibration_set):
+    """Add the run's validation frames as the set ``"validation"`` when they calibrate."""
+    wanted = calibration_set is None or calibration_set[0] == VALIDATION
+    if not wanted or VALIDATION in test_sets:
+        return test_sets, calibration_set
+    path = run.val_path
+    if not path.is_file() or path.stat().st_size == 0:
+        if calibration_set is not None:
+            raise InputError(f"--calibrate-on validation: the run has no validation frames "
+                             f"({path} missing or empty)")
+        return test_sets, None
+    return {**test_sets, VALIDATION: path}, calibration_set or (VALIDATION, 0.5)
+
+
+def _check_thresholds(thresholds, methods) -> dict[str, float]:
+    out = {}
+    for name, value in (thresholds or {}).items():
+        known = (*methods, CALIBRATED) if "ltau" in methods else tuple(methods)
+        if name not in known:
+            raise InputError(f"--threshold: unknown method {name!r} (methods: {list(known)})")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise InputError(f"--threshold: {name}: expected a number, got {value!r}") from None
+        if not np.isfinite(value):
+            raise InputError(f"--threshold: {name}: expected a finite number, got {value!r}")
+        out[name] = value
+    return out
+
+
+def _threshold_info(results, fitted, given, fpr, cal_name, n_cal_configs) -> dict:
+    """Per method: the threshold used for the flags and where it comes from."""
+    out = {}
+    for name, result in results.items():
+        if name in given:
+            out[name] = {"value": given[name], "source": "given"}
+        elif name in fitted:
+            out[name] = {"value": fitted[name], "source": "fitted", "fpr": float(fpr),
+                         "calibration_set": cal_name, "n_configs": n_cal_configs}
+        else:
+            out[name] = {"value": result.threshold, "source": "method default"}
+    return out
+
+
+def _calibration_summary(calibrated, cal_name, fraction, seed, results, force_errors,
+                         held) -> dict:
+    out = dict(calibrated.calibration_)
+    before, after = ece_by_set(results["ltau"].extras["p"], results[CALIBRATED].extras["p"],
+                               force_errors, held.atom_groups(), out["atol"])
+    out.update({"calibration_set": cal_name, "fraction": float(fraction), "seed": int(seed),
+                "ece_before": before, "ece_after": after,
+                "ece_before_calibration_atoms": out["ece_before"],
+                "ece_after_calibration_atoms": out["ece_after"]})
+    return out
+
+
+def test_set_table(
+    data: EvaluationData, outputs: Mapping[str, ModelOutputs], model_id: str, in_domain: set
+) -> dict:
+    """Per test set: size, in-domain flag and the errors of ``model_id`` (and the mean).
+
+    ``force_mae_component`` is the MAE over the x, y, z components (eV/Å, what
+    training logs print); ``force_mae_norm`` the mean of |F_ref - F_pred| over atoms
+    (eV/Å, the error LTAU's atol is defined on); ``energy_mae_per_atom`` the mean of
+    |E_ref - E_pred| / n_atoms over configurations (eV/atom).
+    """
+    atom_groups = data.atom_groups()
+    sizes = np.bincount(data.config_index, minlength=len(data.groups))
+    forces, energies = _stack(outputs)
+    models = {model_id: (outputs[model_id].forces, outputs[model_id].energies)}
+    if len(outputs) > 1:
+        models["ensemble mean"] = (forces.mean(axis=0), energies.mean(axis=0))
+    table = {}
+    for name in dict.fromkeys(data.groups.tolist()):
+        atoms, configs = atom_groups == name, data.groups == name
+        entry = {"n_configs": int(configs.sum()), "n_atoms": int(atoms.sum()),
+                 "in_domain": name in in_domain,
+                 "has_forces": bool(np.any(np.isfinite(data.ref_forces[atoms]))),
+                 "has_energies": bool(np.any(np.isfinite(data.ref_energies[configs])))}
+        for label, (f, e) in models.items():
+            diff = data.ref_forces[atoms] - f[atoms]
+            ok = np.all(np.isfinite(diff), axis=1)
+            per_atom = np.abs(data.ref_energies[configs] - e[configs]) / sizes[configs]
+            per_atom = per_atom[np.isfinite(per_atom)]
+            entry[label] = {
+                "force_mae_component": float(np.abs(diff[ok]).mean()) if ok.any() else None,
+                "force_mae_norm": float(np.linalg.norm(diff[ok], axis=1).mean())
+                if ok.any() else None,
+                "energy_mae_per_atom": float(per_atom.mean()) if len(per_atom) else None,
+            }
+        table[name] = entry
+    return table
+
+
+def _check_calibration(calibration_set, names) -> tuple[str | None, float]:
     if calibration_set is None:
         return None, 0.5
     name, fraction = calibration_set
-    if "ltau" not in methods:
-        raise InputError("--calibrate-on: calibration is for LTAU, which is not among --methods")
     if name not in names:
         raise InputError(f"--calibrate-on: no test set named {name!r} (test sets: {names})")
     if not 0.0 < float(fraction) < 1.0:
@@ -731,12 +872,14 @@ def _check_in_domain(in_domain, cal_name, names) -> set[str]:
     return set(in_domain)
 
 
-def _fitted(run, methods, *, model_id, refit, k, window, n_clusters, threads, seed, progress):
+def _fitted(run, methods, *, model_id, refit, k, window, transfer, n_clusters, threads, seed,
+            progress):
     """Saved estimators where present (unless ``refit``), the rest fitted and saved."""
     saved = {} if refit else load_methods(run, methods, model_id=model_id)
     ltau = saved.get("ltau")
     if ltau is not None and ((k is not None and ltau.k != k) or (
-            window is not None and _window(ltau.window) != _window(window))):
+            window is not None and _window(ltau.window) != _window(window)) or (
+            transfer is not None and ltau.transfer != transfer)):
         del saved["ltau"]  # other parameters asked for: refit
     clustered = saved.get("clustered_doptimality")
     if clustered is not None and n_clusters is not None and clustered.n_clusters != n_clusters:
@@ -753,6 +896,7 @@ def _fitted(run, methods, *, model_id, refit, k, window, n_clusters, threads, se
         saved.update(fit_methods(
             run, model_id=model_id, methods=missing, train_outputs=train,
             k=DEFAULT_K if k is None else k, ltau_window=window,
+            ltau_transfer="distance" if transfer is None else transfer,
             n_clusters=DEFAULT_CLUSTERS if n_clusters is None else n_clusters,
             threads=threads, seed=seed))
     return {m: saved[m] for m in methods}
@@ -763,7 +907,7 @@ def _window(window) -> tuple | None:
 
 
 def _evaluate_all(results, estimators, data, outputs, force_errors, energy_errors, in_domain,
-                  seconds, forward, ltau_threshold):
+                  seconds, forward, thresholds):
     """evaluate() for the single-model methods; the ensemble against ensemble-mean errors."""
     from mlipuq.evaluation import evaluate
 
@@ -773,8 +917,8 @@ def _evaluate_all(results, estimators, data, outputs, force_errors, energy_error
         is_ood = ~np.isin(data.groups, sorted(in_domain))
     common = {"config_index": data.config_index, "groups": data.groups, "atol": atol,
               "is_ood": is_ood, "timings": seconds, "forward_seconds_per_atom": forward}
+    thresholds = {n: t for n, t in thresholds.items() if t is not None}
     single = {n: r for n, r in results.items() if n != "ensemble"}
-    thresholds = {n: ltau_threshold for n in single if n.startswith("ltau")}
     metrics = None
     if single:
         metrics = evaluate(single, force_errors=force_errors, energy_errors=energy_errors,
@@ -784,7 +928,7 @@ def _evaluate_all(results, estimators, data, outputs, force_errors, energy_error
         mean_force_errors = np.linalg.norm(data.ref_forces - forces.mean(axis=0), axis=1)
         mean_energy_errors = np.abs(data.ref_energies - energies.mean(axis=0))
         ens = evaluate({"ensemble": results["ensemble"]}, force_errors=mean_force_errors,
-                       energy_errors=mean_energy_errors, **common)
+                       energy_errors=mean_energy_errors, thresholds=thresholds, **common)
         if metrics is None:
             metrics = ens
         else:
@@ -815,68 +959,13 @@ def _run_info(run: RunFolder, model_id: str, estimators: Mapping[str, Any]) -> d
 
 
 def _write(metrics, out_dir, results, force_errors, energy_errors, data, title) -> Path:
-    from mlipuq.io import atomic_path
     from mlipuq.report import write_report
 
-    index = write_report(
+    return write_report(
         metrics, out_dir, results=results, force_errors=force_errors,
         energy_errors=energy_errors, config_index=data.config_index, groups=data.groups,
         title=title or "mlipuq evaluation",
     )
-    extra = _extra_html(metrics)
-    text = index.read_text()
-    with atomic_path(index, suffix=".html") as tmp:
-        Path(tmp).write_text(text.replace("</body>", extra + "\n</body>"))
-    return index
-
-
-def _extra_html(metrics: Mapping) -> str:
-    """Calibration and run sections appended to the report page."""
-    import html
-
-    parts = []
-    cal = metrics.get("calibration")
-    if cal:
-        rows = "".join(
-            f"<tr><td class='l'>{html.escape(name)}</td><td>{_fmt(cal['ece_before'][name])}</td>"
-            f"<td>{_fmt(cal['ece_after'][name])}</td>"
-            f"<td>{_group_scale(cal, name)}</td>"
-            f"<td>{_fmt(cal['group_ece_after'].get(name))}</td></tr>"
-            for name in cal["ece_before"]
-        )
-        parts.append(
-            "<h2>LTAU calibration</h2>"
-            f"<p>Scale factor s = {cal['scale']:.3g} fitted on {cal['fraction']:.0%} of the "
-            f"configurations of <b>{html.escape(cal['calibration_set'])}</b> "
-            f"({cal['n_calibration_atoms']} atoms, seed {cal['seed']}); p = CDF of the "
-            f"neighbours' training errors at atol / s, atol = {cal['atol']:.4g} eV/Å. "
-            "ECE on the held-out configurations of the calibration set and on all of "
-            "every other set; the last two columns fit one s per set on half of its "
-            "configurations and report the ECE on the other half.</p>"
-            "<table><tr><th class='l'>test set</th><th>ECE s = 1</th>"
-            f"<th>ECE s = {cal['scale']:.3g}</th><th>s per set</th><th>ECE (s per set)</th>"
-            f"</tr>{rows}</table>"
-        )
-    run = metrics.get("run", {})
-    if run:
-        parts.append(
-            f"<p>Run {html.escape(str(run.get('path')))}: models "
-            f"{html.escape(', '.join(run.get('model_ids', [])))}, preset "
-            f"{html.escape(str(run.get('preset')))}, {run.get('epochs')} epochs, "
-            f"{run.get('n_train_atoms')} training atoms. Single-model methods use "
-            f"{html.escape(str(run.get('model_id')))}; the ensemble is judged against the "
-            "errors of the ensemble mean.</p>"
-        )
-    return "\n".join(parts)
-
-
-def _group_scale(cal: Mapping, name: str) -> str:
-    text = _fmt(cal["group_scales"].get(name), "{:.2f}")
-    return text if cal.get("group_scale_fitted", {}).get(name) else f"{text} (global)"
-
-
-def _fmt(value: object, fmt: str = "{:.3f}") -> str:
-    return "–" if value is None or not np.isfinite(value) else fmt.format(value)
 
 
 def say(message: str, *, start: float | None = None, stream=None) -> None:

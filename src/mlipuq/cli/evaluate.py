@@ -26,8 +26,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--out", required=True, help="report directory to write")
     parser.add_argument(
         "--calibrate-on", metavar="NAME[:FRACTION]",
-        help="fit LTAU's scale factor on FRACTION (default 0.5) of the configurations of "
-        "test set NAME (in domain)",
+        help="in-domain set whose FRACTION (default 0.5) of configurations fits LTAU's scale "
+        "factor and every method's threshold; metrics use the rest (default: the run's "
+        "validation frames, as the set 'validation')",
+    )
+    parser.add_argument(
+        "--fpr", type=float, default=0.05,
+        help="in-domain false-positive rate (per configuration) of the fitted thresholds "
+        "(default 0.05)",
+    )
+    parser.add_argument(
+        "--threshold", action="append", metavar="METHOD=VALUE",
+        help="use this threshold for METHOD instead of the fitted one (repeat the option)",
+    )
+    parser.add_argument(
+        "--transfer", choices=("distance", "mean"), default=None,
+        help="LTAU transfer: distance-aware, or the paper's plain mean (default: the saved "
+        "estimator's, else distance)",
     )
     parser.add_argument(
         "--in-domain", nargs="+", metavar="NAME",
@@ -94,6 +109,19 @@ def parse_calibration(value: str | None) -> tuple[str, float] | None:
         ) from None
 
 
+def parse_thresholds(values: list[str] | None) -> dict[str, str]:
+    """``["ltau=0.8"]`` -> ``{"ltau": "0.8"}`` (values checked by the pipeline)."""
+    from mlipuq.exceptions import InputError
+
+    out: dict[str, str] = {}
+    for value in values or []:
+        name, sep, number = value.partition("=")
+        if not sep or not name or not number:
+            raise InputError(f"--threshold: expected METHOD=VALUE, got {value!r}")
+        out[name] = number
+    return out
+
+
 def parse_window(values: list[str] | None) -> tuple[int, int | None] | None:
     """``["-10", "all"]`` -> ``(-10, None)``; ``["0", "20"]`` -> ``(0, 20)``."""
     from mlipuq.exceptions import InputError
@@ -119,7 +147,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_run(
         args.run, parse_tests(args.test), out_dir=args.out, methods=args.methods,
         calibration_set=parse_calibration(args.calibrate_on), in_domain=args.in_domain,
-        model_id=args.model_id, refit=args.refit, k=args.k,
+        model_id=args.model_id, refit=args.refit, k=args.k, fpr=args.fpr,
+        thresholds=parse_thresholds(args.threshold), ltau_transfer=args.transfer,
         ltau_window=parse_window(args.window), n_clusters=args.clusters,
         threads=args.threads, seed=args.seed,
         progress=lambda message: say(message, start=start),
