@@ -128,6 +128,8 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     run_dir = make_tiny_run(tmp_path / "t", n_models=2, epochs=3, n_frames=12)
     test_frames = make_emt_copper_frames(6, seed=5, temperature=300.0)
     test = _write(tmp_path / "test.extxyz", test_frames)
+    calib = _write(tmp_path / "calib.extxyz", make_emt_copper_frames(6, seed=6,
+                                                                      temperature=300.0))
     energy_only = []
     for atoms in make_emt_copper_frames(4, seed=9, temperature=1500.0):
         copy = atoms.copy()
@@ -136,7 +138,8 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     hot = _write(tmp_path / "hot.extxyz", energy_only)
     out = tmp_path / "report"
     status = main(["evaluate", str(run_dir), "--test", f"cold={test}", "--test", f"hot={hot}",
-                   "--out", str(out), "--calibrate-on", "cold", "--k", "3"])
+                   "--test", f"calib={calib}", "--out", str(out), "--calibrate-on", "calib",
+                   "--in-domain", "calib", "cold", "--k", "3"])
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert captured.out.strip().splitlines()[-1] == f"report: {out / 'index.html'}"
@@ -165,15 +168,27 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     dopt = metrics["methods"]["doptimality"]["metrics"]["cold"]
     np.testing.assert_allclose(dopt["spearman_atom"], spearmanr(gamma, err0).statistic,
                                rtol=1e-6)
-    np.testing.assert_allclose(dopt["detection_rate_atom"], np.mean(gamma > 1.0))
+    threshold = metrics["thresholds"]["doptimality"]
+    assert threshold["source"] == "fitted" and threshold["fpr"] == 0.05
+    np.testing.assert_allclose(dopt["detection_rate_atom"], np.mean(gamma > threshold["value"]))
     # the energy-only set: no atom-level numbers, a configuration-level energy Spearman
     hot_ltau = metrics["methods"]["ltau"]["metrics"]["hot"]
     assert hot_ltau["spearman_atom"] is None and hot_ltau["ece"] is None
     assert metrics["test_sets"]["hot"]["has_forces"] is False
     assert -1.0 <= metrics["methods"]["ensemble"]["metrics"]["hot"]["spearman_config_energy"] <= 1
     cal = metrics["calibration"]
-    assert cal["calibration_set"] == "cold" and cal["scale"] > 0
-    assert set(cal["ece_before"]) == {"cold"}  # the energy-only set has no atoms to calibrate
+    assert cal["calibration_set"] == "calib" and cal["scale"] > 0
+    # the energy-only set has no atoms to calibrate; calib counts its held-out half only
+    assert cal["ece_before"]["hot"] is None and cal["ece_before"]["cold"] is not None
+    assert metrics["test_sets"]["calib"]["n_configs"] == 3
+    assert metrics["test_sets"]["cold"]["n_configs"] == 6
+    table = metrics["test_sets"]["cold"]["model_0"]
+    np.testing.assert_allclose(table["force_mae_component"], np.abs(ref - outs[0].forces).mean(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(table["force_mae_norm"], err0.mean(), rtol=1e-6)
+    # the hot set is out of domain: scored against the held-out in-domain configurations
+    assert metrics["methods"]["ensemble"]["metrics"]["hot"]["roc_auc"] is not None
+    assert metrics["methods"]["ensemble"]["metrics"]["cold"]["in_domain"] is True
 
     # a second call reuses the saved estimators: identical LTAU numbers
     status = main(["evaluate", str(run_dir), "--test", f"cold={test}", "--out",
@@ -193,12 +208,18 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- calibration
-def test_calibrate_ltau_recovers_per_set_scales(rng):
-    """Synthetic LTAU: test errors = s_true x training-like errors, two sets (2x and 4x)."""
+def test_calibrate_ltau_and_thresholds_on_held_out_configurations(rng):
+    """Synthetic LTAU: in-domain errors = 2 x training-like errors."""
     from mlipuq import metrics
     from mlipuq.backends.base import ModelOutputs
     from mlipuq.ltau import LTAUEstimator
-    from mlipuq.pipeline import calibrate_ltau
+    from mlipuq.pipeline import (
+        calibrate_ltau,
+        fit_thresholds,
+        predict_methods,
+        split_configurations,
+        subset_outputs,
+    )
 
     n, epochs = 2000, 60
     desc = rng.normal(size=(n, 4)).astype(np.float32)
@@ -206,25 +227,28 @@ def test_calibrate_ltau_recovers_per_set_scales(rng):
     trajectory = rng.exponential(size=(epochs, n)) * width
     species = np.array(["Cu"] * n)
     ltau = LTAUEstimator(k=1, index="flat").fit(trajectory, desc, species)
-    s_true = np.where(np.arange(n) < n // 2, 2.0, 4.0)
-    errors = s_true * rng.exponential(size=n) * width
-    groups = np.where(np.arange(n) < n // 2, "warm", "hot")
+    errors = 2.0 * rng.exponential(size=n) * width
     outputs = ModelOutputs(energies=np.zeros(n // 10), forces=np.zeros((n, 3)),
                            descriptors=desc, species=species,
                            config_index=np.repeat(np.arange(n // 10), 10))
-    cal = calibrate_ltau(ltau, outputs, errors, groups, calibration_set="warm", seed=1)
-    assert cal["n_calibration_atoms"] + cal["n_held_out_atoms"] == n // 2
-    assert cal["n_calibration_atoms"] % 10 == 0  # whole configurations
-    # the global s (fitted on "warm") calibrates held-out "warm", not "hot"
-    assert cal["ece_before"]["warm"] > 0.1 and cal["ece_after"]["warm"] < 0.06
-    assert cal["ece_after"]["hot"] > 0.1
-    assert cal["scale"] == pytest.approx(2.0, rel=0.15)  # p = CDF_train(atol / s)
-    # one s per set recovers both s_true and calibrates both sets
-    assert all(cal["group_scale_fitted"].values())
-    assert max(cal["group_ece_after"].values()) < 0.08
-    assert cal["group_scales"]["warm"] == pytest.approx(2.0, rel=0.15)
-    assert cal["group_scales"]["hot"] == pytest.approx(4.0, rel=0.15)
-    # the calibrated p is what predict(scale=s) returns: check against a direct ECE
-    p = ltau.predict(desc, species, scale=cal["scale"]).extras["p"]
-    held = (groups == "warm")
-    assert metrics.ece(p[held], errors[held], ltau.atol_) < 0.06
+    groups = np.array(["warm"] * (n // 10))
+    is_cal = split_configurations(groups, "warm", 0.5, seed=1)
+    assert is_cal.sum() == n // 20
+    cal_out, held_out = subset_outputs(outputs, is_cal), subset_outputs(outputs, ~is_cal)
+    assert np.array_equal(np.unique(cal_out.config_index), np.arange(n // 20))
+    atoms = is_cal[outputs.config_index]
+    calibrated = calibrate_ltau(ltau, cal_out, errors[atoms], fpr=0.1)
+    assert calibrated is not ltau and ltau.calibration_ is None  # the original is untouched
+    assert calibrated.scale_ == pytest.approx(2.0, rel=0.2)  # p = CDF_train(atol / s)
+    results, _ = predict_methods({"ltau": ltau, "ltau_calibrated": calibrated},
+                                 {"model_0": held_out})
+    p_before = results["ltau"].extras["p"]
+    p_after = results["ltau_calibrated"].extras["p"]
+    assert metrics.ece(p_before, errors[~atoms], ltau.atol_) > 0.1
+    assert metrics.ece(p_after, errors[~atoms], ltau.atol_) < 0.06
+    # thresholds at 10 % in-domain FPR flag about 10 % of held-out configurations
+    cal_results, _ = predict_methods({"ltau_calibrated": calibrated}, {"model_0": cal_out})
+    threshold = fit_thresholds(cal_results, fpr=0.1)["ltau_calibrated"]
+    assert threshold == pytest.approx(calibrated.threshold_)
+    held_rate = np.mean(results["ltau_calibrated"].config_uncertainty > threshold)
+    assert 0.02 <= held_rate <= 0.2

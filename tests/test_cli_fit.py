@@ -42,6 +42,19 @@ def train_outputs(fitted):
     return NequIPBackend(run.model_path("model_0")).outputs(run.train_frames())
 
 
+def _no_check():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def quiet():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a bound is possible on 3 epochs
+            yield
+
+    return quiet()
+
+
 def test_fit_writes_loadable_estimator(fitted, train_outputs):
     from mlipuq.confidence import default_atol
     from mlipuq.ltau import LTAUEstimator
@@ -71,6 +84,20 @@ def test_fitted_estimator_predicts_like_a_direct_fit(fitted, train_outputs):
     run, _ = fitted
     loaded = LTAUEstimator.load(run.ltau_dir)
     direct = LTAUEstimator(k=3).fit(run.store, train_outputs.descriptors, train_outputs.species)
+    # fit calibrated the estimator on the run's validation frames: same s and threshold
+    from mlipuq.backends.nequip.features import NequIPBackend
+    from mlipuq.io import read_structures
+
+    val = read_structures(run.val_path)
+    val_out = NequIPBackend(run.model_path("model_0")).outputs(val)
+    val_errors = np.linalg.norm(np.concatenate([a.get_forces() for a in val]) - val_out.forces,
+                                axis=1)
+    with _no_check():
+        direct.calibrate(val_out.descriptors, val_out.species, val_errors,
+                         config_index=val_out.config_index)
+    assert loaded.calibration_["n_configs"] == len(val)
+    assert loaded.scale_ == pytest.approx(direct.scale_)
+    assert loaded.threshold_ == pytest.approx(direct.threshold_)
     a = loaded.predict(train_outputs.descriptors, train_outputs.species)
     b = direct.predict(train_outputs.descriptors, train_outputs.species)
     assert a.atom_uncertainty.shape == (run.atom_table.n_atoms,)
@@ -94,6 +121,12 @@ def test_calculator_from_run_attaches_fitted_ltau(fitted, train_outputs):
         calc.results["descriptors"], atoms.get_chemical_symbols()
     )
     np.testing.assert_allclose(calc.results["ltau_uncertainty"], expected.atom_uncertainty)
+    # the stored calibration reaches the calculator: scale, threshold and flags
+    fitted_threshold = LTAUEstimator.load(run.ltau_dir).threshold_
+    assert calc.results["ltau_threshold"] == pytest.approx(fitted_threshold)
+    np.testing.assert_array_equal(calc.results["ltau_flag"],
+                                  expected.atom_uncertainty > fitted_threshold)
+    assert "ltau_knn_distance_normalised" in calc.results
     with pytest.raises(InputError, match="fitted on the descriptors of 'model_0'"):
         UQCalculator.from_run(run.path, model_id="model_1")
 

@@ -76,6 +76,7 @@ def test_fit_predict_writes_arrays_and_summary(files, capsys):
     est = LTAUEstimator(k=3, rtol=0.01).fit(
         errors, np.load(files / "train_desc.npy"), AtomTable.from_atoms(train).species,
         force_norm=AtomTable.from_atoms(train).force_norm,
+        config_index=AtomTable.from_atoms(train).config_index,
     )
     expected = est.predict(np.load(files / "test_desc.npy"), table.species, scale=2.0,
                            config_index=table.config_index, threshold=0.5)
@@ -164,3 +165,66 @@ def test_bad_input_exits_2_with_one_line(files, capsys):
                    "--out", str(files / "r.extxyz")])
     assert status == 2
     assert "not an mlipuq LTAU estimator" in capsys.readouterr().err
+
+
+def test_calibrate_stores_scale_and_threshold_used_by_predict(files, capsys):
+    """Plain-files calibration: descriptors, reference forces (extxyz), predicted forces."""
+    status = main([
+        "ltau", "fit", "--errors", str(files / "errors_m0.npy"), "--descriptors",
+        str(files / "train_desc.npy"), "--structures", str(files / "train.extxyz"),
+        "--out", str(files / "est"), "--k", "3",
+    ])
+    assert status == 0
+    cal = emt_frames(10, 3, ["bulk"])
+    write(files / "cal.extxyz", cal)
+    rng = np.random.default_rng(4)
+    cal_desc = rng.normal(size=(80, DIM)).astype(np.float32)
+    np.save(files / "cal_desc.npy", cal_desc)
+    reference = np.concatenate([a.get_forces() for a in cal])
+    predicted = reference + rng.normal(0, 0.08, size=reference.shape)  # eV/Å
+    np.save(files / "cal_forces.npy", predicted)
+    status = main([
+        "ltau", "calibrate", "--estimator", str(files / "est"), "--descriptors",
+        str(files / "cal_desc.npy"), "--structures", str(files / "cal.extxyz"),
+        "--predicted-forces", str(files / "cal_forces.npy"), "--fpr", "0.1",
+    ])
+    assert status == 0, capsys.readouterr().err
+    assert "threshold" in capsys.readouterr().err
+    stored = LTAUEstimator.load(files / "est")
+    # the same calibration through the API
+    table = AtomTable.from_atoms(cal)
+    direct = LTAUEstimator.load(files / "est")
+    direct.calibrate(cal_desc, table.species, np.linalg.norm(reference - predicted, axis=1),
+                     config_index=table.config_index, fpr=0.1)
+    assert stored.scale_ == pytest.approx(direct.scale_) and stored.scale_ != 1.0
+    assert stored.threshold_ == pytest.approx(direct.threshold_)
+    assert stored.calibration_["fpr"] == 0.1
+    # predict without --scale / --threshold uses the stored ones
+    status = main([
+        "ltau", "predict", "--estimator", str(files / "est"), "--descriptors",
+        str(files / "test_desc.npy"), "--structures", str(files / "test.extxyz"),
+        "--out", str(files / "results.extxyz"), "--summary", str(files / "summary.json"),
+    ])
+    assert status == 0
+    test = AtomTable.from_atoms(read(files / "test.extxyz", ":"))
+    expected = stored.predict(np.load(files / "test_desc.npy"), test.species,
+                              config_index=test.config_index)
+    results = read(files / "results.extxyz", ":")
+    got = np.concatenate([a.arrays["ltau_p"] for a in results])
+    np.testing.assert_allclose(got, expected.extras["p"], atol=1e-7)
+    flags = np.concatenate([a.arrays["ltau_flag"] for a in results])
+    np.testing.assert_array_equal(flags, expected.atom_uncertainty > stored.threshold_)
+    assert "ltau_knn_distance_normalised" in results[0].arrays
+    summary = json.loads((files / "summary.json").read_text())
+    assert summary["scale"] == stored.scale_ and summary["threshold_source"] == "fitted"
+    # wrong shape of the predicted forces: one line, exit 2, estimator untouched
+    np.save(files / "bad.npy", predicted[:5])
+    before = (files / "est" / "estimator.json").read_text()
+    status = main([
+        "ltau", "calibrate", "--estimator", str(files / "est"), "--descriptors",
+        str(files / "cal_desc.npy"), "--structures", str(files / "cal.extxyz"),
+        "--predicted-forces", str(files / "bad.npy"),
+    ])
+    assert status == 2
+    assert "--predicted-forces: expected shape (80, 3), got (5, 3)" in capsys.readouterr().err
+    assert (files / "est" / "estimator.json").read_text() == before

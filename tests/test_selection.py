@@ -396,6 +396,37 @@ def test_cli_select_config_level(candidates, tmp_path, capsys):
     assert len(rows) == len(above)
 
 
+def test_cli_select_uses_the_fitted_threshold_in_the_candidates(candidates, tmp_path, capsys):
+    path, frames = candidates
+    for atoms in frames:
+        atoms.info["doptimality_threshold"] = 2.5  # as 'mlipuq simulate' writes it
+    write(path, frames, format="extxyz")
+    out = tmp_path / "sel.extxyz"
+    code = main(["select", "--candidates", str(path), "--uncertainty-key", "doptimality",
+                 "--budget", "2", "--diversity", "none", "--out", str(out)])
+    assert code == 0
+    assert "above 2.5;" in capsys.readouterr().out
+    per_config = np.array([a.arrays["doptimality_uncertainty"].max() for a in frames])
+    above = np.flatnonzero(per_config > 2.5)
+    expected = above[np.argsort(-per_config[above])][:2]
+    assert [a.info["origin_config"] for a in read(out, ":")] == expected.tolist()
+    # disagreeing values, or none: the user has to give a number
+    frames[0].info["doptimality_threshold"] = 3.0
+    write(path, frames, format="extxyz")
+    code = main(["select", "--candidates", str(path), "--uncertainty-key", "doptimality",
+                 "--budget", "2", "--out", str(out)])
+    assert code == 2 and "disagree on 'doptimality_threshold'" in capsys.readouterr().err
+    code = main(["select", "--candidates", str(path), "--uncertainty-key", "doptimality",
+                 "--budget", "2", "--out", str(out), "--aggregate", "mean", "--threshold", "1"])
+    assert code == 0
+    for atoms in frames:
+        del atoms.info["doptimality_threshold"]
+    write(path, frames, format="extxyz")
+    code = main(["select", "--candidates", str(path), "--uncertainty-key", "doptimality",
+                 "--budget", "2", "--out", str(out)])
+    assert code == 2 and "carries no fitted 'doptimality_threshold'" in capsys.readouterr().err
+
+
 def test_cli_select_atom_level_with_descriptor_diversity(candidates, tmp_path):
     path, frames = candidates
     out = tmp_path / "env.extxyz"

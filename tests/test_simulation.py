@@ -204,6 +204,30 @@ def test_stop_at_first_crossing(tmp_path):
     assert len(frames) == 8 and frames[-1].info["step"] == 7  # the crossing frame is logged
 
 
+class _XWithThreshold:
+    """An estimator whose result carries a fitted threshold (as LTAU after calibrate)."""
+
+    def predict(self, features, species):
+        from mlipuq.result import UQResult
+
+        return UQResult("x", features[:, 0], threshold=5.3375)
+
+
+def test_fitted_threshold_is_the_default_stop_level(tmp_path):
+    atoms = Atoms("H2", positions=[[0.0, 0.0, 0.0], [5.0, 0.0, 0.0]])
+    atoms.set_velocities([[0.0, 0.0, 0.0], [0.1 / units.fs, 0.0, 0.0]])
+    calc = DescriptorUQCalculator(ZeroForce(), {"x": _XWithThreshold()},
+                                  descriptor_fn=lambda a: a.positions[:, :1].copy())
+    log = run_simulation(atoms, calc, thermostat="nve", set_velocities=False, steps=50,
+                         timestep_fs=0.5, stop_on="x_uncertainty")
+    assert log.stopped and log.stop_step == 7  # as with stop_threshold=5.3375 given
+    summary = summarise(log)
+    assert summary["stop_threshold"] == 5.3375 and summary["threshold_source"] == "fitted"
+    with pytest.raises(InputError, match="fitted x threshold is on the maximum over the atoms"):
+        run_simulation(atoms, calc, thermostat="nve", set_velocities=False, steps=5,
+                       stop_on="x_uncertainty", aggregate="mean")
+
+
 def test_snapshot_mode_saves_crossings_and_continues(tmp_path):
     atoms, calc = _flying_pair()
     log = run_simulation(atoms, calc, kind="md", thermostat="nve", set_velocities=False,
@@ -335,7 +359,7 @@ def test_crash_leaves_complete_frames(tmp_path):
         ("x_uncertainty", -1.0, "threshold: expected a finite number >= 0"),
         ("x_uncertainty", float("nan"), "threshold: expected a finite number >= 0"),
         ("ltau_uncertainty", 1.5, r"ltau_uncertainty is 1 - p in \[0, 1\]"),
-        ("x_uncertainty", None, "stop_threshold: required with stop_on"),
+        ("x_uncertainty", None, "the x estimator has no fitted threshold"),
         (None, 2.0, "stop_threshold: given without stop_on"),
     ],
 )

@@ -233,4 +233,8 @@ def _uncertainty_arrays(
                 f"estimator {name!r}: expected {len(species)} per-atom values, got {values.shape}"
             )
         return {f"{name}_uncertainty": values}
-    return predict(features, species).as_arrays(prefix=name)
+    result = predict(features, species)
+    arrays = result.as_arrays(prefix=name)
+    if result.threshold is not None:  # a fitted threshold travels with the results
+        arrays[f"{name}_threshold"] = float(result.threshold)
+    return arrays

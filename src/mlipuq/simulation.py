@@ -32,6 +32,11 @@ LAMMPS recipe (dump above gamma 5, halt above 25), which collects the frames bet
 the frames before are logged with their uncertainty but can neither stop the run nor
 be snapshots, so that MD heated to a new temperature reaches it before the threshold
 can end the run.
+
+Without ``stop_threshold`` the rule uses the threshold the estimator fitted on
+in-domain held-out data (the calculator's ``<name>_threshold``, e.g. LTAU after
+``mlipuq fit`` calibrated it on the validation frames); that threshold is on the
+maximum over the atoms of a configuration, so it needs ``aggregate="max"``.
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ class SimulationLog:
     stop_step: int | None = None
     stop_on: str | None = None
     stop_threshold: float | None = None
+    threshold_source: str | None = None
     break_threshold: float | None = None
     min_steps: int = 0
     snapshot_steps: list[int] = field(default_factory=list)
@@ -158,6 +164,7 @@ def summarise(log: SimulationLog) -> dict:
         "stopped": log.stopped,
         "stop_on": log.stop_on,
         "stop_threshold": log.stop_threshold,
+        "threshold_source": log.threshold_source,
         "break_threshold": log.break_threshold,
         "min_steps": log.min_steps,
         "stop_step": log.stop_step,
@@ -181,7 +188,7 @@ def check_stop_threshold(
             raise InputError("stop_threshold: given without stop_on (which uncertainty?)")
         return None
     if threshold is None:
-        raise InputError(f"stop_threshold: required with stop_on={key!r}")
+        return None  # the estimator's fitted threshold, resolved at the first frame
     try:
         value = float(threshold)
     except (TypeError, ValueError):
@@ -257,7 +264,8 @@ def run_simulation(
     stop_on : str, optional
         Uncertainty key of the stop rule, e.g. ``"doptimality_uncertainty"``.
     stop_threshold : float, optional
-        Threshold in the key's unit (>= 0; <= 1 for LTAU keys).
+        Threshold in the key's unit (>= 0; <= 1 for LTAU keys). None with ``stop_on``:
+        the estimator's fitted threshold (``<name>_threshold`` of the calculator).
     stop_mode : {"stop", "snapshot"}
         Stop at the first crossing, or save crossing frames and continue.
     break_threshold : float, optional
@@ -313,6 +321,7 @@ def run_simulation(
         kind=kind, steps=np.zeros(0, int), times_fs=np.zeros(0), energies=np.zeros(0),
         fmax=np.zeros(0), uncertainty_max={}, uncertainty_mean={}, aggregate=aggregate,
         stop_on=stop_on, stop_threshold=stop_threshold, break_threshold=break_threshold,
+        threshold_source=None if stop_threshold is None else "given",
         min_steps=min_steps, log_path=Path(log_path) if log_path is not None else None,
         table_path=Path(table_path) if table_path is not None else None,
         snapshot_path=Path(snapshot_path) if snapshot_path and stop_mode == "snapshot" else None,
@@ -330,6 +339,9 @@ def run_simulation(
                     f"{sorted(row['max'])}"
                 )
             value = row[aggregate][stop_on]
+            if stop_threshold is None:
+                stop_threshold = _fitted_threshold(work.calc, stop_on, aggregate)
+                log.stop_threshold, log.threshold_source = stop_threshold, "fitted"
             if value > stop_threshold:
                 log.snapshot_steps.append(int(dyn.nsteps))
                 if stop_mode == "snapshot":
@@ -344,6 +356,24 @@ def run_simulation(
     return log
 
 
+def _fitted_threshold(calculator: object, key: str, aggregate: str) -> float:
+    """The ``<name>_threshold`` the calculator reports for uncertainty ``key``."""
+    name = key[: -len(UNCERTAINTY_SUFFIX)]
+    value = getattr(calculator, "results", {}).get(f"{name}_threshold")
+    if value is None:
+        raise InputError(
+            f"stop_threshold: required with stop_on={key!r}: the {name} estimator has no "
+            "fitted threshold (calibrate it: 'mlipuq fit RUN' with validation frames, or "
+            "'mlipuq ltau calibrate')"
+        )
+    if aggregate != "max":
+        raise InputError(
+            f"stop_threshold: the fitted {name} threshold is on the maximum over the atoms; "
+            f"give --stop-threshold with aggregate={aggregate!r}"
+        )
+    return float(value)
+
+
 def check_break_threshold(
     key: str | None, threshold: float | None, break_threshold: float | None, mode: str
 ) -> float | None:
@@ -355,7 +385,9 @@ def check_break_threshold(
     if key is None:
         raise InputError("break_threshold: given without stop_on (which uncertainty?)")
     value = check_stop_threshold(key, break_threshold, name="break_threshold")
-    if threshold is None or value <= threshold:
+    if threshold is None:
+        raise InputError("break_threshold: needs an explicit stop_threshold below it")
+    if value <= threshold:
         raise InputError(
             f"break_threshold: expected > stop_threshold ({threshold}), got {break_threshold!r}"
         )
@@ -557,6 +589,9 @@ def _frame(
     for key, values in per_atom.items():
         frame.arrays[key] = np.array(values, copy=True)
     frame.info["step"] = step
+    for key, value in results.items():  # fitted thresholds travel with the frames
+        if key.endswith("_threshold") and np.ndim(value) == 0:
+            frame.info[key] = float(value)
     extra = {k: results[k] for k in ("stress", "energies", "free_energy") if k in results}
     frame.calc = SinglePointCalculator(frame, energy=energy, forces=np.copy(forces), **extra)
     return frame

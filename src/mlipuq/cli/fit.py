@@ -6,6 +6,11 @@ per-atom error distributions pool the trajectories of all M members. The estimat
 is written to a temporary directory inside RUN and renamed onto ``RUN/ltau``, so a
 reader never sees a half-written estimator. ``RUN/ltau/fit.json`` records which
 member's descriptors it was fitted on (the calculator checks it).
+
+The estimator is then calibrated on the run's validation frames (``RUN/val.extxyz``,
+in domain and never trained on): the scale factor s and the flag threshold (at
+``--fpr`` of the validation configurations) are stored in ``RUN/ltau`` and used by the
+calculator, ``simulate``, ``select`` and ``evaluate``. ``--no-calibrate`` skips it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="histogram bins of the error distributions (default: 100)")
     parser.add_argument("--all-elements", action="store_true",
                         help="one index over all elements (default: one per element)")
+    parser.add_argument("--transfer", choices=("distance", "mean"), default="distance",
+                        help="distance-aware transfer, or the paper's plain mean of the "
+                        "neighbours (default: distance)")
+    parser.add_argument("--fpr", type=float, default=0.05,
+                        help="in-domain false-positive rate (per configuration) of the "
+                        "threshold fitted on the validation frames (default: 0.05)")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="do not calibrate on the validation frames (s = 1, no threshold)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="frames per forward pass (default: 16)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -82,9 +95,44 @@ def run_fit(args: argparse.Namespace) -> int:
     _say(f"error distributions from {len(store.model_ids())} model(s) in "
          f"{store.path.relative_to(run.path)}")
     estimator = _fit(store, outputs, args)
+    if not args.no_calibrate:
+        _calibrate(run, estimator, model_path, args)
     save_ltau(run, estimator, args.model_id)
     _summary(run, estimator, outputs.descriptors.shape, time.perf_counter() - started)
     return 0
+
+
+def _calibrate(run: Any, estimator: Any, model_path: Path, args: argparse.Namespace) -> None:
+    """Scale factor and threshold from the run's validation frames (when it has some)."""
+    import numpy as np
+
+    from mlipuq.exceptions import InputError
+    from mlipuq.io import read_structures, reference_forces
+
+    if not 0.0 < args.fpr < 1.0:
+        raise InputError(f"--fpr: expected a rate in (0, 1), got {args.fpr!r}")
+    path = run.val_path
+    if not path.is_file() or path.stat().st_size == 0:
+        _say(f"no validation frames ({path.name}): not calibrated (s = 1, no threshold)")
+        return
+    frames = read_structures(path)
+    outputs = _descriptors(model_path, frames, args)
+    reference = [reference_forces(atoms) for atoms in frames]
+    if any(forces is None for forces in reference):
+        _say(f"{path.name} has frames without forces: not calibrated")
+        return
+    errors = np.linalg.norm(np.concatenate(reference) - outputs.forces, axis=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        estimator.calibrate(outputs.descriptors, outputs.species, errors,
+                            config_index=outputs.config_index, fpr=args.fpr)
+    cal = estimator.calibration_
+    bound = " (at the search bound: see docs/ltau.md)" if cal["at_bound"] else ""
+    _say(f"calibrated on {len(frames)} validation configurations: s = {cal['scale']:.4g}"
+         f"{bound}, ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}, threshold "
+         f"{cal['threshold']:.4g} on 1 - p (flags {cal['fpr']:.0%} of them)")
 
 
 def _descriptors(model_path: Path, frames: list, args: argparse.Namespace) -> Any:
@@ -100,7 +148,7 @@ def _fit(store: Any, outputs: Any, args: argparse.Namespace) -> Any:
 
     estimator = LTAUEstimator(
         k=args.k, atol=args.atol, rtol=args.rtol, index=args.index, n_bins=args.n_bins,
-        per_element=not args.all_elements, n_threads=args.threads,
+        per_element=not args.all_elements, n_threads=args.threads, transfer=args.transfer,
     )
     return estimator.fit(store, outputs.descriptors, outputs.species)
 

@@ -6,6 +6,8 @@ Examples
 
     mlipuq ltau fit --store store/ --descriptors train_desc.npy \\
         --structures train.extxyz --out ltau_estimator/
+    mlipuq ltau calibrate --estimator ltau_estimator/ --descriptors val_desc.npy \\
+        --structures val.extxyz --predicted-forces val_forces.npy
     mlipuq ltau predict --estimator ltau_estimator/ --descriptors test_desc.npy \\
         --structures test.extxyz --out results.extxyz --summary summary.json
 
@@ -13,7 +15,8 @@ Descriptor files are ``.npy`` arrays (n_atoms, D), one row per atom in the order
 the structure file. The training atom order must be the one of the trajectory
 store (checked with the atom-table fingerprint). Per-atom results go into the
 extxyz arrays ``ltau_uncertainty``, ``ltau_p``, ``ltau_expected_error`` (eV/Å),
-``ltau_knn_distance`` (and ``ltau_flag`` with ``--threshold``); per-configuration
+``ltau_knn_distance``, ``ltau_knn_distance_normalised`` (and ``ltau_flag`` with
+``--threshold`` or a threshold fitted by ``ltau calibrate``); per-configuration
 maxima and means into ``info`` (``ltau_config_uncertainty``,
 ``ltau_config_mean_uncertainty``).
 """
@@ -38,9 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Loss Trajectory Analysis for Uncertainty (k-NN transfer of per-atom "
         "training error distributions).",
     )
-    verbs = parser.add_subparsers(dest="ltau_command", metavar="{fit,predict}")
+    verbs = parser.add_subparsers(dest="ltau_command", metavar="{fit,calibrate,predict}")
     verbs.required = True
     _register_fit(verbs)
+    _register_calibrate(verbs)
     _register_predict(verbs)
 
 
@@ -83,9 +87,36 @@ def _register_fit(verbs: argparse._SubParsersAction) -> None:
     fit.add_argument("--n-bins", type=int, default=100, help="histogram bins (log-spaced)")
     fit.add_argument("--window", nargs=2, metavar=("START", "SIZE"), default=None,
                      help="epoch window: start position and size (SIZE 'all': to the end)")
+    fit.add_argument("--transfer", choices=("distance", "mean"), default="distance",
+                     help="distance-aware transfer, or the paper's plain mean of the "
+                          "neighbours (default distance)")
+    fit.add_argument("--distance-power", type=float, default=1.0,
+                     help="beta: assumed errors grow as (normalised k-NN distance)^beta "
+                          "(default 1)")
     fit.add_argument("--n-threads", type=int, default=1, help="FAISS threads (default 1)")
     fit.add_argument("--seed", type=int, default=0)
     fit.set_defaults(func=run_fit)
+
+
+def _register_calibrate(verbs: argparse._SubParsersAction) -> None:
+    cal = verbs.add_parser(
+        "calibrate",
+        help="fit the scale factor and flag threshold on in-domain held-out atoms",
+        description="Fit LTAU's scale factor s (minimum ECE) and its flag threshold (at an "
+        "in-domain false-positive rate per configuration) on in-domain atoms the model was "
+        "not trained on, and store both in the estimator (rewritten atomically).",
+    )
+    cal.add_argument("--estimator", type=Path, required=True,
+                     help="directory written by 'mlipuq ltau fit' (updated in place)")
+    cal.add_argument("--descriptors", type=Path, required=True,
+                     help="descriptors .npy (n, D) of the calibration atoms")
+    cal.add_argument("--structures", type=Path, required=True,
+                     help="calibration structures (extxyz) with reference forces")
+    cal.add_argument("--predicted-forces", type=Path, required=True,
+                     help="the model's forces .npy (n, 3) in eV/Å, rows in structure order")
+    cal.add_argument("--fpr", type=float, default=0.05,
+                     help="in-domain false-positive rate of the threshold (default 0.05)")
+    cal.set_defaults(func=run_calibrate)
 
 
 def _register_predict(verbs: argparse._SubParsersAction) -> None:
@@ -175,17 +206,63 @@ def run_fit(args: argparse.Namespace) -> int:
         force_norm = norms if not np.any(np.isnan(norms)) else None
     estimator = LTAUEstimator(
         k=args.k, atol=args.atol, rtol=args.rtol, scale=args.scale, index=args.index,
+        transfer=args.transfer, distance_power=args.distance_power,
         per_element=args.per_element, hnsw_m=args.hnsw_m,
         ef_construction=args.ef_construction, ef_search=args.ef_search,
         ivf_nlist=args.ivf_nlist, pq_m=args.pq_m, nprobe=args.nprobe, n_bins=args.n_bins,
         window=_window(args.window), n_threads=args.n_threads, seed=args.seed,
     )
     _stage(f"building error distributions and indices for {table.n_atoms} atoms")
-    estimator.fit(errors, descriptors, table.species, force_norm=force_norm)
+    estimator.fit(errors, descriptors, table.species, force_norm=force_norm,
+                  config_index=table.config_index)
     kinds = ", ".join(f"{name}: {kind}" for name, kind in estimator.index_kinds_.items())
     _stage(f"atol = {estimator.atol_:.6g} eV/Å; indices {kinds}")
-    estimator.save(args.out)
+    _save(estimator, args.out)
     _stage(f"wrote {args.out}")
+    return 0
+
+
+def _save(estimator: Any, out: Path) -> None:
+    from mlipuq.io import atomic_directory
+
+    with atomic_directory(out) as tmp:
+        estimator.save(tmp)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """``mlipuq ltau calibrate``."""
+    import warnings
+
+    from mlipuq.ltau import LTAUEstimator
+
+    _stage(f"loading estimator {args.estimator}")
+    estimator = LTAUEstimator.load(args.estimator)
+    frames, table, descriptors = _structures_and_descriptors(args)
+    from mlipuq.io import reference_forces
+
+    reference = []
+    for number, atoms in enumerate(frames):
+        forces = reference_forces(atoms)
+        if forces is None:
+            raise InputError(f"--structures: configuration {number} of {args.structures} has "
+                             "no reference forces (calibration needs force errors)")
+        reference.append(np.asarray(forces, dtype=float))
+    predicted = load_npy(args.predicted_forces, "predicted forces")
+    if predicted.shape != (table.n_atoms, 3):
+        raise InputError(f"--predicted-forces: expected shape ({table.n_atoms}, 3), got "
+                         f"{predicted.shape} in {args.predicted_forces}")
+    errors = np.linalg.norm(np.concatenate(reference) - predicted, axis=1)
+    _stage(f"calibrating on {table.n_atoms} atoms ({table.n_configs} configurations)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        estimator.calibrate(descriptors, table.species, errors,
+                            config_index=table.config_index, fpr=args.fpr)
+    cal = estimator.calibration_
+    _save(estimator, args.estimator)
+    bound = " (at the search bound: are these atoms in domain?)" if cal["at_bound"] else ""
+    _stage(f"s = {cal['scale']:.4g}{bound}; ECE {cal['ece_before']:.3f} -> "
+           f"{cal['ece_after']:.3f}; threshold {cal['threshold']:.4g} on 1 - p "
+           f"(flags {cal['fpr']:.0%} of these configurations); wrote {args.estimator}")
     return 0
 
 
@@ -241,7 +318,8 @@ def _write_results(frames: list, table: Any, result: Any, out: Path) -> None:
 
 
 def _stats(atom_u: np.ndarray, config_u: np.ndarray, distance: np.ndarray,
-           atom_flags: np.ndarray | None, config_flags: np.ndarray | None) -> dict:
+           normalised: np.ndarray, atom_flags: np.ndarray | None,
+           config_flags: np.ndarray | None) -> dict:
     stats = {
         "n_atoms": int(len(atom_u)),
         "n_configs": int(len(config_u)),
@@ -250,6 +328,10 @@ def _stats(atom_u: np.ndarray, config_u: np.ndarray, distance: np.ndarray,
         "mean_config_uncertainty": float(config_u.mean()),
         "max_config_uncertainty": float(config_u.max()),
         "mean_knn_distance": float(distance.mean()),
+        "mean_knn_distance_normalised": float(np.nanmean(normalised))
+        if np.any(np.isfinite(normalised)) else None,
+        "max_knn_distance_normalised": float(np.nanmax(normalised))
+        if np.any(np.isfinite(normalised)) else None,
     }
     if atom_flags is not None:
         stats["n_flagged_atoms"] = int(atom_flags.sum())
@@ -261,12 +343,13 @@ def summarise(table: Any, result: Any, estimator: Any, args: argparse.Namespace)
     """JSON-ready summary: settings, overall and per-``config_type`` statistics."""
     atom_u, config_u = result.atom_uncertainty, result.config_uncertainty
     distance = result.extras["knn_distance"]
+    normalised = result.extras["knn_distance_normalised"]
     groups = {}
     atom_group = table.atom_group
     for label in sorted(set(table.config_type.tolist())):
         atoms, configs = atom_group == label, table.config_type == label
         groups[label] = _stats(
-            atom_u[atoms], config_u[configs], distance[atoms],
+            atom_u[atoms], config_u[configs], distance[atoms], normalised[atoms],
             None if result.atom_flags is None else result.atom_flags[atoms],
             None if result.config_flags is None else result.config_flags[configs],
         )
@@ -275,14 +358,19 @@ def summarise(table: Any, result: Any, estimator: Any, args: argparse.Namespace)
         "estimator": str(args.estimator),
         "structures": str(args.structures),
         "atol": float(estimator.atol_ if args.atol is None else args.atol),
-        "scale": float(estimator.scale if args.scale is None else args.scale),
+        "scale": float(estimator.scale_ if args.scale is None else args.scale),
+        "transfer": estimator.transfer,
         "rtol": float(estimator.rtol),
         "k": int(estimator.k if args.k is None else args.k),
         "per_element": bool(estimator.per_element),
         "index_kinds": dict(estimator.index_kinds_),
-        "threshold": args.threshold,
+        "threshold": result.threshold,
+        "threshold_source": "given" if args.threshold is not None else (
+            "fitted" if estimator.threshold_ is not None else None),
         "units": {"atol": "eV/Å", "uncertainty": "1 - p (unitless)",
-                  "knn_distance": "descriptor units"},
-        "overall": _stats(atom_u, config_u, distance, result.atom_flags, result.config_flags),
+                  "knn_distance": "descriptor units",
+                  "knn_distance_normalised": "unitless (1: typical training distance)"},
+        "overall": _stats(atom_u, config_u, distance, normalised, result.atom_flags,
+                          result.config_flags),
         "by_config_type": groups,
     }

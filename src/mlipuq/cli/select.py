@@ -30,7 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uncertainty-key", required=True,
                         help="per-atom array, e.g. doptimality_uncertainty or ltau_uncertainty")
     parser.add_argument("--level", choices=["config", "atom"], default="config")
-    parser.add_argument("--threshold", type=float, required=True)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="select above this uncertainty (default: the threshold the "
+                        "estimator fitted on in-domain data, read from the candidates' "
+                        "info '<name>_threshold' as 'mlipuq simulate' writes it)")
     parser.add_argument("--budget", type=int, required=True, help="maximum number of picks")
     parser.add_argument("--aggregate", choices=["max", "mean"], default="max",
                         help="per-configuration aggregate of the atoms (config level)")
@@ -130,6 +133,25 @@ def _group_labels(frames: list, key: str | None, args: argparse.Namespace) -> li
     return [str(atoms.info[key]) for atoms in frames]
 
 
+def _fitted_threshold(frames: list, key: str, args: argparse.Namespace) -> float:
+    """The ``<name>_threshold`` every candidate carries in its info (one value)."""
+    from mlipuq.exceptions import InputError
+
+    name = key[: -len("_uncertainty")] if key.endswith("_uncertainty") else key
+    info_key = f"{name}_threshold"
+    values = {float(atoms.info[info_key]) for atoms in frames if info_key in atoms.info}
+    if not values:
+        raise InputError(f"--threshold: required: {args.candidates} carries no fitted "
+                         f"{info_key!r} (calibrate the estimator, or give a number)")
+    if len(values) > 1 or any(info_key not in atoms.info for atoms in frames):
+        raise InputError(f"--threshold: required: the configurations of {args.candidates} "
+                         f"disagree on {info_key!r} ({sorted(values)})")
+    if args.level == "config" and args.aggregate != "max":
+        raise InputError(f"--threshold: required with --aggregate {args.aggregate}: the "
+                         f"fitted {info_key} is on the maximum over the atoms")
+    return values.pop()
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute ``mlipuq select``."""
     from pathlib import Path
@@ -148,8 +170,9 @@ def run(args: argparse.Namespace) -> int:
 
     key = _key(args.uncertainty_key)
     upper_bound = 1.0 if key.startswith("ltau") else None
-    threshold = check_threshold(args.threshold, upper_bound=upper_bound)
     frames = read_structures(args.candidates)
+    given = args.threshold if args.threshold is not None else _fitted_threshold(frames, key, args)
+    threshold = check_threshold(given, upper_bound=upper_bound)
     reference = read_structures(args.reference) if args.reference else None
     elements = None
     if args.elements:

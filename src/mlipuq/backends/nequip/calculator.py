@@ -15,7 +15,10 @@ the same way), and the per-atom arrays of each result go into ``calc.results``::
 For an estimator named ``name`` the results hold every per-atom array of
 ``UQResult.as_arrays(prefix=name)`` (``{name}_uncertainty``, ``{name}_p``,
 ``{name}_expected_error``, ``{name}_knn_distance`` for LTAU, ...) and the
-per-configuration summaries ``{name}_uncertainty_max`` and ``{name}_uncertainty_mean``.
+per-configuration summaries ``{name}_uncertainty_max`` and ``{name}_uncertainty_mean``,
+and ``{name}_threshold`` with the per-atom ``{name}_flag`` when the estimator has a
+threshold (LTAU after ``calibrate``: the atoms of one calculation form one
+configuration).
 ``results["descriptors"]`` (n_atoms, D) float32 is kept on request.
 """
 
@@ -233,6 +236,8 @@ def uncertainty_results(name: str, result: Any) -> dict[str, Any]:
     atom = np.asarray(result.atom_uncertainty, dtype=np.float64)
     arrays[f"{name}_uncertainty_max"] = float(atom.max())
     arrays[f"{name}_uncertainty_mean"] = float(atom.mean())
+    if result.threshold is not None:  # e.g. fitted by LTAUEstimator.calibrate
+        arrays[f"{name}_threshold"] = float(result.threshold)
     return arrays
 
 
