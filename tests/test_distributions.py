@@ -190,3 +190,13 @@ def test_constant_errors_do_not_crash():
     np.testing.assert_allclose(dist.mass.sum(axis=1), 1.0)
     np.testing.assert_allclose(dist.mass[:, 0], 1.0)
     assert dist.bin_edges[0] == pytest.approx(0.2)
+
+
+def test_cdf_at_pairs_equals_cdf_per_row():
+    rng = np.random.default_rng(3)
+    dists = distributions_from_errors([rng.gamma(2.0, 0.05, size=(30, 50))], n_bins=20)
+    rows = rng.integers(0, 50, size=400)
+    x = np.concatenate([rng.uniform(0, 0.5, 396), [0.0, 1e-9, 10.0, dists.bin_edges[3]]])
+    expected = np.array([dists.take([r]).cdf(np.array([v]))[0] for r, v in zip(rows, x)])
+    np.testing.assert_allclose(dists.cdf_at(rows, x), expected, atol=1e-6)
+    assert dists.cdf_at(rows[-2:-1], x[-2:-1])[0] == pytest.approx(1.0)

@@ -198,8 +198,12 @@ def test_config_aggregation_and_flags(rng):
     est = LTAUEstimator(k=3, atol=ATOL).fit(errors, train, train_species)
     configs = np.repeat(np.arange(6), 10)
     result = est.predict(test, test_species, config_index=configs, threshold=0.6)
-    per_config = result.atom_uncertainty.reshape(6, 10).max(axis=1)
+    # the configuration uncertainty is the mean of 1 - p (the max saturates at 1)
+    per_config = result.atom_uncertainty.reshape(6, 10).mean(axis=1)
     np.testing.assert_allclose(result.config_uncertainty, per_config)
+    np.testing.assert_allclose(result.extras["config_max_uncertainty"],
+                               result.atom_uncertainty.reshape(6, 10).max(axis=1))
+    assert result.config_aggregate == "mean"
     np.testing.assert_array_equal(result.atom_flags, result.atom_uncertainty > 0.6)
     np.testing.assert_array_equal(result.config_flags, per_config > 0.6)
     arrays = result.as_arrays()

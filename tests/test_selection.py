@@ -410,6 +410,22 @@ def test_cli_select_uses_the_fitted_threshold_in_the_candidates(candidates, tmp_
     above = np.flatnonzero(per_config > 2.5)
     expected = above[np.argsort(-per_config[above])][:2]
     assert [a.info["origin_config"] for a in read(out, ":")] == expected.tolist()
+    # a threshold fitted on the mean over the atoms (LTAU's aggregate) selects by the mean
+    for atoms in frames:
+        atoms.info["doptimality_threshold_aggregate"] = "mean"
+    write(path, frames, format="extxyz")
+    code = main(["select", "--candidates", str(path), "--uncertainty-key", "doptimality",
+                 "--budget", "2", "--diversity", "none", "--out", str(out)])
+    assert code == 0
+    capsys.readouterr()
+    mean_config = np.array([a.arrays["doptimality_uncertainty"].mean() for a in frames])
+    above = np.flatnonzero(mean_config > 2.5)
+    expected = above[np.argsort(-mean_config[above])][:2]
+    assert [a.info["origin_config"] for a in read(out, ":")] == expected.tolist()
+    code = main(["select", "--candidates", str(path), "--uncertainty-key", "doptimality",
+                 "--budget", "2", "--out", str(out), "--aggregate", "max"])
+    assert code == 2 and "fitted doptimality_threshold is on the mean" in \
+        capsys.readouterr().err
     # disagreeing values, or none: the user has to give a number
     frames[0].info["doptimality_threshold"] = 3.0
     write(path, frames, format="extxyz")

@@ -223,7 +223,7 @@ def test_fitted_threshold_is_the_default_stop_level(tmp_path):
     assert log.stopped and log.stop_step == 7  # as with stop_threshold=5.3375 given
     summary = summarise(log)
     assert summary["stop_threshold"] == 5.3375 and summary["threshold_source"] == "fitted"
-    with pytest.raises(InputError, match="fitted x threshold is on the maximum over the atoms"):
+    with pytest.raises(InputError, match="fitted x threshold is on the max over the atoms"):
         run_simulation(atoms, calc, thermostat="nve", set_velocities=False, steps=5,
                        stop_on="x_uncertainty", aggregate="mean")
 

@@ -237,4 +237,5 @@ def _uncertainty_arrays(
     arrays = result.as_arrays(prefix=name)
     if result.threshold is not None:  # a fitted threshold travels with the results
         arrays[f"{name}_threshold"] = float(result.threshold)
+        arrays[f"{name}_threshold_aggregate"] = result.config_aggregate
     return arrays

@@ -75,13 +75,15 @@ FORMAT_VERSION = 2
 ALL_ELEMENTS = "all"
 """Group name of the single index when ``per_element=False``."""
 
-_PAIR_CHUNK = 1 << 16  # (test atom, neighbour) pairs evaluated at once for per-atom scales
 TRANSFERS = ("distance", "mean")
 """How neighbours' distributions become a test atom's: distance-aware or the plain mean."""
 DISTANCE_SCOPES = ("configuration", "atom")
 """Whose normalised distance stretches an atom's distribution (see ``distance_scope``)."""
 DEFAULT_DISTANCE_POWER = 1.0
 """beta of the distance-aware transfer (see docs/ltau.md for the measurements)."""
+CONFIG_AGGREGATE = "mean"
+"""LTAU's configuration uncertainty: the mean of 1 - p over the atoms (the expected share
+of atoms whose error exceeds atol; the max saturates at 1 in large configurations)."""
 DEFAULT_FPR = 0.05
 """In-domain false-positive rate (per configuration) of the fitted flag threshold."""
 
@@ -519,8 +521,9 @@ class LTAUEstimator:
         Returns
         -------
         UQResult
-            ``method="ltau"``, ``atom_uncertainty = 1 - p_j`` (unitless), per-config max
-            when ``config_index`` is given, ``extras``: ``"p"`` (n,), ``"expected_error"``
+            ``method="ltau"``, ``atom_uncertainty = 1 - p_j`` (unitless), per-config mean
+            of 1 - p when ``config_index`` is given (``extras["config_max_uncertainty"]``
+            the max), ``extras``: ``"p"`` (n,), ``"expected_error"``
             (n,) in eV/Å, ``"knn_distance"`` (n,) mean Euclidean distance to the k
             neighbours (descriptor units), optionally ``"distribution"`` (n, B).
         """
@@ -670,8 +673,8 @@ class LTAUEstimator:
           (:func:`mlipuq.calibration.fit_scale`, ``threshold_scales=False``). An s at
           a bound of ``bounds`` is kept, flagged ``at_bound`` in ``calibration_`` and
           warned about (the atoms may not be in domain, or the bounds too narrow).
-        - ``threshold_``: the (1 - ``fpr``) quantile of the calibrated uncertainty
-          1 - p per configuration (max over its atoms; per atom without
+        - ``threshold_``: the (1 - ``fpr``) quantile of the calibrated configuration
+          uncertainty (the mean of 1 - p over its atoms; per atom without
           ``config_index``), so that a share ``fpr`` of in-domain configurations is
           flagged.
 
@@ -791,10 +794,7 @@ class LTAUEstimator:
         if rest.size:
             flat_rows = neighbours[rest].ravel()
             limits = self._tolerance(atol, flat_rows) / np.repeat(s_rows[rest], k)
-            values = np.empty(len(flat_rows))
-            for start in range(0, len(flat_rows), _PAIR_CHUNK):
-                part = slice(start, start + _PAIR_CHUNK)
-                values[part] = self.distributions_.take(flat_rows[part]).cdf(limits[part])
+            values = self.distributions_.cdf_at(flat_rows, limits)
             p[rest] = values.reshape(len(rest), k).mean(axis=1)
         return p
 
@@ -955,12 +955,14 @@ def _result(
     configs: np.ndarray | None,
     threshold: float | None,
 ) -> UQResult:
-    from mlipuq.atom_table import config_max
+    from mlipuq.atom_table import config_max, config_mean
 
     uncertainty = 1.0 - p
-    config_u = None if configs is None else config_max(uncertainty, configs)
+    config_u = None if configs is None else config_mean(uncertainty, configs)
     extras = {"p": p, "expected_error": expected, "knn_distance": distance,
               "knn_distance_normalised": normalised}
+    if configs is not None:
+        extras["config_max_uncertainty"] = config_max(uncertainty, configs)
     if mass is not None:
         extras["distribution"] = mass
     atom_flags = config_flags = None
@@ -976,5 +978,6 @@ def _result(
         config_flags=config_flags,
         threshold=None if threshold is None else float(threshold),
         unit="",
+        config_aggregate=CONFIG_AGGREGATE,
         extras=extras,
     )

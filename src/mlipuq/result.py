@@ -33,7 +33,11 @@ class UQResult:
     atom_flags, config_flags : ndarray of bool, shapes (N,) and (C,), or None
         True where the uncertainty exceeds ``threshold``.
     threshold : float or None
-        Threshold used for the flags, in the unit of ``atom_uncertainty``.
+        Threshold used for the flags, in the unit of ``atom_uncertainty``; the
+        configuration flags compare ``config_uncertainty`` with it.
+    config_aggregate : {"max", "mean"}
+        How ``config_uncertainty`` is formed from the atoms' uncertainties (LTAU: the
+        mean of 1 - p, the expected share of atoms above atol; the others: the max).
     unit : str
         Unit of ``atom_uncertainty`` (``""`` for unitless).
     extras : dict of str -> ndarray
@@ -51,6 +55,7 @@ class UQResult:
     config_flags: np.ndarray | None = None
     threshold: float | None = None
     unit: str = ""
+    config_aggregate: str = "max"
     extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property

@@ -35,8 +35,9 @@ can end the run.
 
 Without ``stop_threshold`` the rule uses the threshold the estimator fitted on
 in-domain held-out data (the calculator's ``<name>_threshold``, e.g. LTAU after
-``mlipuq fit`` calibrated it on the validation frames); that threshold is on the
-maximum over the atoms of a configuration, so it needs ``aggregate="max"``.
+``mlipuq fit`` calibrated it on the validation frames), compared with the aggregate
+it was fitted on (``<name>_threshold_aggregate``: the mean over the atoms for LTAU,
+the max otherwise); ``aggregate=None`` takes that one, another is refused.
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ def run_simulation(
     stop_mode: str = "stop",
     break_threshold: float | None = None,
     min_steps: int = 0,
-    aggregate: str = "max",
+    aggregate: str | None = None,
     atoms_mask: np.ndarray | Sequence[int] | None = None,
 ) -> SimulationLog:
     """Run MD or a relaxation and log the per-atom uncertainty of every frame.
@@ -274,8 +275,9 @@ def run_simulation(
     min_steps : int
         The stop rule applies to frames of step >= ``min_steps`` only (0 <= min_steps
         <= steps, with ``stop_on``); earlier frames are logged, never stop the run.
-    aggregate : {"max", "mean"}
+    aggregate : {"max", "mean"}, optional
         Per-frame aggregate over the masked atoms used for the stop rule and summary.
+        None: the aggregate of the fitted threshold when it is used, else "max".
     atoms_mask : array of bool (n_atoms,) or of int indices, optional
         Atoms over which frames are aggregated (default all).
 
@@ -290,7 +292,8 @@ def run_simulation(
         arrays or without the ``stop_on`` key.
     """
     _check_choice(kind, KINDS, "kind")
-    _check_choice(aggregate, AGGREGATES, "aggregate")
+    if aggregate is not None:
+        _check_choice(aggregate, AGGREGATES, "aggregate")
     _check_choice(stop_mode, STOP_MODES, "stop_mode")
     if int(steps) < 0:
         raise InputError(f"steps: expected >= 0, got {steps!r}")
@@ -319,7 +322,8 @@ def run_simulation(
     )
     log = SimulationLog(
         kind=kind, steps=np.zeros(0, int), times_fs=np.zeros(0), energies=np.zeros(0),
-        fmax=np.zeros(0), uncertainty_max={}, uncertainty_mean={}, aggregate=aggregate,
+        fmax=np.zeros(0), uncertainty_max={}, uncertainty_mean={},
+        aggregate=aggregate or "max",
         stop_on=stop_on, stop_threshold=stop_threshold, break_threshold=break_threshold,
         threshold_source=None if stop_threshold is None else "given",
         min_steps=min_steps, log_path=Path(log_path) if log_path is not None else None,
@@ -338,10 +342,11 @@ def run_simulation(
                     f"stop_on: the calculator gives no {stop_on!r}; it gives "
                     f"{sorted(row['max'])}"
                 )
-            value = row[aggregate][stop_on]
             if stop_threshold is None:
-                stop_threshold = _fitted_threshold(work.calc, stop_on, aggregate)
+                stop_threshold, rule = _fitted_threshold(work.calc, stop_on, aggregate)
                 log.stop_threshold, log.threshold_source = stop_threshold, "fitted"
+                log.aggregate = rule
+            value = row[log.aggregate][stop_on]
             if value > stop_threshold:
                 log.snapshot_steps.append(int(dyn.nsteps))
                 if stop_mode == "snapshot":
@@ -356,22 +361,29 @@ def run_simulation(
     return log
 
 
-def _fitted_threshold(calculator: object, key: str, aggregate: str) -> float:
-    """The ``<name>_threshold`` the calculator reports for uncertainty ``key``."""
+def _fitted_threshold(calculator: object, key: str, aggregate: str | None) -> tuple:
+    """(threshold, aggregate) the calculator reports for uncertainty ``key``.
+
+    The threshold was fitted on the estimator's own configuration aggregate
+    (``<name>_threshold_aggregate``: "mean" for LTAU, "max" otherwise); an explicit
+    other ``aggregate`` is refused.
+    """
     name = key[: -len(UNCERTAINTY_SUFFIX)]
-    value = getattr(calculator, "results", {}).get(f"{name}_threshold")
+    results = getattr(calculator, "results", {})
+    value = results.get(f"{name}_threshold")
     if value is None:
         raise InputError(
             f"stop_threshold: required with stop_on={key!r}: the {name} estimator has no "
             "fitted threshold (calibrate it: 'mlipuq fit RUN' with validation frames, or "
             "'mlipuq ltau calibrate')"
         )
-    if aggregate != "max":
+    fitted_on = str(results.get(f"{name}_threshold_aggregate", "max"))
+    if aggregate is not None and aggregate != fitted_on:
         raise InputError(
-            f"stop_threshold: the fitted {name} threshold is on the maximum over the atoms; "
-            f"give --stop-threshold with aggregate={aggregate!r}"
+            f"stop_threshold: the fitted {name} threshold is on the {fitted_on} over the "
+            f"atoms; give --stop-threshold with aggregate={aggregate!r}"
         )
-    return float(value)
+    return float(value), fitted_on
 
 
 def check_break_threshold(
@@ -592,6 +604,8 @@ def _frame(
     for key, value in results.items():  # fitted thresholds travel with the frames
         if key.endswith("_threshold") and np.ndim(value) == 0:
             frame.info[key] = float(value)
+        elif key.endswith("_threshold_aggregate"):
+            frame.info[key] = str(value)
     extra = {k: results[k] for k in ("stress", "energies", "free_energy") if k in results}
     frame.calc = SinglePointCalculator(frame, energy=energy, forces=np.copy(forces), **extra)
     return frame

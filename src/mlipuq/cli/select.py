@@ -35,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "estimator fitted on in-domain data, read from the candidates' "
                         "info '<name>_threshold' as 'mlipuq simulate' writes it)")
     parser.add_argument("--budget", type=int, required=True, help="maximum number of picks")
-    parser.add_argument("--aggregate", choices=["max", "mean"], default="max",
-                        help="per-configuration aggregate of the atoms (config level)")
+    parser.add_argument("--aggregate", choices=["max", "mean"], default=None,
+                        help="per-configuration aggregate of the atoms (config level; "
+                        "default: the one the fitted threshold was fitted on, else max)")
     parser.add_argument("--radius", type=float, default=5.0,
                         help="environment cut radius in Å (atom level)")
     parser.add_argument("--diversity", choices=["none", "maxvol", "cluster"], default="maxvol")
@@ -146,9 +147,12 @@ def _fitted_threshold(frames: list, key: str, args: argparse.Namespace) -> float
     if len(values) > 1 or any(info_key not in atoms.info for atoms in frames):
         raise InputError(f"--threshold: required: the configurations of {args.candidates} "
                          f"disagree on {info_key!r} ({sorted(values)})")
-    if args.level == "config" and args.aggregate != "max":
+    aggregates = {str(atoms.info.get(f"{info_key}_aggregate", "max")) for atoms in frames}
+    fitted_on = aggregates.pop() if len(aggregates) == 1 else None
+    if fitted_on is None or (args.aggregate is not None and args.aggregate != fitted_on):
         raise InputError(f"--threshold: required with --aggregate {args.aggregate}: the "
-                         f"fitted {info_key} is on the maximum over the atoms")
+                         f"fitted {info_key} is on the {fitted_on} over the atoms")
+    args.aggregate = fitted_on
     return values.pop()
 
 
@@ -173,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     frames = read_structures(args.candidates)
     given = args.threshold if args.threshold is not None else _fitted_threshold(frames, key, args)
     threshold = check_threshold(given, upper_bound=upper_bound)
+    args.aggregate = args.aggregate or "max"
     reference = read_structures(args.reference) if args.reference else None
     elements = None
     if args.elements:

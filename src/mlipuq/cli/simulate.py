@@ -48,8 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-steps", type=int, default=0,
                         help="the stop rule applies from this step on (time for a heated "
                              "run to reach its temperature; FLARE's min_steps_with_model)")
-    parser.add_argument("--aggregate", choices=["max", "mean"], default="max",
-                        help="per-frame aggregate over atoms for the stop rule and summary")
+    parser.add_argument("--aggregate", choices=["max", "mean"], default=None,
+                        help="per-frame aggregate over atoms for the stop rule and summary "
+                        "(default: the one the fitted threshold was fitted on, else max)")
     parser.add_argument("--atoms", default=None,
                         help="comma-separated atom indices to aggregate over (default all)")
     parser.add_argument("--out", required=True, help="trajectory extxyz")
@@ -126,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{log.n_frames} frames -> {out} (table {table}, summary {summary_path})")
     if log.stopped:
         level = log.break_threshold if log.break_threshold is not None else log.stop_threshold
-        print(f"stopped at step {log.stop_step}: {log.stop_on} ({args.aggregate}) > {level:g}")
+        print(f"stopped at step {log.stop_step}: {log.stop_on} ({log.aggregate}) > {level:g}")
     if log.snapshot_steps and args.stop_mode == "snapshot":
         print(f"{len(log.snapshot_steps)} snapshot frame(s) -> {log.snapshot_path}")
     for key, stats in summary["uncertainty"].items():
-        print(f"{key} ({args.aggregate}): initial {stats['initial']:.4g}  final "
+        print(f"{key} ({log.aggregate}): initial {stats['initial']:.4g}  final "
               f"{stats['final']:.4g}  max {stats['max']:.4g}  mean {stats['mean']:.4g}")
     return 0

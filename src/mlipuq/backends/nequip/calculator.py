@@ -238,6 +238,7 @@ def uncertainty_results(name: str, result: Any) -> dict[str, Any]:
     arrays[f"{name}_uncertainty_mean"] = float(atom.mean())
     if result.threshold is not None:  # e.g. fitted by LTAUEstimator.calibrate
         arrays[f"{name}_threshold"] = float(result.threshold)
+        arrays[f"{name}_threshold_aggregate"] = result.config_aggregate
     return arrays
 
 
