@@ -197,6 +197,7 @@ def test_cdf_at_pairs_equals_cdf_per_row():
     dists = distributions_from_errors([rng.gamma(2.0, 0.05, size=(30, 50))], n_bins=20)
     rows = rng.integers(0, 50, size=400)
     x = np.concatenate([rng.uniform(0, 0.5, 396), [0.0, 1e-9, 10.0, dists.bin_edges[3]]])
-    expected = np.array([dists.take([r]).cdf(np.array([v]))[0] for r, v in zip(rows, x)])
+    expected = np.array([dists.take([r]).cdf(np.array([v]))[0]
+                         for r, v in zip(rows, x, strict=True)])
     np.testing.assert_allclose(dists.cdf_at(rows, x), expected, atol=1e-6)
     assert dists.cdf_at(rows[-2:-1], x[-2:-1])[0] == pytest.approx(1.0)
