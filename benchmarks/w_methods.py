@@ -71,7 +71,8 @@ def train(args, folder: Path, start: float):
     t0 = time.perf_counter()
     run = train_ensemble(
         train_file, Path(args.out) / "run", preset=args.preset, epochs=args.epochs,
-        n_models=args.models, seed=args.seed, val_fraction=0.1, isolated_energies=None,
+        n_models=args.models, seed=args.seed,
+        val_fraction=getattr(args, "val_fraction", 0.1), isolated_energies=None,
         threads=args.threads, r_max=args.r_max, package=False, overwrite=True,
         progress=args.verbose,
     )

@@ -51,7 +51,8 @@ def brute_reference(desc: np.ndarray, configs: np.ndarray, k: int) -> float:
 
 
 @pytest.mark.parametrize(("power", "scope"), [(0.5, "configuration"), (1.0, "configuration"),
-                                              (2.0, "configuration"), (1.0, "atom")])
+                                              (2.0, "configuration"), (1.0, "atom"),
+                                              (1.0, "both")])
 def test_distance_transfer_equals_numpy(rng, power, scope):
     errors, train, species, configs = make_data(rng)
     dists = distributions_from_errors(errors, n_bins=30)
@@ -68,10 +69,12 @@ def test_distance_transfer_equals_numpy(rng, power, scope):
     distance = np.sqrt(np.take_along_axis(sq, order, axis=1)).mean(axis=1)
     z = distance / d_ref
     z_used = z.copy()
-    if scope == "configuration":  # the larger of the atom's z and its configuration's mean
-        for c in range(4):
-            z_used[test_configs == c] = np.maximum(z[test_configs == c],
-                                                   z[test_configs == c].mean())
+    for c in range(4):  # root mean square of z over the configuration
+        rms = np.sqrt(np.mean(z[test_configs == c] ** 2))
+        if scope == "configuration":
+            z_used[test_configs == c] = rms
+        elif scope == "both":
+            z_used[test_configs == c] = np.maximum(z[test_configs == c], rms)
     s_atom = 1.3 * np.maximum(1.0, z_used) ** power
     limits = np.repeat(ATOL / s_atom, 4)
     p = numpy_cdf(dists.mass, dists.bin_edges, order.ravel(), limits).reshape(20, 4).mean(1)
@@ -88,7 +91,7 @@ def test_distance_transfer_equals_numpy(rng, power, scope):
     np.testing.assert_allclose(plain.predict(test, ["Cu"] * 20, scale=1.3).extras["p"],
                                p_plain, atol=1e-6)
     # without config_index the atoms form one configuration
-    if scope == "configuration":
+    if scope != "atom":
         alone = est.predict(test, ["Cu"] * 20, scale=1.3).extras["p"]
         together = est.predict(test, ["Cu"] * 20, scale=1.3,
                                config_index=np.zeros(20, int)).extras["p"]
@@ -196,5 +199,7 @@ def test_bad_transfer_parameters(rng):
         LTAUEstimator(transfer="knn").fit(errors, train, species)
     with pytest.raises(InputError, match="distance_power: expected a finite number >= 0"):
         LTAUEstimator(distance_power=-1.0).fit(errors, train, species)
+    with pytest.raises(InputError, match="distance_scope: expected one of configuration, atom"):
+        LTAUEstimator(distance_scope="frame").fit(errors, train, species)
     with pytest.raises(InputError, match="reference_sample: expected a positive integer"):
         LTAUEstimator(reference_sample=0).fit(errors, train, species)

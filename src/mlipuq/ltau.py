@@ -6,7 +6,7 @@ the training descriptors (one index per element by default). For a test atom j w
 k nearest training atoms N_j (same element) at mean distance d_j::
 
     z_j = d_j / d_ref                                    (normalised k-NN distance)
-    z~_j = max(z_j, mean of z over j's configuration)
+    z~_j = root mean square of z over j's configuration
     s_j = s * max(1, z~_j) ** beta      (transfer="distance", the default)
     s_j = s                             (transfer="mean", the paper)
     p_j = (1/k) * sum_{i in N_j} CDF_i((atol + rtol * |F_ref,i|) / s_j)
@@ -18,11 +18,12 @@ are ``s_j`` times the neighbours' training errors".
 - ``d_ref`` (per index) is the median over training atoms of their own mean k-NN
   distance to the training atoms of *other* configurations (leave one configuration
   out), so an in-domain test atom has z of order 1 whatever the descriptor units.
-- The configuration mean in z~ carries what one atom's environment misses: in a
+- The configuration-level z~ carries what one atom's environment misses: in a
   configuration far from training (hotter MD, a distorted molecule) the errors of
   all atoms grow, also of those whose own environment looks familiar
-  (``distance_scope="atom"`` uses z_j alone). Without ``config_index`` the atoms
-  passed to :meth:`LTAUEstimator.predict` form one configuration.
+  (``distance_scope="atom"`` uses z_j alone, ``"both"`` the larger of z_j and z~).
+  Without ``config_index`` the atoms passed to :meth:`LTAUEstimator.predict` form
+  one configuration (one frame in the ASE calculator).
 - ``beta`` (``distance_power``) makes the assumed error grow with the distance to the
   training set: an atom twice as far from its neighbours as training atoms are from
   theirs gets errors ``2 ** beta`` times larger. This is what lets an atom far from
@@ -77,7 +78,7 @@ ALL_ELEMENTS = "all"
 
 TRANSFERS = ("distance", "mean")
 """How neighbours' distributions become a test atom's: distance-aware or the plain mean."""
-DISTANCE_SCOPES = ("configuration", "atom")
+DISTANCE_SCOPES = ("configuration", "atom", "both")
 """Whose normalised distance stretches an atom's distribution (see ``distance_scope``)."""
 DEFAULT_DISTANCE_POWER = 1.0
 """beta of the distance-aware transfer (see docs/ltau.md for the measurements)."""
@@ -127,11 +128,12 @@ class LTAUEstimator:
         get low p. ``"mean"``: the paper's plain mean of the neighbours' p.
     distance_power : float
         beta of the distance-aware transfer (>= 0; 0 is the plain mean).
-    distance_scope : {"configuration", "atom"}
-        Which z stretches an atom's distribution: the larger of its own and its
-        configuration's mean z (``"configuration"``: a configuration far from training
-        raises the errors of all its atoms, measured in ``docs/ltau.md``), or its own
-        only (``"atom"``).
+    distance_scope : {"configuration", "atom", "both"}
+        Which z stretches an atom's distribution: the root mean square of z over its
+        configuration (``"configuration"``: a configuration far from training raises
+        the errors of all its atoms; measured best in ``docs/ltau.md``), its own z
+        (``"atom"``), or the larger of the two (``"both"``: keeps a single far atom in
+        a large cell visible).
     reference_sample : int
         Training atoms per index whose leave-one-configuration-out k-NN distance
         gives the reference distance ``d_ref`` (a seeded sample when there are more).
@@ -592,19 +594,21 @@ class LTAUEstimator:
     def _stretch(self, normalised: np.ndarray, configs: np.ndarray | None) -> np.ndarray:
         """Factor on s per atom: ``max(1, z~) ** distance_power`` (1 for the plain mean).
 
-        z~ is the atom's own z (``distance_scope="atom"``) or the larger of it and the
-        mean z of its configuration (``"configuration"``; without ``configs`` all atoms
-        form one configuration).
+        z~ is the root mean square of z over the atom's configuration
+        (``distance_scope="configuration"``; without ``configs`` all atoms form one
+        configuration), the atom's own z (``"atom"``), or the larger of the two
+        (``"both"``). Atoms whose z is unknown count as z = 1.
         """
         if self.transfer == "mean" or self.distance_power == 0:
             return np.ones(len(normalised))
         z = np.where(np.isfinite(normalised), normalised, 1.0)
-        if self.distance_scope == "configuration":
+        if self.distance_scope != "atom":
             if configs is None:
-                z = np.maximum(z, z.mean())
+                rms = np.full(len(z), np.sqrt(np.mean(z**2)))
             else:
-                means = np.bincount(configs, z) / np.maximum(np.bincount(configs), 1)
-                z = np.maximum(z, means[configs])
+                counts = np.maximum(np.bincount(configs), 1)
+                rms = np.sqrt(np.bincount(configs, z**2) / counts)[configs]
+            z = rms if self.distance_scope == "configuration" else np.maximum(z, rms)
         return np.maximum(z, 1.0) ** float(self.distance_power)
 
     def _check_scale(self, scale: Any, n_atoms: int) -> float | np.ndarray:
