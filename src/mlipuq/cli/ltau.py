@@ -16,9 +16,9 @@ the structure file. The training atom order must be the one of the trajectory
 store (checked with the atom-table fingerprint). Per-atom results go into the
 extxyz arrays ``ltau_uncertainty``, ``ltau_p``, ``ltau_expected_error`` (eV/Å),
 ``ltau_knn_distance``, ``ltau_knn_distance_normalised`` (and ``ltau_flag`` with
-``--threshold`` or a threshold fitted by ``ltau calibrate``); per-configuration
-maxima and means into ``info`` (``ltau_config_uncertainty``,
-``ltau_config_mean_uncertainty``).
+``--threshold`` or a threshold fitted by ``ltau calibrate``); per configuration into
+``info``: ``ltau_config_uncertainty`` (the mean of 1 - p over its atoms, what the
+threshold applies to), ``ltau_config_max_uncertainty`` and ``ltau_config_flag``.
 """
 
 from __future__ import annotations
@@ -295,11 +295,10 @@ def _write_results(frames: list, table: Any, result: Any, out: Path) -> None:
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
 
-    from mlipuq.atom_table import config_mean
     from mlipuq.io import atomic_path
 
     arrays = result.as_arrays("ltau")
-    config_mean_u = config_mean(result.atom_uncertainty, table.config_index, table.n_configs)
+    config_max_u = result.extras["config_max_uncertainty"]
     written = []
     for number, atoms in enumerate(frames):
         rows = table.config_index == number
@@ -309,7 +308,7 @@ def _write_results(frames: list, table: Any, result: Any, out: Path) -> None:
         for name, values in arrays.items():
             frame.arrays[name] = np.asarray(values)[rows]
         frame.info["ltau_config_uncertainty"] = float(result.config_uncertainty[number])
-        frame.info["ltau_config_mean_uncertainty"] = float(config_mean_u[number])
+        frame.info["ltau_config_max_uncertainty"] = float(config_max_u[number])
         if result.config_flags is not None:
             frame.info["ltau_config_flag"] = bool(result.config_flags[number])
         written.append(frame)

@@ -3,7 +3,10 @@
 Example::
 
     mlipuq simulate --run RUN --structure start.xyz --kind md --steps 100 \\
-        --temperature 300 --stop-on ltau_uncertainty --stop-threshold 0.5 --out traj.extxyz
+        --temperature 300 --stop-on ltau_uncertainty --out traj.extxyz
+
+Without ``--stop-threshold`` the stop rule uses the threshold the estimator fitted on
+in-domain held-out data (``mlipuq fit`` calibrates LTAU on the validation frames).
 
 Writes ``traj.extxyz`` (every frame with its per-atom uncertainty arrays, OVITO-ready),
 ``traj.csv`` (one row per frame) and ``traj.summary.json`` (initial / final / max /
