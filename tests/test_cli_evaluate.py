@@ -144,8 +144,11 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     assert status == 0, captured.err
     assert captured.out.strip().splitlines()[-1] == f"report: {out / 'index.html'}"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"ltau", "ltau_calibrated", "ensemble", "doptimality",
-                                       "clustered_doptimality"}
+    assert set(metrics["methods"]) == {"ltau", "ltau_calibrated", "knn_distance", "ensemble",
+                                       "doptimality", "clustered_doptimality"}
+    # the normalised k-NN distance is scored as an out-of-domain detector of its own
+    assert metrics["methods"]["knn_distance"]["metrics"]["hot"]["roc_auc"] is not None
+    assert metrics["thresholds"]["knn_distance"]["source"] == "fitted"
     # estimators were saved in the run folder
     for name in ("ltau/estimator.json", "ltau/fit.json", "ensemble.json", "doptimality.npz",
                  "clustered_doptimality.npz"):

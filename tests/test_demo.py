@@ -15,7 +15,8 @@ pytest.importorskip("nequip")
 
 from mlipuq.cli import main  # noqa: E402
 
-METHODS = {"ltau", "ltau_calibrated", "ensemble", "doptimality", "clustered_doptimality"}
+METHODS = {"ltau", "ltau_calibrated", "knn_distance", "ensemble", "doptimality",
+           "clustered_doptimality"}
 SETS = {"bulk_300K", "bulk_1200K", "vacancy", "surface", "nanoparticle"}
 
 

@@ -210,7 +210,8 @@ class _XWithThreshold:
     def predict(self, features, species):
         from mlipuq.result import UQResult
 
-        return UQResult("x", features[:, 0], threshold=5.3375)
+        return UQResult("x", features[:, 0], threshold=5.3375,
+                        extras={"knn_distance_normalised": features[:, 0] / 5.0})
 
 
 def test_fitted_threshold_is_the_default_stop_level(tmp_path):
@@ -219,8 +220,14 @@ def test_fitted_threshold_is_the_default_stop_level(tmp_path):
     calc = DescriptorUQCalculator(ZeroForce(), {"x": _XWithThreshold()},
                                   descriptor_fn=lambda a: a.positions[:, :1].copy())
     log = run_simulation(atoms, calc, thermostat="nve", set_velocities=False, steps=50,
-                         timestep_fs=0.5, stop_on="x_uncertainty")
+                         timestep_fs=0.5, stop_on="x_uncertainty",
+                         table_path=tmp_path / "t.csv")
     assert log.stopped and log.stop_step == 7  # as with stop_threshold=5.3375 given
+    # the out-of-domain score is logged beside the uncertainty, per frame
+    header = (tmp_path / "t.csv").read_text().splitlines()[0].split(",")
+    assert "max_x_knn_distance_normalised" in header
+    np.testing.assert_allclose(log.uncertainty_max["x_knn_distance_normalised"],
+                               log.uncertainty_max["x_uncertainty"] / 5.0)
     summary = summarise(log)
     assert summary["stop_threshold"] == 5.3375 and summary["threshold_source"] == "fitted"
     with pytest.raises(InputError, match="fitted x threshold is on the max over the atoms"):

@@ -54,6 +54,9 @@ DEFAULT_CLUSTERS = 4
 CALIBRATED = "ltau_calibrated"
 """Name of LTAU with the fitted scale factor in the results and the report."""
 
+KNN_DISTANCE = "knn_distance"
+"""Name of LTAU's normalised k-NN distance as an out-of-domain score of its own."""
+
 ENSEMBLE_FILE = "ensemble.json"
 DOPT_FILE = "doptimality.npz"
 CLUSTERED_FILE = "clustered_doptimality.npz"
@@ -372,6 +375,9 @@ def predict_methods(
             scale = 1.0 if name == "ltau" else None
             timed(name, lambda e=estimator, s=scale, n=name: _renamed(e.predict(
                 base.descriptors, base.species, config_index=base.config_index, scale=s), n))
+            if name == "ltau":  # the search gives the distance for free: same cost
+                results[KNN_DISTANCE] = distance_result(results[name])
+                seconds[KNN_DISTANCE] = seconds[name]
         elif name == "ensemble":
             forces, energies = _stack(outputs_by_member)
             timed(name, lambda e=estimator, f=forces, en=energies: e.predict(
@@ -381,6 +387,23 @@ def predict_methods(
                 base.descriptors.astype(np.float64), base.species,
                 config_index=base.config_index))
     return results, seconds
+
+
+def distance_result(ltau_result: UQResult) -> UQResult:
+    """LTAU's normalised k-NN distance z as a result of its own (an out-of-domain score).
+
+    Atom uncertainty z (1 = a typical training atom's distance to its neighbours),
+    configuration uncertainty the mean z over the atoms.
+    """
+    from mlipuq.atom_table import config_mean
+
+    z = np.asarray(ltau_result.extras["knn_distance_normalised"], dtype=float)
+    configs = ltau_result.config_index
+    return UQResult(
+        method=KNN_DISTANCE, atom_uncertainty=z, config_index=configs,
+        config_uncertainty=None if configs is None else config_mean(z, configs),
+        unit="", config_aggregate="mean",
+    )
 
 
 def _renamed(result: UQResult, method: str) -> UQResult:
@@ -775,7 +798,7 @@ def _with_validation(run, test_sets, calibration_set):
 def _check_thresholds(thresholds, methods) -> dict[str, float]:
     out = {}
     for name, value in (thresholds or {}).items():
-        known = (*methods, CALIBRATED) if "ltau" in methods else tuple(methods)
+        known = (*methods, CALIBRATED, KNN_DISTANCE) if "ltau" in methods else tuple(methods)
         if name not in known:
             raise InputError(f"--threshold: unknown method {name!r} (methods: {list(known)})")
         try:
@@ -933,7 +956,8 @@ def _evaluate_all(results, estimators, data, outputs, force_errors, energy_error
             metrics = ens
         else:
             metrics["methods"]["ensemble"] = ens["methods"]["ensemble"]
-    order = [n for n in (*METHODS[:1], CALIBRATED, *METHODS[1:]) if n in metrics["methods"]]
+    order = [n for n in (*METHODS[:1], CALIBRATED, KNN_DISTANCE, *METHODS[1:])
+             if n in metrics["methods"]]
     metrics["methods"] = {n: metrics["methods"][n] for n in order}
     metrics["errors_from"] = {n: ("ensemble mean" if n == "ensemble" else "model")
                               for n in metrics["methods"]}

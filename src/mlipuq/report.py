@@ -314,6 +314,7 @@ def _cost_plot(metrics: Mapping, out: Path) -> list[tuple[str, str]]:
 DISPLAY_NAMES = {
     "ltau": "LTAU (s = 1)",
     "ltau_calibrated": "LTAU (calibrated)",
+    "knn_distance": "k-NN distance",
     "ensemble": "Ensemble",
     "doptimality": "D-optimality",
     "clustered_doptimality": "Clustered D-optimality",

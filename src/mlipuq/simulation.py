@@ -55,6 +55,8 @@ from ase import Atoms
 from mlipuq.exceptions import InputError
 
 UNCERTAINTY_SUFFIX = "_uncertainty"
+DISTANCE_SUFFIX = "_knn_distance_normalised"
+"""Per-atom out-of-domain scores (LTAU's normalised k-NN distance) logged like uncertainties."""
 KINDS = ("md", "relax")
 THERMOSTATS = ("langevin", "nve")
 OPTIMIZERS = ("bfgs", "fire")
@@ -82,7 +84,8 @@ class SimulationLog:
     fmax : ndarray of float, shape (F,)
         Largest atomic force norm in eV/Å.
     uncertainty_max, uncertainty_mean : dict of str -> ndarray, shape (F,)
-        Per frame, max / mean over the masked atoms of each ``*_uncertainty`` key.
+        Per frame, max / mean over the masked atoms of each ``*_uncertainty`` key (and
+        of each ``*_knn_distance_normalised`` out-of-domain score).
     aggregate : str
         Which of the two is "the" per-frame uncertainty (stop rule, summary).
     stopped : bool
@@ -514,6 +517,8 @@ class _FrameLogger:
         results = atoms.calc.results
         per_atom = _per_atom_arrays(results, len(atoms))
         keys = sorted(k for k in per_atom if k.endswith(UNCERTAINTY_SUFFIX))
+        if keys:  # out-of-domain scores are logged beside the uncertainties
+            keys += sorted(k for k in per_atom if k.endswith(DISTANCE_SUFFIX))
         if self.keys is None:
             if not keys:
                 raise InputError(
