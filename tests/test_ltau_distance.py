@@ -158,6 +158,32 @@ def test_calibrate_fits_scale_and_threshold_at_fpr(rng):
     np.testing.assert_array_equal(after.config_flags, after.config_uncertainty > est.threshold_)
 
 
+@pytest.mark.parametrize(("grows", "allowed"), [(True, (0.75, 1.0, 1.5)), (False, (0.0, 0.25))])
+def test_calibrate_chooses_the_distance_power_from_in_domain_data(rng, grows, allowed):
+    """Held-out errors that grow with the distance (beta = 1) or do not (beta = 0)."""
+    errors, train, species, configs = make_data(rng, n_configs=80)
+    est = LTAUEstimator(k=5, atol=ATOL).fit(errors, train, species, config_index=configs)
+    assert est.distance_power_ == 1.0  # before calibration
+    spread = np.repeat(rng.uniform(0.5, 3.0, size=150), 4)[:, None]  # near and far configs
+    held = spread * rng.normal(size=(600, 5))
+    held_configs = np.repeat(np.arange(150), 4)
+    z = est.predict(held, ["Cu"] * 600).extras["knn_distance_normalised"]
+    rms = np.sqrt(np.bincount(held_configs, z**2) / 4)[held_configs]
+    factor = np.maximum(rms, 1.0) if grows else 1.0
+    held_errors = factor * rng.gamma(2.0, 0.055, size=600)
+    est.calibrate(held, ["Cu"] * 600, held_errors, config_index=held_configs)
+    assert est.distance_power_ in allowed
+    briers = est.calibration_["brier_by_distance_power"]
+    assert set(briers) == {"0.0", "0.25", "0.5", "0.75", "1.0", "1.5", "2.0"}
+    assert min(briers, key=briers.get) == str(est.distance_power_)
+    # a fixed power is kept
+    fixed = LTAUEstimator(k=5, atol=ATOL, distance_power=0.5).fit(errors, train, species,
+                                                                  config_index=configs)
+    fixed.calibrate(held, ["Cu"] * 600, held_errors, config_index=held_configs)
+    assert fixed.distance_power_ == 0.5
+    assert list(fixed.calibration_["brier_by_distance_power"]) == ["0.5"]
+
+
 def test_calibration_at_bound_is_reported(rng):
     errors, train, species, configs = make_data(rng)
     est = LTAUEstimator(k=5, atol=ATOL).fit(errors, train, species, config_index=configs)
@@ -182,6 +208,7 @@ def test_calibration_round_trips_and_refit_drops_it(tmp_path, rng):
     est.save(tmp_path / "est")
     loaded = LTAUEstimator.load(tmp_path / "est")
     assert loaded.scale_ == est.scale_ and loaded.threshold_ == est.threshold_
+    assert loaded.distance_power_ == est.distance_power_
     assert loaded.calibration_ == est.calibration_
     assert loaded.reference_distance_ == pytest.approx(est.reference_distance_)
     test = rng.normal(size=(30, 5))
@@ -191,13 +218,14 @@ def test_calibration_round_trips_and_refit_drops_it(tmp_path, rng):
     # a refit forgets the calibration (it belonged to the old training set)
     est.fit(errors, train, species, config_index=configs)
     assert est.scale_ == 1.0 and est.threshold_ is None and est.calibration_ is None
+    assert est.distance_power_ == 1.0
 
 
 def test_bad_transfer_parameters(rng):
     errors, train, species, configs = make_data(rng)
     with pytest.raises(InputError, match="transfer: expected one of distance, mean, got 'knn'"):
         LTAUEstimator(transfer="knn").fit(errors, train, species)
-    with pytest.raises(InputError, match="distance_power: expected a finite number >= 0"):
+    with pytest.raises(InputError, match="distance_power: expected 'auto' or a finite number"):
         LTAUEstimator(distance_power=-1.0).fit(errors, train, species)
     with pytest.raises(InputError, match="distance_scope: expected one of configuration, atom"):
         LTAUEstimator(distance_scope="frame").fit(errors, train, species)

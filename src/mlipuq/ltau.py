@@ -28,8 +28,10 @@ are ``s_j`` times the neighbours' training errors".
   training set: an atom twice as far from its neighbours as training atoms are from
   theirs gets errors ``2 ** beta`` times larger. This is what lets an atom far from
   every training atom get a low p (the plain mean of the paper gives it its
-  neighbours' p whatever the distance). ``docs/ltau.md`` gives the measurements
-  behind the default.
+  neighbours' p whatever the distance). With ``distance_power="auto"`` (default) beta
+  is 1 until :meth:`LTAUEstimator.calibrate` chooses it on in-domain held-out atoms
+  (lowest Brier score of p for the event "error <= atol" over a grid 0 ... 2);
+  ``docs/ltau.md`` gives the measurements behind this.
 - ``s`` is the calibration scale factor: 1 until :meth:`LTAUEstimator.calibrate`
   fits it on in-domain held-out atoms (then ``scale_``), or given per call.
 
@@ -81,7 +83,9 @@ TRANSFERS = ("distance", "mean")
 DISTANCE_SCOPES = ("configuration", "atom", "both")
 """Whose normalised distance stretches an atom's distribution (see ``distance_scope``)."""
 DEFAULT_DISTANCE_POWER = 1.0
-"""beta of the distance-aware transfer (see docs/ltau.md for the measurements)."""
+"""beta of the distance-aware transfer before calibration chooses one (docs/ltau.md)."""
+DISTANCE_POWER_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+"""The betas :meth:`LTAUEstimator.calibrate` chooses from with ``distance_power="auto"``."""
 CONFIG_AGGREGATE = "mean"
 """LTAU's configuration uncertainty: the mean of 1 - p over the atoms (the expected share
 of atoms whose error exceeds atol; the max saturates at 1 in large configurations)."""
@@ -126,8 +130,10 @@ class LTAUEstimator:
         ``"distance"``: the neighbours' error distributions are stretched by
         ``max(1, z_j) ** distance_power`` (z_j: normalised k-NN distance), so far atoms
         get low p. ``"mean"``: the paper's plain mean of the neighbours' p.
-    distance_power : float
-        beta of the distance-aware transfer (>= 0; 0 is the plain mean).
+    distance_power : float or "auto"
+        beta of the distance-aware transfer (>= 0; 0 is the plain mean). ``"auto"``:
+        1 until :meth:`calibrate` chooses it from :data:`DISTANCE_POWER_GRID` by the
+        Brier score on the calibration atoms.
     distance_scope : {"configuration", "atom", "both"}
         Which z stretches an atom's distribution: the root mean square of z over its
         configuration (``"configuration"``: a configuration far from training raises
@@ -162,6 +168,9 @@ class LTAUEstimator:
     scale_ : float
         Calibration scale factor used by :meth:`predict` (``scale`` until
         :meth:`calibrate` fits one).
+    distance_power_ : float
+        beta used by :meth:`predict` (chosen by :meth:`calibrate` with
+        ``distance_power="auto"``).
     threshold_ : float or None
         Flag threshold on 1 - p fitted by :meth:`calibrate` (None before).
     calibration_ : dict or None
@@ -199,7 +208,7 @@ class LTAUEstimator:
         n_threads: int = 1,
         seed: int = 0,
         transfer: str = "distance",
-        distance_power: float = DEFAULT_DISTANCE_POWER,
+        distance_power: float | str = "auto",
         distance_scope: str = "configuration",
         reference_sample: int = 20_000,
     ) -> None:
@@ -314,6 +323,7 @@ class LTAUEstimator:
             name: self._reference_distance(desc, name, configs) for name in groups
         }
         self.scale_ = float(self.scale)
+        self.distance_power_ = self._initial_power()
         self.threshold_ = None
         self.calibration_ = None
         logger.info("LTAU fitted on %d atoms, indices %s", self.n_train_atoms_, kinds)
@@ -332,8 +342,11 @@ class LTAUEstimator:
                 f"transfer: expected one of {', '.join(TRANSFERS)}, got {self.transfer!r}"
             )
         power = self.distance_power
-        if isinstance(power, bool) or not np.isscalar(power) or not np.isfinite(power) or power < 0:
-            raise InputError(f"distance_power: expected a finite number >= 0, got {power!r}")
+        if power != "auto" and (isinstance(power, (bool, str)) or not np.isscalar(power)
+                                or not np.isfinite(power) or power < 0):
+            raise InputError(
+                f"distance_power: expected 'auto' or a finite number >= 0, got {power!r}"
+            )
         if self.distance_scope not in DISTANCE_SCOPES:
             raise InputError(
                 f"distance_scope: expected one of {', '.join(DISTANCE_SCOPES)}, "
@@ -400,6 +413,12 @@ class LTAUEstimator:
         windowed = [a[window_slice(len(a), self.window)] for a in arrays]
         dists = distributions_from_errors(windowed, n_bins=self.n_bins)
         return dists, finals, None, None
+
+    def _initial_power(self) -> float:
+        """beta before calibration: the given number, or 1 for ``"auto"``."""
+        if self.distance_power == "auto":
+            return DEFAULT_DISTANCE_POWER
+        return float(self.distance_power)
 
     def _reset_caches(self) -> None:
         """Drop every cache derived from fitted state (a refit must not reuse them)."""
@@ -599,7 +618,8 @@ class LTAUEstimator:
         configuration), the atom's own z (``"atom"``), or the larger of the two
         (``"both"``). Atoms whose z is unknown count as z = 1.
         """
-        if self.transfer == "mean" or self.distance_power == 0:
+        power = float(self.__dict__.get("distance_power_", DEFAULT_DISTANCE_POWER))
+        if self.transfer == "mean" or power == 0:
             return np.ones(len(normalised))
         z = np.where(np.isfinite(normalised), normalised, 1.0)
         if self.distance_scope != "atom":
@@ -609,7 +629,7 @@ class LTAUEstimator:
                 counts = np.maximum(np.bincount(configs), 1)
                 rms = np.sqrt(np.bincount(configs, z**2) / counts)[configs]
             z = rms if self.distance_scope == "configuration" else np.maximum(z, rms)
-        return np.maximum(z, 1.0) ** float(self.distance_power)
+        return np.maximum(z, 1.0) ** power
 
     def _check_scale(self, scale: Any, n_atoms: int) -> float | np.ndarray:
         if np.ndim(scale) == 0:
@@ -719,11 +739,23 @@ class LTAUEstimator:
                                 threshold=None).extras["p"]
 
         atol = float(self.atol_)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            scale = fit_scale(predict_p, errors, atol, bounds=bounds, n_bins=n_bins,
-                              threshold_scales=False)
-        at_bound = any("search bound" in str(w.message) for w in caught)
+        within = (errors <= atol).astype(float)
+        powers = [self._initial_power()]
+        if self.distance_power == "auto" and self.transfer == "distance":
+            powers = list(DISTANCE_POWER_GRID)
+        brier: dict[float, float] = {}
+        fitted: dict[float, tuple[float, bool]] = {}
+        for power in powers:
+            self.distance_power_ = float(power)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                scale = fit_scale(predict_p, errors, atol, bounds=bounds, n_bins=n_bins,
+                                  threshold_scales=False)
+            fitted[power] = (scale, any("search bound" in str(w.message) for w in caught))
+            brier[power] = float(np.mean((predict_p(scale) - within) ** 2))
+        power = min(powers, key=lambda b: (round(brier[b], 12), abs(b - DEFAULT_DISTANCE_POWER)))
+        self.distance_power_ = float(power)
+        scale, at_bound = fitted[power]
         if at_bound:
             warnings.warn(
                 f"LTAU calibration: s = {scale:.4g} is at the search bound {bounds}: the "
@@ -731,7 +763,7 @@ class LTAUEstimator:
                 UserWarning,
                 stacklevel=2,
             )
-        before = predict_p(float(self.scale))
+        before = predict_p(float(self.scale))  # same beta, s = 1
         result = self.predict(desc, species, scale=scale, config_index=config_index)
         scores = result.atom_uncertainty if config_index is None else result.config_uncertainty
         threshold = fpr_threshold(scores, fpr)
@@ -746,6 +778,8 @@ class LTAUEstimator:
             "ece_before": float(metrics.ece(before, errors, atol, n_bins=n_bins)),
             "ece_after": float(metrics.ece(result.extras["p"], errors, atol, n_bins=n_bins)),
             "scale_before": float(self.scale),
+            "distance_power": float(power),
+            "brier_by_distance_power": {str(b): v for b, v in brier.items()},
             "n_atoms": int(len(errors)),
             "n_configs": None if config_index is None else int(len(scores)),
             "fpr": float(fpr),
@@ -849,6 +883,7 @@ class LTAUEstimator:
                     name: _json_float(value) for name, value in self.reference_distance_.items()
                 },
                 "scale": self.scale_,
+                "distance_power": self.distance_power_,
                 "threshold": self.threshold_,
                 "calibration": self.calibration_,
                 "units": {"atol": "eV/Å", "bin_edges": "eV/Å",
@@ -917,6 +952,9 @@ class LTAUEstimator:
             for name, value in meta.get("reference_distance", {}).items()
         }
         estimator.scale_ = float(meta.get("scale", estimator.scale))
+        power = meta.get("distance_power")
+        estimator.distance_power_ = (estimator._initial_power() if power is None
+                                     else float(power))
         threshold = meta.get("threshold")
         estimator.threshold_ = None if threshold is None else float(threshold)
         estimator.calibration_ = meta.get("calibration")

@@ -90,9 +90,9 @@ def _register_fit(verbs: argparse._SubParsersAction) -> None:
     fit.add_argument("--transfer", choices=("distance", "mean"), default="distance",
                      help="distance-aware transfer, or the paper's plain mean of the "
                           "neighbours (default distance)")
-    fit.add_argument("--distance-power", type=float, default=1.0,
-                     help="beta: assumed errors grow as (normalised k-NN distance)^beta "
-                          "(default 1)")
+    fit.add_argument("--distance-power", type=_power, default="auto",
+                     help="beta: assumed errors grow as (normalised k-NN distance)^beta; "
+                          "'auto' (default): 1, chosen by 'ltau calibrate' on in-domain atoms")
     fit.add_argument("--n-threads", type=int, default=1, help="FAISS threads (default 1)")
     fit.add_argument("--seed", type=int, default=0)
     fit.set_defaults(func=run_fit)
@@ -152,6 +152,16 @@ def load_npy(path: Path, name: str) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise InputError(f"{name}: {path} is not a readable .npy array ({exc})") from None
+
+
+def _power(value: str) -> float | str:
+    """``--distance-power``: 'auto' or a number (checked by the estimator)."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {value!r}") from None
 
 
 def _window(values: list[str] | None) -> tuple[int, int | None] | None:
