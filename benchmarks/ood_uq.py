@@ -113,10 +113,10 @@ def goal_tables(metrics: dict, spec: dict) -> tuple[str, dict]:
     lines += ["", "ROC-AUC against the held-out in-domain configurations (TPR at the fitted "
               "threshold; in-domain FPR in the last row):", "",
               "| set | LTAU distance (calibrated) | LTAU mean (calibrated) | ensemble | "
-              "D-optimality | goal |", "|---|---|---|---|---|---|"]
+              "D-optimality | k-NN distance z | goal |", "|---|---|---|---|---|---|---|"]
     for name in outside:
         auc = {m: _get(new, m, name, "roc_auc") for m in ("ltau_calibrated", "ensemble",
-                                                          "doptimality")}
+                                                          "doptimality", "knn_distance")}
         tpr = {m: _get(new, m, name, "tpr") for m in auc}
         plain = _get(old, "ltau_calibrated", name, "roc_auc")
         ltau, ens = auc["ltau_calibrated"], auc["ensemble"]
@@ -125,12 +125,15 @@ def goal_tables(metrics: dict, spec: dict) -> tuple[str, dict]:
         verdict["auc"] &= ok
         cells = [f"{fmt(auc[m], '{:.2f}')} ({fmt(tpr[m], '{:.0%}')})" for m in auc]
         lines.append(f"| {name} | {cells[0]} | {fmt(plain, '{:.2f}')} | {cells[1]} | "
-                     f"{cells[2]} | {'met' if ok else 'missed'} |")
+                     f"{cells[2]} | {cells[3]} | {'met' if ok else 'missed'} |")
     fpr = {m: [_get(new, m, g, "fpr") for g in inside] for m in
-           ("ltau_calibrated", "ensemble", "doptimality")}
+           ("ltau_calibrated", "ensemble", "doptimality", "knn_distance")}
     lines.append("| in-domain FPR | " + " | ".join(
         [fmt(fpr["ltau_calibrated"][0], "{:.0%}"), "", fmt(fpr["ensemble"][0], "{:.0%}"),
-         fmt(fpr["doptimality"][0], "{:.0%}"), ""]) + " |")
+         fmt(fpr["doptimality"][0], "{:.0%}"), fmt(fpr["knn_distance"][0], "{:.0%}"), ""])
+        + " |")
+    power = new["calibration"].get("distance_power")
+    lines.append(f"\nbeta chosen by calibration (distance_power='auto'): {fmt(power, '{:g}')}")
 
     lines += ["", "ECE of LTAU (p = CDF at atol / s_j), held-out atoms; s fitted on the "
               "in-domain calibration split only:", "",
