@@ -16,18 +16,17 @@ Choices (documented in ``docs/demo.md``):
   the ensemble is judged against the errors of the ensemble mean (uq-ace eqs. 5-7).
 - Costs are seconds per test atom of the UQ step; the ensemble's cost includes
   the forward passes of its other M - 1 members (its real extra cost).
-- LTAU calibration follows the lead's convention: ``predict(scale=s)`` gives the
-  neighbours' CDF at ``atol / s`` (test errors = s x training errors), fitted with
-  :func:`mlipuq.calibration.calibrate` (``threshold_scales=False``) on a seeded,
-  configuration-level split of one in-domain test set.
+- Calibration protocol: a seeded fraction of the configurations of one in-domain set
+  (default the run's validation frames) fits LTAU's scale (``predict(scale=s)``
+  gives the neighbours' CDF at ``atol / s_j``: test errors = s_j x training errors;
+  :meth:`mlipuq.ltau.LTAUEstimator.calibrate`) and every method's threshold at an
+  in-domain false-positive rate; every metric uses the other configurations.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -278,11 +277,9 @@ def save_ltau(run: RunFolder, estimator: Any, model_id: str) -> None:
     the member whose descriptors it was fitted on (the calculator checks it).
     """
     from mlipuq import __version__
-    from mlipuq.io import write_json
+    from mlipuq.io import atomic_directory, write_json
 
-    target = Path(run.ltau_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".ltau.", dir=run.path))
-    try:
+    with atomic_directory(run.ltau_dir) as tmp:
         estimator.save(tmp)
         write_json(tmp / LTAU_FIT_FILE, {
             "model_id": model_id,
@@ -290,16 +287,6 @@ def save_ltau(run: RunFolder, estimator: Any, model_id: str) -> None:
             "atom_table_fingerprint": run.atom_table.fingerprint(),
             "mlipuq_version": __version__,
         })
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=".ltau.old.", dir=run.path))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_methods(run: RunFolder, methods: Sequence[str], *, model_id: str) -> dict[str, Any]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -72,11 +70,10 @@ def write_report(
     """
     if "methods" not in metrics:
         raise InputError("metrics: expected the dict returned by evaluate() (no 'methods' key)")
+    from mlipuq.io import atomic_directory
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes 0700; a report is meant to be read by others
+    with atomic_directory(out_dir) as tmp:
         figures = _calibration_plots(metrics, tmp)
         figures += _scatter_plots(
             results, force_errors, energy_errors, config_index, groups, tmp, seed
@@ -85,22 +82,7 @@ def write_report(
         figures += _cost_plot(metrics, tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (tmp / "index.html").write_text(_html(metrics, figures, title))
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir / "index.html"
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` onto ``out_dir``; an existing ``out_dir`` is moved aside first."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
