@@ -165,7 +165,8 @@ def _model_ids(store: TrajectoryStore, model_ids: Sequence[str] | None) -> list[
 
 
 def default_atol(source: ErrorSource, *, model_ids: Sequence[str] | None = None) -> float:
-    """Default tolerance: training MAE of the final model(s), in eV/Å.
+    """Default tolerance: the mean force-error norm |F_ref - F_pred| of the final model(s)
+    over the training atoms, in eV/Å (not the per-component MAE training logs print).
 
     The mean force-error norm at the last logged epoch of each model, averaged over
     models.

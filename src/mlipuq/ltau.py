@@ -101,7 +101,8 @@ class LTAUEstimator:
     k : int
         Neighbours per test atom.
     atol : float, optional
-        Absolute tolerance in eV/Å. None: the training MAE of the final model(s)
+        Absolute tolerance in eV/Å. None: the mean force-error norm |F_ref - F_pred| of
+        the final model(s) over the training atoms
         (:func:`mlipuq.confidence.default_atol`), which needs trajectories (a store or
         arrays), not bare distributions.
     rtol : float
@@ -481,7 +482,7 @@ class LTAUEstimator:
         if source is None:
             raise InputError(
                 "atol: required when errors are ErrorDistributions (no final-epoch errors "
-                "to take the training MAE from)"
+                "to take the mean force-error norm from)"
             )
         from mlipuq.confidence import default_atol
 

@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         default="auto",
                         help="FAISS index kind (default: auto, chosen by size)")
     parser.add_argument("--atol", type=float, default=None,
-                        help="tolerance in eV/Å (default: training MAE of the final models)")
+                        help="tolerance in eV/Å (default: mean force-error norm |F_ref - F_pred| "
+                        "of the final models on the training atoms)")
     parser.add_argument("--rtol", type=float, default=0.0,
                         help="relative tolerance on |F_ref| (default: 0)")
     parser.add_argument("--n-bins", type=int, default=100,
@@ -154,7 +155,8 @@ def _fit(store: Any, outputs: Any, args: argparse.Namespace) -> Any:
 
 
 def _summary(run: Any, estimator: Any, shape: tuple[int, int], seconds: float) -> None:
-    atol_source = "given" if estimator.atol is not None else "training MAE of the final models"
+    atol_source = "given" if estimator.atol is not None else (
+        "mean force-error norm |F_ref - F_pred| of the final models on the training atoms")
     kinds = ", ".join(f"{name}={kind}" for name, kind in estimator.index_kinds_.items())
     _say(f"wrote {run.ltau_dir} in {seconds:.1f} s")
     print(f"  atol   {estimator.atol_:.4g} eV/Å ({atol_source})", file=sys.stdout)

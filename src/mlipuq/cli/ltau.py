@@ -67,7 +67,8 @@ def _register_fit(verbs: argparse._SubParsersAction) -> None:
     fit.add_argument("--out", type=Path, required=True, help="estimator directory to write")
     fit.add_argument("--k", type=int, default=5, help="neighbours per atom (default 5)")
     fit.add_argument("--atol", type=float, default=None,
-                     help="tolerance in eV/Å (default: final-epoch training MAE)")
+                     help="tolerance in eV/Å (default: mean force-error norm |F_ref - F_pred| "
+                          "at the last logged epoch)")
     fit.add_argument("--rtol", type=float, default=0.0,
                      help="relative tolerance on |F_ref| of each neighbour (default 0)")
     fit.add_argument("--scale", type=float, default=1.0, help="default scale factor s")
@@ -226,7 +227,8 @@ def run_fit(args: argparse.Namespace) -> int:
     estimator.fit(errors, descriptors, table.species, force_norm=force_norm,
                   config_index=table.config_index)
     kinds = ", ".join(f"{name}: {kind}" for name, kind in estimator.index_kinds_.items())
-    _stage(f"atol = {estimator.atol_:.6g} eV/Å; indices {kinds}")
+    _stage(f"atol = {estimator.atol_:.6g} eV/Å (mean force-error norm at the last logged "
+           f"epoch, unless --atol); indices {kinds}")
     _save(estimator, args.out)
     _stage(f"wrote {args.out}")
     return 0

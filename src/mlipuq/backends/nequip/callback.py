@@ -523,7 +523,7 @@ class EpochProgressCallback(lightning.Callback):
         for key, name in (
             ("train_loss_step/weighted_sum", "loss"),
             ("val0_epoch/weighted_sum", "val"),
-            ("val0_epoch/forces_mae", "val_F_mae"),
+            ("val0_epoch/forces_mae", "val_F_mae_component"),
             ("val0_epoch/total_energy_mae", "val_E_mae"),
         ):
             if key in metrics:
