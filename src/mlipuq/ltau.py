@@ -568,26 +568,45 @@ class LTAUEstimator:
         if threshold is not None and (not np.isscalar(threshold) or not np.isfinite(threshold)):
             raise InputError(f"threshold: expected a finite number, got {threshold!r}")
 
-        p = np.empty(n_atoms)
-        expected = np.empty(n_atoms)
+        found = list(self._neighbours(desc, groups, k))
+        distance, normalised = self._distances(found, n_atoms)
+        p, expected = self._transfer(found, normalised, configs, scales, float(atol))
+        mass = None
+        if return_distribution:
+            mass = np.empty((n_atoms, self.distributions_.mass.shape[1]), dtype=np.float32)
+            for _, rows, neighbours, _ in found:
+                mass[rows] = self.distributions_.mean_over(neighbours).mass
+        return _result(p, expected, distance, normalised, mass, configs, threshold)
+
+    def _distances(self, found: list, n_atoms: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean k-NN distance d_j and z_j = d_j / d_ref of every atom, shapes (n,)."""
         distance = np.empty(n_atoms)
         normalised = np.empty(n_atoms)
-        n_bins = self.distributions_.mass.shape[1]
-        mass = np.empty((n_atoms, n_bins), dtype=np.float32) if return_distribution else None
-        base = float(scales) if np.ndim(scales) == 0 else None
-        found = list(self._neighbours(desc, groups, k))
         for name, rows, neighbours, distance_sum in found:
             distance[rows] = distance_sum / neighbours.shape[1]
             normalised[rows] = self._normalised(distance[rows], name)
+        return distance, normalised
+
+    def _transfer(
+        self,
+        found: list,
+        normalised: np.ndarray,
+        configs: np.ndarray | None,
+        scales: float | np.ndarray,
+        atol: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """p_j and the expected error (eV/Å) from the neighbours ``found`` by one search."""
+        n_atoms = len(normalised)
+        p = np.empty(n_atoms)
+        expected = np.empty(n_atoms)
+        base = float(scales) if np.ndim(scales) == 0 else None
         stretch = self._stretch(normalised, configs)
         for _, rows, neighbours, _ in found:
-            k_group = neighbours.shape[1]
             s_rows = (scales if base is not None else scales[rows]) * stretch[rows]
-            p[rows] = self._neighbour_p(neighbours, float(atol), s_rows, base)
-            expected[rows] = s_rows * self._expected_train[neighbours].sum(axis=1) / k_group
-            if mass is not None:
-                mass[rows] = self.distributions_.mean_over(neighbours).mass
-        return _result(p, expected, distance, normalised, mass, configs, threshold)
+            p[rows] = self._neighbour_p(neighbours, atol, s_rows, base)
+            expected[rows] = (s_rows * self._expected_train[neighbours].sum(axis=1)
+                              / neighbours.shape[1])
+        return p, expected
 
     def _neighbours(
         self, desc: np.ndarray, groups: dict[str, np.ndarray], k: int
@@ -734,26 +753,39 @@ class LTAUEstimator:
         check_consistent_length(errors=errors, descriptors=desc)
         if not 0.0 < fpr < 1.0:
             raise InputError(f"fpr: expected a rate in (0, 1), got {fpr!r}")
+        atol = float(self.atol_)
+
+        configs = None if config_index is None else check_config_index(config_index, len(desc))
+        check_feature_dim(desc, self.n_features_in_, "descriptors")
+        groups = self._test_groups(species)
+        check_consistent_length(
+            descriptors=desc, species=np.empty(sum(len(rows) for rows in groups.values()))
+        )
+        found = list(self._neighbours(desc, groups, self.k))  # one search for every s, beta
+        _, normalised = self._distances(found, len(desc))
 
         def predict_p(scale: float | np.ndarray) -> np.ndarray:
-            return self.predict(desc, species, scale=scale, config_index=config_index,
-                                threshold=None).extras["p"]
+            return self._transfer(found, normalised, configs, float(scale), atol)[0]
 
-        atol = float(self.atol_)
         within = (errors <= atol).astype(float)
         powers = [self._initial_power()]
         if self.distance_power == "auto" and self.transfer == "distance":
             powers = list(DISTANCE_POWER_GRID)
         brier: dict[float, float] = {}
         fitted: dict[float, tuple[float, bool]] = {}
-        for power in powers:
-            self.distance_power_ = float(power)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", UserWarning)
-                scale = fit_scale(predict_p, errors, atol, bounds=bounds, n_bins=n_bins,
-                                  threshold_scales=False)
-            fitted[power] = (scale, any("search bound" in str(w.message) for w in caught))
-            brier[power] = float(np.mean((predict_p(scale) - within) ** 2))
+        previous = self.distance_power_
+        try:
+            for power in powers:
+                self.distance_power_ = float(power)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", UserWarning)
+                    scale = fit_scale(predict_p, errors, atol, bounds=bounds, n_bins=n_bins,
+                                      threshold_scales=False)
+                fitted[power] = (scale, any("search bound" in str(w.message) for w in caught))
+                brier[power] = float(np.mean((predict_p(scale) - within) ** 2))
+        except BaseException:
+            self.distance_power_ = previous  # a failed calibration leaves the state as it was
+            raise
         power = min(powers, key=lambda b: (round(brier[b], 12), abs(b - DEFAULT_DISTANCE_POWER)))
         self.distance_power_ = float(power)
         scale, at_bound = fitted[power]
