@@ -121,11 +121,13 @@ def test_calculator_from_run_attaches_fitted_ltau(fitted, train_outputs):
         calc.results["descriptors"], atoms.get_chemical_symbols()
     )
     np.testing.assert_allclose(calc.results["ltau_uncertainty"], expected.atom_uncertainty)
-    # the stored calibration reaches the calculator: scale, threshold and flags
+    # the stored calibration reaches the calculator: scale, threshold and the frame's flag
     fitted_threshold = LTAUEstimator.load(run.ltau_dir).threshold_
     assert calc.results["ltau_threshold"] == pytest.approx(fitted_threshold)
-    np.testing.assert_array_equal(calc.results["ltau_flag"],
-                                  expected.atom_uncertainty > fitted_threshold)
+    assert calc.results["ltau_threshold_aggregate"] == "mean"
+    assert calc.results["ltau_config_flag"] == bool(
+        expected.atom_uncertainty.mean() > fitted_threshold)
+    assert "ltau_flag" not in calc.results  # the threshold is per configuration
     assert "ltau_knn_distance_normalised" in calc.results
     with pytest.raises(InputError, match="fitted on the descriptors of 'model_0'"):
         UQCalculator.from_run(run.path, model_id="model_1")

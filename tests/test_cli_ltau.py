@@ -212,8 +212,10 @@ def test_calibrate_stores_scale_and_threshold_used_by_predict(files, capsys):
     results = read(files / "results.extxyz", ":")
     got = np.concatenate([a.arrays["ltau_p"] for a in results])
     np.testing.assert_allclose(got, expected.extras["p"], atol=1e-7)
-    flags = np.concatenate([a.arrays["ltau_flag"] for a in results])
-    np.testing.assert_array_equal(flags, expected.atom_uncertainty > stored.threshold_)
+    # the fitted threshold is on the mean of 1 - p per configuration: configuration flags
+    flags = [a.info["ltau_config_flag"] for a in results]
+    np.testing.assert_array_equal(flags, expected.config_uncertainty > stored.threshold_)
+    assert "ltau_flag" not in results[0].arrays
     assert "ltau_knn_distance_normalised" in results[0].arrays
     summary = json.loads((files / "summary.json").read_text())
     assert summary["scale"] == stored.scale_ and summary["threshold_source"] == "fitted"

@@ -188,13 +188,45 @@ def test_calibration_at_bound_is_reported(rng):
     errors, train, species, configs = make_data(rng)
     est = LTAUEstimator(k=5, atol=ATOL).fit(errors, train, species, config_index=configs)
     huge = np.full(120, 50.0)  # errors far beyond anything s <= 20 can explain
+    gaps = 2 * configs[:120] + 7  # any integer labels: renumbered
     with pytest.warns(UserWarning, match="at the search bound"):
-        est.calibrate(train[:120], species[:120], huge)
+        est.calibrate(train[:120], species[:120], huge, config_index=gaps)
     assert est.calibration_["at_bound"] and est.scale_ == pytest.approx(20.0, rel=0.05)
+    assert est.calibration_["n_configs"] == len(np.unique(gaps))
+    # refused input leaves the fitted calibration as it was
+    before = dict(est.calibration_)
     with pytest.raises(InputError, match="fpr: expected a rate in"):
-        est.calibrate(train[:10], species[:10], huge[:10], fpr=1.5)
+        est.calibrate(train[:10], species[:10], huge[:10], config_index=gaps[:10], fpr=1.5)
     with pytest.raises(InputError, match="errors: contains negative"):
-        est.calibrate(train[:10], species[:10], -huge[:10])
+        est.calibrate(train[:10], species[:10], -huge[:10], config_index=gaps[:10])
+    with pytest.raises(InputError, match="config_index: required"):
+        est.calibrate(train[:10], species[:10], huge[:10], config_index=None)
+    with pytest.raises(InputError, match=r"element\(s\) Au not in the training set"):
+        est.calibrate(train[:2], ["Cu", "Au"], huge[:2], config_index=[0, 0])
+    assert est.calibration_ == before and est.scale_ == pytest.approx(20.0, rel=0.05)
+
+
+def test_fitted_threshold_flags_configurations_not_atoms(rng):
+    """The fitted threshold is on the mean of 1 - p per configuration."""
+    errors, train, species, configs = make_data(rng, n_configs=60)
+    est = LTAUEstimator(k=5, atol=ATOL).fit(errors, train, species, config_index=configs)
+    held = rng.normal(size=(240, 5))
+    held_configs = np.repeat(np.arange(40), 6)
+    est.calibrate(held, ["Cu"] * 240, rng.gamma(2.0, 0.06, size=240), config_index=held_configs)
+    result = est.predict(held, ["Cu"] * 240, config_index=held_configs)
+    assert result.atom_flags is None and result.threshold == est.threshold_
+    np.testing.assert_array_equal(result.config_flags,
+                                  result.config_uncertainty > est.threshold_)
+    # another scale, atol or k: the fitted threshold does not apply
+    assert est.predict(held, ["Cu"] * 240, config_index=held_configs, scale=2.0).threshold is None
+    assert est.predict(held, ["Cu"] * 240, k=3).threshold is None
+    # a number given by the user flags atoms and configurations
+    given = est.predict(held, ["Cu"] * 240, config_index=held_configs, threshold=0.5)
+    np.testing.assert_array_equal(given.atom_flags, given.atom_uncertainty > 0.5)
+    # uncalibrated(): the state before calibrate, sharing the indices
+    plain = est.uncalibrated()
+    assert plain.scale_ == 1.0 and plain.threshold_ is None and plain.distance_power_ == 1.0
+    assert plain.indices_ is est.indices_ and est.threshold_ is not None
 
 
 def test_calibration_round_trips_and_refit_drops_it(tmp_path, rng):

@@ -233,6 +233,11 @@ def test_fitted_threshold_is_the_default_stop_level(tmp_path):
     with pytest.raises(InputError, match="fitted x threshold is on the max over the atoms"):
         run_simulation(atoms, calc, thermostat="nve", set_velocities=False, steps=5,
                        stop_on="x_uncertainty", aggregate="mean")
+    with pytest.raises(InputError, match="required with atoms_mask"):
+        run_simulation(atoms, calc, thermostat="nve", set_velocities=False, steps=5,
+                       stop_on="x_uncertainty", atoms_mask=[1],
+                       log_path=tmp_path / "never.extxyz")
+    assert not (tmp_path / "never.extxyz").exists()  # refused before anything is written
 
 
 def test_snapshot_mode_saves_crossings_and_continues(tmp_path):

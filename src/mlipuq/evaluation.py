@@ -65,7 +65,10 @@ def evaluate(
         Group per configuration (e.g. test-set name or ``config_type``).
     thresholds : dict of str -> float, optional
         Per-method threshold overriding the result's own flags; flags are then
-        ``uncertainty > threshold`` at atom and configuration level.
+        ``uncertainty > threshold`` at configuration level, and at atom level for
+        methods whose configuration uncertainty is the max over atoms
+        (``UQResult.config_aggregate == "max"``; LTAU's is the mean, so its atom
+        detection rate is None under a configuration threshold).
     atol : float, optional
         LTAU tolerance in eV/Å; with it, methods whose ``extras`` hold ``"p"``
         get a calibration curve and ECE at threshold ``atol * scale``.
@@ -215,7 +218,11 @@ class _MethodArrays:
         _same(len(energy_u), data.n_configs, f"{name}.config_energy_uncertainty", "configurations")
         threshold = result.threshold if threshold_override is None else threshold_override
         atom_flags, config_flags = result.atom_flags, result.config_flags
-        if threshold_override is not None or (atom_flags is None and threshold is not None):
+        # a threshold on the mean over a configuration's atoms says nothing about one atom
+        per_atom = result.config_aggregate == "max"
+        if threshold_override is not None:
+            atom_flags = atom_u > threshold if per_atom else None
+        elif atom_flags is None and threshold is not None and per_atom:
             atom_flags = atom_u > threshold
         if threshold_override is not None or (config_flags is None and threshold is not None):
             config_flags = config_u > threshold

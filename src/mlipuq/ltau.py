@@ -78,6 +78,7 @@ FORMAT_VERSION = 2
 ALL_ELEMENTS = "all"
 """Group name of the single index when ``per_element=False``."""
 
+_SEARCH_RESULTS = 1 << 22  # (query, neighbour) results held at once by the reference search
 TRANSFERS = ("distance", "mean")
 """How neighbours' distributions become a test atom's: distance-aware or the plain mean."""
 DISTANCE_SCOPES = ("configuration", "atom", "both")
@@ -323,6 +324,15 @@ class LTAUEstimator:
         self.reference_distance_ = {
             name: self._reference_distance(desc, name, configs) for name in groups
         }
+        unknown = [n for n, d in self.reference_distance_.items() if not (np.isfinite(d) and d > 0)]
+        if unknown and self.transfer == "distance":
+            warnings.warn(
+                f"LTAU: no reference distance for {', '.join(unknown)} (a single training "
+                "atom, or all at one point): their atoms are not stretched by distance and "
+                "have no normalised distance",
+                UserWarning,
+                stacklevel=2,
+            )
         self.scale_ = float(self.scale)
         self.distance_power_ = self._initial_power()
         self.threshold_ = None
@@ -455,26 +465,21 @@ class LTAUEstimator:
         n_search = min(k + largest, len(rows))
         if n_search > k + 1 and n_search >= len(rows) // 2:
             n_search = len(rows)  # cheaper to take every row than to miss neighbours
+        queries = np.ascontiguousarray(desc[rows[sample]])
+        block = max(1, _SEARCH_RESULTS // n_search)  # bounded memory whatever the sizes
+        means = []
         set_search_params(index, ef_search=max(self.ef_search, n_search))
         try:
-            with faiss_threads(self.n_threads):
-                sq_dist, local = index.search(np.ascontiguousarray(desc[rows[sample]]), n_search)
+            for start in range(0, len(sample), block):
+                part = slice(start, start + block)
+                with faiss_threads(self.n_threads):
+                    sq_dist, local = index.search(queries[part], n_search)
+                means.append(_loco_means(sq_dist, local, own, sample[part], k))
         finally:
             set_search_params(index, ef_search=self.ef_search)
-        valid = local >= 0
-        safe = np.where(valid, local, 0)
-        other = valid & (own[safe] != own[sample][:, None])
-        alone = ~other.any(axis=1)  # every neighbour in its own configuration
-        if np.any(alone):  # leave out the atom only
-            other[alone] = valid[alone] & (safe[alone] != sample[alone, None])
-        taken = other & (np.cumsum(other, axis=1) <= k)
-        counts = taken.sum(axis=1)
-        distance = np.sqrt(np.maximum(sq_dist, 0.0)) * taken
-        keep = counts > 0
-        if not np.any(keep):
-            return float("nan")
-        mean = distance[keep].sum(axis=1) / counts[keep]
-        return float(np.median(mean))
+        mean = np.concatenate(means)
+        mean = mean[np.isfinite(mean)]
+        return float(np.median(mean)) if len(mean) else float("nan")
 
     def _resolve_atol(self, source: Any) -> float:
         if self.atol is not None:
@@ -525,20 +530,26 @@ class LTAUEstimator:
         species : sequence of str or int, shape (n,)
             Element of each test atom; every element must occur in training.
         k : int, optional
-            Neighbours (default ``self.k``), clamped per element with a warning.
+            Neighbours (default ``self.k``), clamped per element with a warning. The
+            normalised distance still divides by ``d_ref`` measured with ``self.k``.
         scale : float or ndarray of shape (n,), optional
-            Calibration scale factor ``s`` (default ``self.scale``); per atom for
-            per-group calibration.
+            Calibration scale factor ``s`` (default ``scale_``: the calibrated one, else
+            ``self.scale``); per atom for per-group calibration.
         atol : float, optional
             Tolerance in eV/Å (default ``atol_``).
         config_index : ndarray of int, shape (n,), optional
-            Configuration of each atom (0-based); gives per-configuration maxima.
+            Configuration of each atom (0-based): the groups of the configuration-level
+            z~ (RMS of z) and of the configuration uncertainty (mean of 1 - p). Without
+            it the atoms form one configuration (as one frame of a simulation).
         return_distribution : bool
             Add the mean neighbour histogram ``extras["distribution"]`` (n, B): mass
             on ``distributions_.bin_edges`` (training-error scale; multiply the edges by
             ``s`` for the calibrated test-error scale).
         threshold : float, optional
-            Flag atoms / configurations with uncertainty above it.
+            Flag atoms and configurations with uncertainty above it. None: the fitted
+            ``threshold_`` when ``scale``, ``atol`` and ``k`` are the defaults; it is a
+            threshold on the configuration uncertainty, so it flags configurations only
+            (``atom_flags`` stays None).
 
         Returns
         -------
@@ -557,6 +568,7 @@ class LTAUEstimator:
             descriptors=desc, species=np.empty(sum(len(rows) for rows in groups.values()))
         )
         configs = None if config_index is None else check_config_index(config_index, n_atoms)
+        fitted = threshold is None and scale is None and atol is None and k is None
         k = self.k if k is None else k
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise InputError(f"k: expected a positive integer, got {k!r}")
@@ -564,7 +576,8 @@ class LTAUEstimator:
         if not np.isscalar(atol) or not np.isfinite(atol) or atol < 0:
             raise InputError(f"atol: expected a finite non-negative number, got {atol!r}")
         scales = self._check_scale(self.scale_ if scale is None else scale, n_atoms)
-        threshold = self.threshold_ if threshold is None else threshold
+        if fitted:
+            threshold = self.threshold_
         if threshold is not None and (not np.isscalar(threshold) or not np.isfinite(threshold)):
             raise InputError(f"threshold: expected a finite number, got {threshold!r}")
 
@@ -576,7 +589,8 @@ class LTAUEstimator:
             mass = np.empty((n_atoms, self.distributions_.mass.shape[1]), dtype=np.float32)
             for _, rows, neighbours, _ in found:
                 mass[rows] = self.distributions_.mean_over(neighbours).mass
-        return _result(p, expected, distance, normalised, mass, configs, threshold)
+        return _result(p, expected, distance, normalised, mass, configs, threshold,
+                       atom_level=not fitted)
 
     def _distances(self, found: list, n_atoms: int) -> tuple[np.ndarray, np.ndarray]:
         """Mean k-NN distance d_j and z_j = d_j / d_ref of every atom, shapes (n,)."""
@@ -700,27 +714,30 @@ class LTAUEstimator:
         species: Sequence[str] | np.ndarray,
         errors: np.ndarray,
         *,
-        config_index: np.ndarray | None = None,
+        config_index: np.ndarray,
         fpr: float = DEFAULT_FPR,
         bounds: tuple[float, float] = (0.1, 20.0),
         n_bins: int = 10,
     ) -> LTAUEstimator:
-        """Fit the scale factor and the flag threshold on in-domain held-out atoms.
+        """Fit the scale factor, beta and the flag threshold on in-domain held-out atoms.
 
         The atoms must be in domain and unseen in training (a validation set, or a
-        calibration split of an in-domain test set): the scale fitted here is what
+        calibration split of an in-domain test set): what is fitted here is what
         :meth:`predict`, the calculator, ``simulate``, ``select`` and ``evaluate`` use
         afterwards, and :meth:`save` stores it.
 
+        - ``distance_power_``: with ``distance_power="auto"``, each beta of
+          :data:`DISTANCE_POWER_GRID` gets its own s (below) and the one whose p has
+          the lowest Brier score for the event "error <= atol" is kept; a number is
+          kept as it is.
         - ``scale_``: the s minimising the expected calibration error (ECE) of
           p = CDF(atol / s_j) against the observed share of atoms with error <= atol
           (:func:`mlipuq.calibration.fit_scale`, ``threshold_scales=False``). An s at
           a bound of ``bounds`` is kept, flagged ``at_bound`` in ``calibration_`` and
           warned about (the atoms may not be in domain, or the bounds too narrow).
         - ``threshold_``: the (1 - ``fpr``) quantile of the calibrated configuration
-          uncertainty (the mean of 1 - p over its atoms; per atom without
-          ``config_index``), so that a share ``fpr`` of in-domain configurations is
-          flagged.
+          uncertainty (the mean of 1 - p over its atoms), so that a share ``fpr`` of
+          in-domain configurations is flagged.
 
         Parameters
         ----------
@@ -730,10 +747,10 @@ class LTAUEstimator:
             Their elements.
         errors : ndarray, shape (n,)
             Their true force-error norms |F_ref - F_pred| in eV/Å (same model).
-        config_index : ndarray of int, shape (n,), optional
-            Configuration of each atom (for the per-configuration threshold).
+        config_index : ndarray of int, shape (n,)
+            Configuration of each atom (any integer labels; renumbered).
         fpr : float
-            In-domain false-positive rate of the threshold, in (0, 1).
+            In-domain false-positive rate (per configuration) of the threshold, in (0, 1).
         bounds : (float, float)
             Search interval of s.
         n_bins : int
@@ -742,20 +759,20 @@ class LTAUEstimator:
         Returns
         -------
         self
+            A failed calibration raises and leaves the estimator as it was.
         """
-        from mlipuq import metrics
-        from mlipuq.calibration import fit_scale
-        from mlipuq.thresholds import fpr_threshold
-
         check_is_fitted(self, "indices_")
         errors = check_array(errors, "errors", ndim=1, nonnegative=True)
         desc = check_array(descriptors, "descriptors", ndim=2, dtype=np.float32)
         check_consistent_length(errors=errors, descriptors=desc)
         if not 0.0 < fpr < 1.0:
             raise InputError(f"fpr: expected a rate in (0, 1), got {fpr!r}")
-        atol = float(self.atol_)
-
-        configs = None if config_index is None else check_config_index(config_index, len(desc))
+        if config_index is None:
+            raise InputError("config_index: required (the configuration of each "
+                             "calibration atom: the threshold is per configuration)")
+        labels = check_array(config_index, "config_index", ndim=1, dtype=None)
+        check_consistent_length(config_index=labels, descriptors=desc)
+        configs = np.unique(labels, return_inverse=True)[1].astype(np.int64)
         check_feature_dim(desc, self.n_features_in_, "descriptors")
         groups = self._test_groups(species)
         check_consistent_length(
@@ -763,6 +780,25 @@ class LTAUEstimator:
         )
         found = list(self._neighbours(desc, groups, self.k))  # one search for every s, beta
         _, normalised = self._distances(found, len(desc))
+        state = {key: self.__dict__.get(key) for key in
+                 ("distance_power_", "scale_", "threshold_", "calibration_")}
+        try:
+            self._fit_calibration(found, normalised, configs, errors, fpr, bounds, n_bins)
+        except BaseException:
+            self.__dict__.update(state)  # a failed calibration leaves the state as it was
+            raise
+        finally:
+            self._reset_caches()
+        return self
+
+    def _fit_calibration(self, found, normalised, configs, errors, fpr, bounds, n_bins):
+        """The work of :meth:`calibrate` on neighbours already searched."""
+        from mlipuq import metrics
+        from mlipuq.atom_table import config_mean
+        from mlipuq.calibration import fit_scale
+        from mlipuq.thresholds import fpr_threshold
+
+        atol = float(self.atol_)
 
         def predict_p(scale: float | np.ndarray) -> np.ndarray:
             return self._transfer(found, normalised, configs, float(scale), atol)[0]
@@ -773,19 +809,14 @@ class LTAUEstimator:
             powers = list(DISTANCE_POWER_GRID)
         brier: dict[float, float] = {}
         fitted: dict[float, tuple[float, bool]] = {}
-        previous = self.distance_power_
-        try:
-            for power in powers:
-                self.distance_power_ = float(power)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", UserWarning)
-                    scale = fit_scale(predict_p, errors, atol, bounds=bounds, n_bins=n_bins,
-                                      threshold_scales=False)
-                fitted[power] = (scale, any("search bound" in str(w.message) for w in caught))
-                brier[power] = float(np.mean((predict_p(scale) - within) ** 2))
-        except BaseException:
-            self.distance_power_ = previous  # a failed calibration leaves the state as it was
-            raise
+        for power in powers:
+            self.distance_power_ = float(power)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                scale = fit_scale(predict_p, errors, atol, bounds=bounds, n_bins=n_bins,
+                                  threshold_scales=False)
+            fitted[power] = (scale, any("search bound" in str(w.message) for w in caught))
+            brier[power] = float(np.mean((predict_p(scale) - within) ** 2))
         power = min(powers, key=lambda b: (round(brier[b], 12), abs(b - DEFAULT_DISTANCE_POWER)))
         self.distance_power_ = float(power)
         scale, at_bound = fitted[power]
@@ -794,11 +825,11 @@ class LTAUEstimator:
                 f"LTAU calibration: s = {scale:.4g} is at the search bound {bounds}: the "
                 "calibration atoms may not be in domain, or the bounds are too narrow",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        before = predict_p(float(self.scale))  # same beta, s = 1
-        result = self.predict(desc, species, scale=scale, config_index=config_index)
-        scores = result.atom_uncertainty if config_index is None else result.config_uncertainty
+        before = predict_p(float(self.scale))  # same beta, the unfitted scale
+        after = predict_p(scale)
+        scores = config_mean(1.0 - after, configs)
         threshold = fpr_threshold(scores, fpr)
         self.scale_ = float(scale)
         self.threshold_ = float(threshold)
@@ -809,18 +840,30 @@ class LTAUEstimator:
             "atol": atol,
             "convention": "p = CDF_train(atol / s_j): test errors = s_j x training errors",
             "ece_before": float(metrics.ece(before, errors, atol, n_bins=n_bins)),
-            "ece_after": float(metrics.ece(result.extras["p"], errors, atol, n_bins=n_bins)),
+            "ece_after": float(metrics.ece(after, errors, atol, n_bins=n_bins)),
             "scale_before": float(self.scale),
             "distance_power": float(power),
             "brier_by_distance_power": {str(b): v for b, v in brier.items()},
             "n_atoms": int(len(errors)),
-            "n_configs": None if config_index is None else int(len(scores)),
+            "n_configs": int(len(scores)),
             "fpr": float(fpr),
             "threshold": float(threshold),
-            "threshold_level": "atom" if config_index is None else "configuration",
+            "threshold_level": "configuration (mean of 1 - p over its atoms)",
         }
-        self._reset_caches()
-        return self
+
+    def uncalibrated(self) -> LTAUEstimator:
+        """A shallow copy predicting as before :meth:`calibrate`: s = ``scale``, beta 1 (or
+        the given number), no fitted threshold. Shares the indices and histograms."""
+        import copy
+
+        check_is_fitted(self, "indices_")
+        other = copy.copy(self)
+        other.scale_ = float(self.scale)
+        other.distance_power_ = self._initial_power()
+        other.threshold_ = None
+        other.calibration_ = None
+        other._reset_caches()
+        return other
 
     def train_confidence(
         self, atol: float | None = None, scale: float = 1.0
@@ -997,6 +1040,28 @@ class LTAUEstimator:
         return estimator
 
 
+def _loco_means(
+    sq_dist: np.ndarray, local: np.ndarray, own: np.ndarray, queries: np.ndarray, k: int
+) -> np.ndarray:
+    """Mean distance to the first k neighbours outside each query's own configuration.
+
+    ``local`` (m, K) are neighbour rows (-1: none), ``own`` the configuration of every
+    row, ``queries`` (m,) the query rows. A query whose neighbours are all in its own
+    configuration leaves out only itself; one with no neighbour at all gets NaN.
+    """
+    valid = local >= 0
+    safe = np.where(valid, local, 0)
+    other = valid & (own[safe] != own[queries][:, None])
+    alone = ~other.any(axis=1)
+    if np.any(alone):
+        other[alone] = valid[alone] & (safe[alone] != queries[alone, None])
+    taken = other & (np.cumsum(other, axis=1) <= k)
+    counts = taken.sum(axis=1)
+    total = (np.sqrt(np.maximum(sq_dist, 0.0)) * taken).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
+
+
 def _json_float(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
@@ -1029,7 +1094,11 @@ def _result(
     mass: np.ndarray | None,
     configs: np.ndarray | None,
     threshold: float | None,
+    *,
+    atom_level: bool,
 ) -> UQResult:
+    """The UQResult; ``atom_level=False``: the threshold is a configuration threshold
+    (fitted on the mean of 1 - p), so only configurations are flagged."""
     from mlipuq.atom_table import config_max, config_mean
 
     uncertainty = 1.0 - p
@@ -1042,7 +1111,7 @@ def _result(
         extras["distribution"] = mass
     atom_flags = config_flags = None
     if threshold is not None:
-        atom_flags = uncertainty > threshold
+        atom_flags = uncertainty > threshold if atom_level else None
         config_flags = None if config_u is None else config_u > threshold
     return UQResult(
         method="ltau",

@@ -213,19 +213,63 @@ def fit_methods(
     for name in methods:
         estimators[name] = _FITTERS[name](run, base, train_outputs, k=k, n_clusters=n_clusters,
                                           threads=threads, seed=seed, window=ltau_window,
-                                          transfer=ltau_transfer)
+                                          transfer=ltau_transfer, model_id=model_id)
     if save:
         save_methods(run, estimators, model_id=model_id)
     return estimators
 
 
-def _fit_ltau(run, base, _outputs, *, k, threads, window, transfer="distance", **_):
+def _fit_ltau(run, base, _outputs, *, k, threads, window, model_id, transfer="distance", **_):
     from mlipuq.ltau import LTAUEstimator
 
     if not run.store_path.is_dir():
         raise InputError(f"{run.store_path}: the run has no error trajectories (needed by LTAU)")
     estimator = LTAUEstimator(k=k, window=window, n_threads=threads, transfer=transfer)
-    return estimator.fit(run.store, base.descriptors, base.species)
+    estimator.fit(run.store, base.descriptors, base.species)
+    calibrate_on_validation(run, estimator, model_id=model_id, threads=threads)
+    return estimator
+
+
+def calibrate_on_validation(
+    run: RunFolder,
+    estimator: Any,
+    *,
+    model_id: str,
+    fpr: float = DEFAULT_FPR,
+    threads: int = 1,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> str | None:
+    """Calibrate an LTAU estimator (in place) on the run's validation frames.
+
+    The validation frames are in domain and were never trained on. The scale factor,
+    beta and threshold are fitted by :meth:`~mlipuq.ltau.LTAUEstimator.calibrate`
+    (a scale at its search bound is flagged in ``calibration_``, not warned about).
+
+    Returns
+    -------
+    str or None
+        None when calibrated, else why not (no validation frames, or frames without
+        forces); the estimator is then left uncalibrated.
+    """
+    from mlipuq.io import read_structures, reference_forces
+
+    path = run.val_path
+    if not path.is_file() or path.stat().st_size == 0:
+        return f"no validation frames ({path.name})"
+    frames = read_structures(path)
+    reference = [reference_forces(atoms) for atoms in frames]
+    if any(forces is None for forces in reference):
+        return f"{path.name} has frames without forces"
+    outputs, _ = model_outputs(run, frames, model_ids=[model_id], threads=threads,
+                               batch_size=batch_size, device=device)
+    out = outputs[model_id]
+    errors = np.linalg.norm(np.concatenate(reference) - out.forces, axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        estimator.calibrate(out.descriptors, out.species, errors,
+                            config_index=out.config_index, fpr=fpr)
+    return None
 
 
 def _fit_ensemble(_run, base, outputs, **_):
@@ -359,11 +403,12 @@ def predict_methods(
 
     for name, estimator in estimators.items():
         if name in ("ltau", CALIBRATED):
-            scale = 1.0 if name == "ltau" else None
-            timed(name, lambda e=estimator, s=scale, n=name: _renamed(e.predict(
-                base.descriptors, base.species, config_index=base.config_index, scale=s), n))
-            if name == "ltau":  # the search gives the distance for free: same cost
-                results[KNN_DISTANCE] = distance_result(results[name])
+            chosen = estimator.uncalibrated() if name == "ltau" else estimator
+            timed(name, lambda e=chosen, n=name: _renamed(e.predict(
+                base.descriptors, base.species, config_index=base.config_index), n))
+            distance = distance_result(results[name]) if name == "ltau" else None
+            if distance is not None:  # the search gives the distance for free: same cost
+                results[KNN_DISTANCE] = distance
                 seconds[KNN_DISTANCE] = seconds[name]
         elif name == "ensemble":
             forces, energies = _stack(outputs_by_member)
@@ -376,15 +421,19 @@ def predict_methods(
     return results, seconds
 
 
-def distance_result(ltau_result: UQResult) -> UQResult:
+def distance_result(ltau_result: UQResult) -> UQResult | None:
     """LTAU's normalised k-NN distance z as a result of its own (an out-of-domain score).
 
     Atom uncertainty z (1 = a typical training atom's distance to its neighbours),
-    configuration uncertainty the mean z over the atoms.
+    configuration uncertainty the mean z over the atoms. None when some atom has no z
+    (an estimator saved before reference distances existed, or an element with a
+    single training atom).
     """
     from mlipuq.atom_table import config_mean
 
     z = np.asarray(ltau_result.extras["knn_distance_normalised"], dtype=float)
+    if not np.all(np.isfinite(z)):
+        return None
     configs = ltau_result.config_index
     return UQResult(
         method=KNN_DISTANCE, atom_uncertainty=z, config_index=configs,
@@ -570,14 +619,12 @@ def calibrate_ltau(
     :meth:`mlipuq.ltau.LTAUEstimator.calibrate`. A scale at a search bound is kept and
     flagged in ``calibration_["at_bound"]`` (the warning is left to the caller).
     """
-    import copy
-
     rows = np.flatnonzero(np.isfinite(calibration_errors))
     if len(rows) == 0:
         raise InputError("--calibrate-on: the calibration configurations have no reference "
                          "forces (LTAU is calibrated on force errors)")
     configs = np.unique(calibration_outputs.config_index[rows], return_inverse=True)[1]
-    calibrated = copy.deepcopy(ltau)
+    calibrated = ltau.uncalibrated()  # shares the indices and histograms
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         calibrated.calibrate(

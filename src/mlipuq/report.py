@@ -250,7 +250,7 @@ def _detection_plot(metrics: Mapping, out: Path) -> list[tuple[str, str]]:
     for level, ax in zip(("configuration", "atom"), fig.subplots(2, 1, sharex=True), strict=True):
         for i, (name, rates, atom) in enumerate(rows):
             values = rates if level == "configuration" else atom
-            heights = [100 * (values.get(g) or 0.0) for g in labels]
+            heights = [np.nan if values.get(g) is None else 100 * values[g] for g in labels]
             ax.bar(x + (i - (len(rows) - 1) / 2) * width, heights, width, label=name)
         ax.set_ylabel(f"% {level}s flagged")
         ax.set_ylim(0, 105)

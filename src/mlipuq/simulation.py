@@ -311,6 +311,14 @@ def run_simulation(
 
     work = atoms.copy()
     work.calc = calculator
+    source = None if stop_threshold is None else "given"
+    if stop_on is not None and stop_threshold is None:  # before anything is written
+        if atoms_mask is not None and not mask.all():
+            raise InputError("stop_threshold: required with atoms_mask: the fitted threshold "
+                             "is for whole configurations")
+        work.get_forces()  # the start frame's results (reused by the dynamics)
+        stop_threshold, fitted_on = _fitted_threshold(work.calc, stop_on, aggregate)
+        aggregate, source = fitted_on, "fitted"
     dyn = _make_dynamics(
         work, kind, temperature_K=temperature_K, timestep_fs=timestep_fs,
         thermostat=thermostat, friction_per_fs=friction_per_fs,
@@ -328,7 +336,7 @@ def run_simulation(
         fmax=np.zeros(0), uncertainty_max={}, uncertainty_mean={},
         aggregate=aggregate or "max",
         stop_on=stop_on, stop_threshold=stop_threshold, break_threshold=break_threshold,
-        threshold_source=None if stop_threshold is None else "given",
+        threshold_source=source,
         min_steps=min_steps, log_path=Path(log_path) if log_path is not None else None,
         table_path=Path(table_path) if table_path is not None else None,
         snapshot_path=Path(snapshot_path) if snapshot_path and stop_mode == "snapshot" else None,
@@ -345,10 +353,6 @@ def run_simulation(
                     f"stop_on: the calculator gives no {stop_on!r}; it gives "
                     f"{sorted(row['max'])}"
                 )
-            if stop_threshold is None:
-                stop_threshold, rule = _fitted_threshold(work.calc, stop_on, aggregate)
-                log.stop_threshold, log.threshold_source = stop_threshold, "fitted"
-                log.aggregate = rule
             value = row[log.aggregate][stop_on]
             if value > stop_threshold:
                 log.snapshot_steps.append(int(dyn.nsteps))

@@ -85,6 +85,8 @@ def run_fit(args: argparse.Namespace) -> int:
             f"(members: {run.model_ids})"
         )
     model_path = run.model_path(args.model_id)
+    if not 0.0 < args.fpr < 1.0:
+        raise InputError(f"--fpr: expected a rate in (0, 1), got {args.fpr!r}")
     if not run.store_path.is_dir():
         raise InputError(f"{run.store_path}: the run has no error trajectories")
     store = run.store
@@ -97,43 +99,28 @@ def run_fit(args: argparse.Namespace) -> int:
          f"{store.path.relative_to(run.path)}")
     estimator = _fit(store, outputs, args)
     if not args.no_calibrate:
-        _calibrate(run, estimator, model_path, args)
+        _calibrate(run, estimator, args)
     save_ltau(run, estimator, args.model_id)
     _summary(run, estimator, outputs.descriptors.shape, time.perf_counter() - started)
     return 0
 
 
-def _calibrate(run: Any, estimator: Any, model_path: Path, args: argparse.Namespace) -> None:
-    """Scale factor and threshold from the run's validation frames (when it has some)."""
-    import numpy as np
+def _calibrate(run: Any, estimator: Any, args: argparse.Namespace) -> None:
+    """Scale factor, beta and threshold from the run's validation frames."""
+    from mlipuq.pipeline import calibrate_on_validation
 
-    from mlipuq.exceptions import InputError
-    from mlipuq.io import read_structures, reference_forces
-
-    if not 0.0 < args.fpr < 1.0:
-        raise InputError(f"--fpr: expected a rate in (0, 1), got {args.fpr!r}")
-    path = run.val_path
-    if not path.is_file() or path.stat().st_size == 0:
-        _say(f"no validation frames ({path.name}): not calibrated (s = 1, no threshold)")
+    skipped = calibrate_on_validation(run, estimator, model_id=args.model_id, fpr=args.fpr,
+                                      threads=args.threads, batch_size=args.batch_size,
+                                      device=args.device)
+    if skipped is not None:
+        _say(f"{skipped}: not calibrated (s = 1, no threshold)")
         return
-    frames = read_structures(path)
-    outputs = _descriptors(model_path, frames, args)
-    reference = [reference_forces(atoms) for atoms in frames]
-    if any(forces is None for forces in reference):
-        _say(f"{path.name} has frames without forces: not calibrated")
-        return
-    errors = np.linalg.norm(np.concatenate(reference) - outputs.forces, axis=1)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        estimator.calibrate(outputs.descriptors, outputs.species, errors,
-                            config_index=outputs.config_index, fpr=args.fpr)
     cal = estimator.calibration_
     bound = " (at the search bound: see docs/ltau.md)" if cal["at_bound"] else ""
-    _say(f"calibrated on {len(frames)} validation configurations: s = {cal['scale']:.4g}"
-         f"{bound}, ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}, threshold "
-         f"{cal['threshold']:.4g} on 1 - p (flags {cal['fpr']:.0%} of them)")
+    _say(f"calibrated on {cal['n_configs']} validation configurations: s = {cal['scale']:.4g}"
+         f"{bound}, beta {cal['distance_power']:g}, ECE {cal['ece_before']:.3f} -> "
+         f"{cal['ece_after']:.3f}, threshold {cal['threshold']:.4g} on the mean of 1 - p "
+         f"per configuration (flags {cal['fpr']:.0%} of them)")
 
 
 def _descriptors(model_path: Path, frames: list, args: argparse.Namespace) -> Any:

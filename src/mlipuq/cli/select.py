@@ -148,10 +148,16 @@ def _fitted_threshold(frames: list, key: str, args: argparse.Namespace) -> float
         raise InputError(f"--threshold: required: the configurations of {args.candidates} "
                          f"disagree on {info_key!r} ({sorted(values)})")
     aggregates = {str(atoms.info.get(f"{info_key}_aggregate", "max")) for atoms in frames}
-    fitted_on = aggregates.pop() if len(aggregates) == 1 else None
-    if fitted_on is None or (args.aggregate is not None and args.aggregate != fitted_on):
+    if len(aggregates) > 1:
+        raise InputError(f"--threshold: required: the configurations of {args.candidates} "
+                         f"disagree on '{info_key}_aggregate' ({sorted(aggregates)})")
+    fitted_on = aggregates.pop()
+    if args.aggregate is not None and args.aggregate != fitted_on:
         raise InputError(f"--threshold: required with --aggregate {args.aggregate}: the "
                          f"fitted {info_key} is on the {fitted_on} over the atoms")
+    if args.level == "atom" and fitted_on != "max":
+        raise InputError(f"--threshold: required with --level atom: the fitted {info_key} is "
+                         f"on the {fitted_on} over a configuration's atoms, not on one atom")
     args.aggregate = fitted_on
     return values.pop()
 

@@ -16,9 +16,10 @@ For an estimator named ``name`` the results hold every per-atom array of
 ``UQResult.as_arrays(prefix=name)`` (``{name}_uncertainty``, ``{name}_p``,
 ``{name}_expected_error``, ``{name}_knn_distance`` for LTAU, ...) and the
 per-configuration summaries ``{name}_uncertainty_max`` and ``{name}_uncertainty_mean``,
-and ``{name}_threshold`` with the per-atom ``{name}_flag`` when the estimator has a
-threshold (LTAU after ``calibrate``: the atoms of one calculation form one
-configuration).
+and, when the estimator has a threshold, ``{name}_threshold``,
+``{name}_threshold_aggregate`` (the per-configuration aggregate it applies to: "mean"
+for LTAU after ``calibrate``) and ``{name}_config_flag`` (the atoms of one calculation
+form one configuration); per-atom ``{name}_flag`` only for a per-atom threshold.
 ``results["descriptors"]`` (n_atoms, D) float32 is kept on request.
 """
 
@@ -239,6 +240,8 @@ def uncertainty_results(name: str, result: Any) -> dict[str, Any]:
     if result.threshold is not None:  # e.g. fitted by LTAUEstimator.calibrate
         arrays[f"{name}_threshold"] = float(result.threshold)
         arrays[f"{name}_threshold_aggregate"] = result.config_aggregate
+        frame = arrays[f"{name}_uncertainty_{result.config_aggregate}"]
+        arrays[f"{name}_config_flag"] = bool(frame > result.threshold)
     return arrays
 
 
