@@ -43,9 +43,10 @@ from mlipuq.result import UQResult
 from mlipuq.run_folder import RunFolder
 
 METHODS = ("ltau", "ensemble", "doptimality", "clustered_doptimality")
+"""Every method :func:`fit_methods` knows, in report order."""
+
 DEFAULT_FPR = 0.05
 """In-domain false-positive rate (per configuration) of every fitted flag threshold."""
-"""Every method :func:`fit_methods` knows, in report order."""
 
 DEFAULT_K = 5
 DEFAULT_CLUSTERS = 4

@@ -16,9 +16,9 @@ the structure file. The training atom order must be the one of the trajectory
 store (checked with the atom-table fingerprint). Per-atom results go into the
 extxyz arrays ``ltau_uncertainty``, ``ltau_p``, ``ltau_expected_error`` (eV/Å),
 ``ltau_knn_distance``, ``ltau_knn_distance_normalised`` (and ``ltau_flag`` with
-``--threshold`` or a threshold fitted by ``ltau calibrate``); per configuration into
-``info``: ``ltau_config_uncertainty`` (the mean of 1 - p over its atoms, what the
-threshold applies to), ``ltau_config_max_uncertainty`` and ``ltau_config_flag``.
+``--threshold``); per configuration into ``info``: ``ltau_config_uncertainty`` (the
+mean of 1 - p over its atoms, what a threshold fitted by ``ltau calibrate`` applies
+to), ``ltau_config_max_uncertainty`` and ``ltau_config_flag``.
 """
 
 from __future__ import annotations
