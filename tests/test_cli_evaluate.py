@@ -121,7 +121,10 @@ def test_parse_tests_defaults_name_to_file_stem():
 def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     """Energy-only set, saved estimators, and numbers checked against numpy formulas."""
     pytest.importorskip("nequip")
+    from ase.io import read
+
     from mlipuq.backends.nequip.features import NequIPBackend
+    from mlipuq.doptimality import DOptimalityEstimator
     from mlipuq.ensemble import force_max_deviation
     from nequip_support import make_emt_copper_frames, make_tiny_run
 
@@ -153,6 +156,18 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     for name in ("ltau/estimator.json", "ltau/fit.json", "ensemble.json", "doptimality.npz",
                  "clustered_doptimality.npz"):
         assert (run_dir / name).is_file(), name
+    # ... with thresholds fitted on the run's validation frames (5 % in-domain FPR)
+    from mlipuq.ltau import LTAUEstimator
+    from mlipuq.pipeline import fit_thresholds, model_outputs, predict_methods
+
+    saved_run = RunFolder.open(run_dir)
+    val_frames = read(saved_run.val_path, ":")
+    val_out, _ = model_outputs(saved_run, val_frames)
+    saved = {"doptimality": DOptimalityEstimator.load(run_dir / "doptimality.npz")}
+    expected = fit_thresholds(predict_methods(saved, val_out)[0])["doptimality"]
+    assert saved["doptimality"].threshold == pytest.approx(expected)
+    ltau_saved = LTAUEstimator.load(run_dir / "ltau")
+    assert ltau_saved.calibration_["n_configs"] == len(val_frames)
 
     run = RunFolder.open(run_dir)
     outs = [NequIPBackend(run.model_path(m)).outputs(test_frames) for m in run.model_ids]
@@ -164,7 +179,6 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     from scipy.stats import spearmanr
 
     err0 = np.linalg.norm(ref - outs[0].forces, axis=1)
-    from mlipuq.doptimality import DOptimalityEstimator
 
     gamma = DOptimalityEstimator.load(run_dir / "doptimality.npz").predict(
         outs[0].descriptors.astype(float), outs[0].species).atom_uncertainty

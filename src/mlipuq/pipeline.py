@@ -215,6 +215,7 @@ def fit_methods(
         estimators[name] = _FITTERS[name](run, base, train_outputs, k=k, n_clusters=n_clusters,
                                           threads=threads, seed=seed, window=ltau_window,
                                           transfer=ltau_transfer, model_id=model_id)
+    fit_on_validation(run, estimators, model_id=model_id, threads=threads)
     if save:
         save_methods(run, estimators, model_id=model_id)
     return estimators
@@ -226,14 +227,12 @@ def _fit_ltau(run, base, _outputs, *, k, threads, window, model_id, transfer="di
     if not run.store_path.is_dir():
         raise InputError(f"{run.store_path}: the run has no error trajectories (needed by LTAU)")
     estimator = LTAUEstimator(k=k, window=window, n_threads=threads, transfer=transfer)
-    estimator.fit(run.store, base.descriptors, base.species)
-    calibrate_on_validation(run, estimator, model_id=model_id, threads=threads)
-    return estimator
+    return estimator.fit(run.store, base.descriptors, base.species)
 
 
-def calibrate_on_validation(
+def fit_on_validation(
     run: RunFolder,
-    estimator: Any,
+    estimators: Mapping[str, Any],
     *,
     model_id: str,
     fpr: float = DEFAULT_FPR,
@@ -241,17 +240,21 @@ def calibrate_on_validation(
     batch_size: int = 16,
     device: str = "cpu",
 ) -> str | None:
-    """Calibrate an LTAU estimator (in place) on the run's validation frames.
+    """Fit what needs in-domain held-out data on the run's validation frames, in place.
 
-    The validation frames are in domain and were never trained on. The scale factor,
-    beta and threshold are fitted by :meth:`~mlipuq.ltau.LTAUEstimator.calibrate`
-    (a scale at its search bound is flagged in ``calibration_``, not warned about).
+    The validation frames are in domain and were never trained on. LTAU is calibrated
+    (scale factor, beta, threshold: :meth:`~mlipuq.ltau.LTAUEstimator.calibrate`; a
+    scale at its search bound is flagged in ``calibration_``, not warned about). Every
+    other method's flag threshold becomes the (1 - ``fpr``) quantile of its
+    configuration uncertainty on those frames (:func:`fit_thresholds`): D-optimality's
+    ``threshold`` parameter, the ensemble's force thresholds (``threshold_source_``
+    then says so). The calculator, ``simulate`` and ``select`` use them.
 
     Returns
     -------
     str or None
-        None when calibrated, else why not (no validation frames, or frames without
-        forces); the estimator is then left uncalibrated.
+        None when fitted, else why not (no validation frames, or frames without
+        forces); the estimators are then left as they were.
     """
     from mlipuq.io import read_structures, reference_forces
 
@@ -262,15 +265,32 @@ def calibrate_on_validation(
     reference = [reference_forces(atoms) for atoms in frames]
     if any(forces is None for forces in reference):
         return f"{path.name} has frames without forces"
-    outputs, _ = model_outputs(run, frames, model_ids=[model_id], threads=threads,
+    members = run.model_ids if "ensemble" in estimators else [model_id]
+    outputs, _ = model_outputs(run, frames, model_ids=members, threads=threads,
                                batch_size=batch_size, device=device)
     out = outputs[model_id]
-    errors = np.linalg.norm(np.concatenate(reference) - out.forces, axis=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        estimator.calibrate(out.descriptors, out.species, errors,
-                            config_index=out.config_index, fpr=fpr)
+    if "ltau" in estimators:
+        errors = np.linalg.norm(np.concatenate(reference) - out.forces, axis=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            estimators["ltau"].calibrate(out.descriptors, out.species, errors,
+                                         config_index=out.config_index, fpr=fpr)
+    others = {name: e for name, e in estimators.items() if name != "ltau"}
+    if others:
+        results, _ = predict_methods(others, outputs, model_id=model_id)
+        for name, value in fit_thresholds(results, fpr).items():
+            _set_threshold(others[name], value, f"FPR {fpr:g} on {path.name}")
     return None
+
+
+def _set_threshold(estimator: Any, value: float, source: str) -> None:
+    """Give a fitted estimator a configuration threshold fitted elsewhere."""
+    if hasattr(estimator, "thresholds_"):  # the ensemble: its force thresholds
+        estimator.thresholds_["atom_force"] = float(value)
+        estimator.thresholds_["config_force"] = float(value)
+        estimator.threshold_source_ = source
+    else:  # D-optimality: gamma threshold (a max over atoms: atom and config flags agree)
+        estimator.threshold = float(value)
 
 
 def _fit_ensemble(_run, base, outputs, **_):

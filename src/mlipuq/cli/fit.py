@@ -107,11 +107,11 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def _calibrate(run: Any, estimator: Any, args: argparse.Namespace) -> None:
     """Scale factor, beta and threshold from the run's validation frames."""
-    from mlipuq.pipeline import calibrate_on_validation
+    from mlipuq.pipeline import fit_on_validation
 
-    skipped = calibrate_on_validation(run, estimator, model_id=args.model_id, fpr=args.fpr,
-                                      threads=args.threads, batch_size=args.batch_size,
-                                      device=args.device)
+    skipped = fit_on_validation(run, {"ltau": estimator}, model_id=args.model_id,
+                                fpr=args.fpr, threads=args.threads,
+                                batch_size=args.batch_size, device=args.device)
     if skipped is not None:
         _say(f"{skipped}: not calibrated (s = 1, no threshold)")
         return
