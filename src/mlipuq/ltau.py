@@ -843,6 +843,7 @@ class LTAUEstimator:
             "ece_after": float(metrics.ece(after, errors, atol, n_bins=n_bins)),
             "scale_before": float(self.scale),
             "distance_power": float(power),
+            "distance_power_at_grid_end": bool(len(powers) > 1 and power == max(powers)),
             "brier_by_distance_power": {str(b): v for b, v in brier.items()},
             "n_atoms": int(len(errors)),
             "n_configs": int(len(scores)),
