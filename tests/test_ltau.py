@@ -299,3 +299,27 @@ def test_bad_input(rng):
         est.predict(test, test_species, threshold=float("nan"))
     with pytest.raises(InputError, match="species: unknown element symbol"):
         est.predict(test[:1], ["Xx"])
+
+
+@pytest.mark.parametrize("second", [60, 600])
+def test_refit_on_another_size_equals_a_fresh_fit(rng, second):
+    """Caches of the first fit (per-row table, species grouping) must not survive."""
+    errors, train, train_species, test, test_species = make_data(rng, n_train=300)
+    est = LTAUEstimator(k=3, atol=ATOL).fit(errors, train, train_species)
+    est.predict(test, test_species)  # fills the caches
+    new_errors, new_train, new_species, _, _ = make_data(rng, n_train=second)
+    est.fit(new_errors, new_train, new_species)
+    fresh = LTAUEstimator(k=3, atol=ATOL).fit(new_errors, new_train, new_species)
+    a, b = est.predict(test, test_species), fresh.predict(test, test_species)
+    np.testing.assert_array_equal(a.extras["p"], b.extras["p"])
+    np.testing.assert_array_equal(a.extras["knn_distance_normalised"],
+                                  b.extras["knn_distance_normalised"])
+
+
+def test_zero_atol_is_refused(rng):
+    errors, train, train_species, test, test_species = make_data(rng, n_train=50)
+    with pytest.raises(InputError, match="atol: expected a positive tolerance in eV/Å, got 0"):
+        LTAUEstimator(atol=0.0).fit(errors, train, train_species)
+    est = LTAUEstimator(atol=0.1).fit(errors, train, train_species)
+    with pytest.raises(InputError, match="atol: expected a positive tolerance"):
+        est.predict(test, test_species, atol=0.0)

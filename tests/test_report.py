@@ -164,3 +164,22 @@ def test_report_bad_input(tmp_path):
     with pytest.raises(InputError, match="metrics"):
         write_report({"n_atoms": 3}, tmp_path / "rep")
     assert not (tmp_path / "rep").exists()
+
+
+def test_written_files_follow_the_umask(case, tmp_path):
+    import os
+
+    from mlipuq.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        index = _write(case, tmp_path / "rep")
+        group_readable = os.umask(0o027)
+        write_json(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert group_readable == 0o022
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o640
+    assert index.parent.stat().st_mode & 0o777 == 0o755

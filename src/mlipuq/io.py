@@ -19,11 +19,20 @@ from ase import Atoms
 from mlipuq.exceptions import InputError
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
 
-    On any exception the temporary file is removed and ``target`` is untouched.
+    The file gets the mode a plain ``open`` would give it (0o666 less the umask), not
+    the 0o600 of the temporary file. On any exception the temporary file is removed
+    and ``target`` is untouched.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +44,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         _fsync_file(tmp_path)
+        tmp_path.chmod(0o666 & ~_umask())
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -55,7 +65,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes 0700; outputs are meant to be shared
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; follow the umask instead
         yield tmp
         old = None
         if target.exists():

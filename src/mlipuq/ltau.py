@@ -343,8 +343,9 @@ class LTAUEstimator:
     def _check_params(self) -> None:
         if not isinstance(self.k, (int, np.integer)) or isinstance(self.k, bool) or self.k < 1:
             raise InputError(f"k: expected a positive integer, got {self.k!r}")
-        if self.atol is not None and (not np.isfinite(self.atol) or self.atol < 0):
-            raise InputError(f"atol: expected a finite non-negative number, got {self.atol!r}")
+        if self.atol is not None and (not np.isfinite(self.atol) or self.atol <= 0):
+            raise InputError(f"atol: expected a positive tolerance in eV/Å, got {self.atol!r} "
+                             "(0 makes every p 0: uncertainty 1 everywhere)")
         if not np.isfinite(self.rtol) or self.rtol < 0:
             raise InputError(f"rtol: expected a finite non-negative number, got {self.rtol!r}")
         _check_scale_scalar(self.scale)
@@ -573,8 +574,8 @@ class LTAUEstimator:
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise InputError(f"k: expected a positive integer, got {k!r}")
         atol = self.atol_ if atol is None else atol
-        if not np.isscalar(atol) or not np.isfinite(atol) or atol < 0:
-            raise InputError(f"atol: expected a finite non-negative number, got {atol!r}")
+        if not np.isscalar(atol) or not np.isfinite(atol) or atol <= 0:
+            raise InputError(f"atol: expected a positive tolerance in eV/Å, got {atol!r}")
         scales = self._check_scale(self.scale_ if scale is None else scale, n_atoms)
         if fitted:
             threshold = self.threshold_
