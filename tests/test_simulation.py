@@ -479,6 +479,7 @@ def test_cli_simulate_min_steps(cli_calc, start_file, tmp_path, capsys):
         (["--stop-on", "doptimality_uncertainty", "--stop-threshold", "-1"], "threshold"),
         (["--stop-on", "ltau_uncertainty", "--stop-threshold", "2"], r"\[0, 1\]"),
         (["--index", "9"], "--index: 9 out of range"),
+        (["--steps", "-5"], r"--steps: expected >= 0, got -5"),
         (["--stop-on", "doptimality_uncertainty", "--stop-threshold", "2", "--min-steps", "3"],
          r"min_steps: expected 0 <= min_steps <= steps \(2\), got 3"),
         (["--stop-on", "doptimality_uncertainty", "--stop-threshold", "2", "--stop-mode",
@@ -502,3 +503,48 @@ def test_cli_simulate_unknown_element_exits_2(cli_calc, tmp_path, capsys):
                  "--steps", "2", "--out", str(tmp_path / "t.extxyz")])
     assert code == 2
     assert "['Ag'] not among the known elements" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("nan", r"atom 2 of the start structure has a NaN or infinite position"),
+        ("overlap", r"atoms 0 and 1 of the start structure are 0.01 Å apart \(overlapping"),
+    ],
+)
+def test_cli_simulate_refuses_broken_start_structures(cli_calc, tmp_path, capsys, change, match):
+    atoms = bulk("Cu", cubic=True)
+    positions = atoms.get_positions()
+    if change == "nan":
+        positions[2, 0] = np.nan
+    else:
+        positions[1] = positions[0] + [0.01, 0.0, 0.0]
+    atoms.set_positions(positions)
+    write(tmp_path / "start.xyz", atoms, format="extxyz")
+    code = main(["simulate", "--run", str(tmp_path), "--structure", str(tmp_path / "start.xyz"),
+                 "--steps", "2", "--out", str(tmp_path / "t.extxyz")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
+    assert not (tmp_path / "t.extxyz").exists()
+
+
+def test_cli_simulate_element_not_in_the_run(tmp_path, capsys):
+    """A run folder's elements are checked before the model is loaded."""
+    import json
+
+    (tmp_path / "run").mkdir()
+    from mlipuq.run_folder import FORMAT_NAME, FORMAT_VERSION
+
+    (tmp_path / "run" / "run.json").write_text(json.dumps({
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_ids": ["model_0"],
+        "elements": ["Cu"]}))
+    atoms = bulk("Cu", cubic=True)
+    atoms.symbols[1] = "Ag"
+    write(tmp_path / "start.xyz", atoms, format="extxyz")
+    code = main(["simulate", "--run", str(tmp_path / "run"), "--structure",
+                 str(tmp_path / "start.xyz"), "--steps", "2", "--out", str(tmp_path / "t.extxyz")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "start.xyz: element(s) Ag not in the run's training set (trained on Cu)" in err

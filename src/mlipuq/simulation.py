@@ -307,6 +307,7 @@ def run_simulation(
         stop_on = stop_on + UNCERTAINTY_SUFFIX
     if len(atoms) == 0:
         raise InputError("atoms: the start structure has no atoms")
+    check_start_structure(atoms)
     mask = _atom_mask(atoms_mask, len(atoms))
 
     work = atoms.copy()
@@ -411,6 +412,31 @@ def check_break_threshold(
             f"break_threshold: expected > stop_threshold ({threshold}), got {break_threshold!r}"
         )
     return value
+
+
+MIN_DISTANCE_A = 0.1
+"""Closest approach of two atoms (Å) below which a start structure is refused."""
+
+
+def check_start_structure(atoms: Atoms, name: str = "atoms") -> None:
+    """Refuse a start structure with NaN/inf positions or overlapping atoms.
+
+    Two atoms closer than :data:`MIN_DISTANCE_A` (periodic images included) make
+    force fields blow up or neighbour searches hang; the message names the pair.
+    """
+    from ase.neighborlist import neighbor_list
+
+    positions = atoms.get_positions()
+    bad = ~np.isfinite(positions).all(axis=1)
+    if np.any(bad):
+        raise InputError(f"{name}: atom {int(np.flatnonzero(bad)[0])} of the start structure "
+                         "has a NaN or infinite position")
+    first, second, distance = neighbor_list("ijd", atoms, MIN_DISTANCE_A)
+    if len(first):
+        raise InputError(
+            f"{name}: atoms {int(first[0])} and {int(second[0])} of the start structure are "
+            f"{distance[0]:.3g} Å apart (overlapping; at least {MIN_DISTANCE_A} Å expected)"
+        )
 
 
 def check_min_steps(key: str | None, min_steps: int, steps: int) -> int:

@@ -85,6 +85,22 @@ def uq_calculator(run_dir: str, model_id: str, doptimality: str | None = None) -
     return UQCalculator.from_run(run_dir, model_id=model_id, estimators=estimators)
 
 
+def _check_elements(atoms: object, args: argparse.Namespace) -> None:
+    """Elements of the start structure must be the run's (one line, not a model error)."""
+    from pathlib import Path
+
+    from mlipuq.exceptions import InputError
+    from mlipuq.run_folder import RunFolder
+
+    if not Path(args.run, "run.json").is_file():
+        return  # not a run folder: the calculator says so
+    known = RunFolder.open(args.run).elements
+    unknown = sorted(set(atoms.get_chemical_symbols()) - set(known))
+    if unknown:
+        raise InputError(f"{args.structure}: element(s) {', '.join(unknown)} not in the run's "
+                         f"training set (trained on {', '.join(known)})")
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute ``mlipuq simulate``."""
     from mlipuq.exceptions import InputError
@@ -92,11 +108,14 @@ def run(args: argparse.Namespace) -> int:
     from mlipuq.simulation import (
         check_break_threshold,
         check_min_steps,
+        check_start_structure,
         check_stop_threshold,
         run_simulation,
         summarise,
     )
 
+    if args.steps < 0:
+        raise InputError(f"--steps: expected >= 0, got {args.steps}")
     if args.stop_on is not None or args.stop_threshold is not None:
         check_stop_threshold(args.stop_on, args.stop_threshold)
     check_break_threshold(args.stop_on, args.stop_threshold, args.break_threshold,
@@ -105,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     frames = read_structures(args.structure)
     if not -len(frames) <= args.index < len(frames):
         raise InputError(f"--index: {args.index} out of range for {len(frames)} frames")
+    _check_elements(frames[args.index], args)
+    check_start_structure(frames[args.index], name=str(args.structure))
     mask = None
     if args.atoms:
         try:
