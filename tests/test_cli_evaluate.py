@@ -64,6 +64,26 @@ def test_missing_file_exit_2(fake_run, tmp_path, capsys):
     assert err == [f"mlipuq: error: {tmp_path / 'nope.extxyz'}: file not found"]
 
 
+@pytest.mark.parametrize("what", ["forces", "energy"])
+def test_nan_reference_exit_2(fake_run, tmp_path, capsys, what):
+    """NaN labels are refused, not silently dropped from the metrics."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = _frames(3)
+    forces = frames[1].get_forces()
+    energy = frames[1].get_potential_energy()
+    if what == "forces":
+        forces[2, 1] = np.nan
+    else:
+        energy = float("nan")
+    frames[1].calc = SinglePointCalculator(frames[1], energy=energy, forces=forces)
+    bad = _write(tmp_path / "bad.extxyz", frames)
+    status, err = _evaluate(capsys, fake_run, "--test", f"a={bad}")
+    assert status == 2
+    noun = "reference forces" if what == "forces" else "a NaN or infinite reference energy"
+    assert len(err) == 1 and f"{bad}: configuration 1 has" in err[0] and noun in err[0]
+
+
 def test_empty_file_exit_2(fake_run, tmp_path, capsys):
     empty = tmp_path / "empty.extxyz"
     empty.write_text("")

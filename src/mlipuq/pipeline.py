@@ -546,11 +546,17 @@ def load_test_sets(
                 f"{label}: element(s) {', '.join(unknown)} not in the training set "
                 f"(trained on {', '.join(sorted(known))})"
             )
-        for atoms in found:
+        for number, atoms in enumerate(found):
             ref = reference_forces(atoms)
             ok = ref is not None and np.shape(ref) == (len(atoms), 3)
+            if ok and not np.all(np.isfinite(ref)):
+                raise InputError(f"{label}: configuration {number} has NaN or infinite "
+                                 "reference forces")
             forces.append(np.asarray(ref, float) if ok else np.full((len(atoms), 3), np.nan))
             energy = reference_energy(atoms)
+            if energy is not None and not np.isfinite(energy):
+                raise InputError(f"{label}: configuration {number} has a NaN or infinite "
+                                 "reference energy")
             energies.append(np.nan if energy is None else float(energy))
             groups.append(str(name))
         frames.extend(found)
