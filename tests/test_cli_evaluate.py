@@ -242,6 +242,15 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "using saved doptimality" in out and "fitting ltau on" in out
     assert json.loads((run_dir / "ltau" / "estimator.json").read_text())["params"]["k"] == 4
+    # another member: D-optimality fitted in model_0's latent space is not reused
+    status = main(["evaluate", str(run_dir), "--test", f"cold={test}", "--out",
+                   str(tmp_path / "m1"), "--model-id", "model_1", "--methods", "doptimality"])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "using saved" not in out and "fitting doptimality on" in out
+    records = json.loads((run_dir / "methods.json").read_text())
+    assert records["doptimality"]["model_id"] == "model_1"
+    assert set(records["ensemble"]["models"]) == {"model_0", "model_1"}
 
 
 # ---------------------------------------------------------------------- calibration

@@ -147,6 +147,28 @@ def test_refit_replaces_atomically(fitted, tmp_path, capsys):
     assert "(given)" in capsys.readouterr().out
 
 
+def test_a_changed_model_file_makes_the_saved_ltau_stale(fitted, tmp_path):
+    """After retraining (here: another checkpoint in place of the model file) the saved
+    estimator no longer describes the model: the calculator refuses it, evaluate refits."""
+    from mlipuq.backends.nequip.calculator import UQCalculator
+    from mlipuq.pipeline import load_methods
+    from mlipuq.run_folder import RunFolder
+
+    run, _ = fitted
+    copy = tmp_path / "run"
+    shutil.copytree(run.path, copy)
+    moved = RunFolder.open(copy)
+    assert set(load_methods(moved, ["ltau"], model_id="model_0")) == {"ltau"}
+    model = moved.model_path("model_0")
+    meta = json.loads((copy / "ltau" / "fit.json").read_text())
+    assert meta["models"]["model_0"]["file"] == str(model.relative_to(copy))
+    with open(model, "ab") as handle:  # same path, other bytes
+        handle.write(b"\0")
+    assert load_methods(moved, ["ltau"], model_id="model_0") == {}
+    with pytest.raises(InputError, match=r"stale, fitted on another model file of 'model_0'"):
+        UQCalculator.from_run(copy)
+
+
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err

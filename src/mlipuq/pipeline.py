@@ -61,6 +61,8 @@ ENSEMBLE_FILE = "ensemble.json"
 DOPT_FILE = "doptimality.npz"
 CLUSTERED_FILE = "clustered_doptimality.npz"
 LTAU_FIT_FILE = "fit.json"  # same name and fields as ``mlipuq fit`` writes
+METHODS_FILE = "methods.json"
+"""Provenance of the saved ensemble and D-optimality estimators of a run."""
 
 Progress = Callable[[str], None]
 
@@ -324,14 +326,29 @@ _FITTERS = {
 
 
 def save_methods(run: RunFolder, estimators: Mapping[str, Any], *, model_id: str) -> None:
-    """Save fitted estimators into the run folder (each write atomic)."""
+    """Save fitted estimators into the run folder (each write atomic), with provenance.
+
+    LTAU's provenance goes into ``RUN/ltau/fit.json``; the others' into
+    ``RUN/methods.json`` (per method: the member it describes and
+    :func:`mlipuq.provenance.run_provenance`), written after the estimator files.
+    """
+    from mlipuq.io import read_json, write_json
+    from mlipuq.provenance import run_provenance
+
     files = {"ensemble": ENSEMBLE_FILE, "doptimality": DOPT_FILE,
              "clustered_doptimality": CLUSTERED_FILE}
+    records = {}
     for name, estimator in estimators.items():
         if name == "ltau":
             save_ltau(run, estimator, model_id)
-        else:
-            estimator.save(run.path / files[name])
+            continue
+        estimator.save(run.path / files[name])
+        members = run.model_ids if name == "ensemble" else [model_id]
+        records[name] = {"model_id": model_id, **run_provenance(run, members)}
+    if records:
+        path = run.path / METHODS_FILE
+        saved = read_json(path) if path.is_file() else {}
+        write_json(path, {**saved, **records})
 
 
 def save_ltau(run: RunFolder, estimator: Any, model_id: str) -> None:
@@ -343,35 +360,46 @@ def save_ltau(run: RunFolder, estimator: Any, model_id: str) -> None:
     """
     from mlipuq import __version__
     from mlipuq.io import atomic_directory, write_json
+    from mlipuq.provenance import run_provenance
 
     with atomic_directory(run.ltau_dir) as tmp:
         estimator.save(tmp)
         write_json(tmp / LTAU_FIT_FILE, {
             "model_id": model_id,
             "model_file": str(run.model_path(model_id).relative_to(run.path)),
-            "atom_table_fingerprint": run.atom_table.fingerprint(),
             "mlipuq_version": __version__,
+            **run_provenance(run, [model_id]),
         })
 
 
 def load_methods(run: RunFolder, methods: Sequence[str], *, model_id: str) -> dict[str, Any]:
     """The estimators saved in ``run`` for ``methods`` (those present and matching).
 
-    LTAU is loaded only when its ``fit.json`` names ``model_id``; missing methods are
-    simply absent from the returned dict.
+    A saved estimator is loaded only when it describes ``model_id`` (the ensemble: every
+    member) and its provenance matches the run as it is now: the same model files
+    (SHA-256) and training set (:func:`mlipuq.provenance.stale_reason`). Missing or
+    stale methods are absent from the returned dict (the caller refits them).
     """
     from mlipuq.clustered_doptimality import ClusteredDOptimalityEstimator
     from mlipuq.doptimality import DOptimalityEstimator
     from mlipuq.ensemble import EnsembleEstimator
     from mlipuq.io import read_json
     from mlipuq.ltau import LTAUEstimator
+    from mlipuq.provenance import stale_reason
 
+    records_file = run.path / METHODS_FILE
+    records = read_json(records_file) if records_file.is_file() else {}
     loaded: dict[str, Any] = {}
     for name in methods:
         if name == "ltau":
             fit_file = run.ltau_dir / LTAU_FIT_FILE
-            if fit_file.is_file() and read_json(fit_file).get("model_id") == model_id:
+            record = read_json(fit_file) if fit_file.is_file() else {}
+            if record.get("model_id") == model_id and stale_reason(record, run) is None:
                 loaded[name] = LTAUEstimator.load(run.ltau_dir)
+            continue
+        record = records.get(name, {})
+        if (name != "ensemble" and record.get("model_id") != model_id) or (
+                stale_reason(record, run) is not None):
             continue
         cls, file = {
             "ensemble": (EnsembleEstimator, ENSEMBLE_FILE),

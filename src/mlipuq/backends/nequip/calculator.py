@@ -251,7 +251,8 @@ def auto_estimators(run: Any, model_id: str) -> dict[str, Any]:
     Raises
     ------
     InputError
-        ``RUN/ltau`` was fitted on another member's descriptors (they are not comparable).
+        ``RUN/ltau`` was fitted on another member's descriptors (they are not comparable),
+        or on another model file or training set than the run has now.
     """
     from mlipuq.io import read_json
     from mlipuq.ltau import LTAUEstimator
@@ -260,10 +261,17 @@ def auto_estimators(run: Any, model_id: str) -> dict[str, Any]:
     if not (ltau_dir / "estimator.json").is_file():
         return {}
     fit_file = ltau_dir / "fit.json"
-    fitted_on = read_json(fit_file).get("model_id") if fit_file.is_file() else None
+    record = read_json(fit_file) if fit_file.is_file() else {}
+    fitted_on = record.get("model_id")
     if fitted_on is not None and fitted_on != model_id:
         raise InputError(
             f"{ltau_dir}: fitted on the descriptors of {fitted_on!r}, not {model_id!r} "
             f"(use model_id={fitted_on!r} or run 'mlipuq fit --model-id {model_id}')"
         )
+    if "models" in record:  # provenance recorded: the model file must be the same
+        from mlipuq.provenance import stale_reason
+
+        reason = stale_reason(record, run)
+        if reason is not None:
+            raise InputError(f"{ltau_dir}: stale, {reason}; run 'mlipuq fit {run.path}'")
     return {"ltau": LTAUEstimator.load(ltau_dir)}
