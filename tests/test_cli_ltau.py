@@ -230,3 +230,19 @@ def test_calibrate_stores_scale_and_threshold_used_by_predict(files, capsys):
     assert status == 2
     assert "--predicted-forces: expected shape (80, 3), got (5, 3)" in capsys.readouterr().err
     assert (files / "est" / "estimator.json").read_text() == before
+
+
+def test_io_failure_is_one_line_with_exit_1(files, capsys):
+    """An output path under a regular file: an OSError, reported as one line."""
+    blocker = files / "not_a_dir"
+    blocker.write_text("x")
+    status = main([
+        "ltau", "fit", "--errors", str(files / "errors_m0.npy"), "--descriptors",
+        str(files / "train_desc.npy"), "--structures", str(files / "train.extxyz"),
+        "--out", str(blocker / "est"),
+    ])
+    assert status == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mlipuq: error: ") and str(blocker) in err[-1]
+    assert not any(line.startswith("Traceback") for line in err)
+    assert blocker.read_text() == "x"

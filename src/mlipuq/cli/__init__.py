@@ -7,7 +7,9 @@ nequip, faiss) happen inside ``func``, never at module import, so
 ``mlipuq --help`` stays fast.
 
 User mistakes (:class:`~mlipuq.exceptions.InputError`) are printed as one line
-``mlipuq: error: ...`` with exit status 2 and no traceback.
+``mlipuq: error: ...`` with exit status 2 and no traceback; I/O failures (an output
+location that is read-only, full or not a directory) as one line naming the path, with
+exit status 1.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MlipuqError as exc:
         print(f"mlipuq: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # I/O failure: read-only, full disk, a file where a folder is
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mlipuq: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mlipuq: interrupted", file=sys.stderr)
         return 130
