@@ -217,6 +217,14 @@ def test_cli_resume_continues_store_without_duplicates(tmp_path, capsys):
     last = folder.checkpoint_path("model_0", "last")
     direct, _ = _direct_force_errors(last, folder.train_frames())
     np.testing.assert_allclose(errors[-1], direct, rtol=1e-5, atol=1e-6)
+    # resuming with another training file is refused, not silently ignored
+    other = write_frames(tmp_path / "other.extxyz", make_emt_copper_frames(8, seed=4))
+    other_args = [other if part == str(data) else part for part in common]
+    other_args = [str(part) for part in other_args]
+    assert main([*other_args, "--epochs", "5", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "run was trained on cu.extxyz" in err and "resume given" in err
+    assert RunFolder.open(run_dir).meta["epochs"] == 4
 
 
 # ---------------------------------------------------------------------- bad input

@@ -541,6 +541,7 @@ def train_ensemble(
                 f"{n_models}"
             )
         _check_resumed_val_file(folder, val_file)
+        _check_resumed_train_file(folder, train_file)
         stored = folder.meta.get("preset_overrides") or {}
         if preset_overrides and dict(preset_overrides) != stored:
             raise InputError(
@@ -572,6 +573,21 @@ def train_ensemble(
             every_n_epochs=every_n_epochs, package=package, progress=progress,
         )
     return folder
+
+
+def _check_resumed_train_file(folder: RunFolder, train_file) -> None:
+    """InputError if ``train_file`` on resume is not the file the run was created from."""
+    recorded = folder.meta.get("train_sha256")
+    if recorded is None or train_file is None:
+        return
+    path = Path(train_file)
+    if not path.is_file():
+        raise InputError(f"{path}: training file not found")
+    if _sha256(path) != recorded:
+        raise InputError(
+            f"{folder.path}: run was trained on {folder.meta.get('train_file')} (another "
+            f"content), resume given {path}; resume with the same file or train a new run"
+        )
 
 
 def _check_resumed_val_file(folder: RunFolder, val_file) -> None:
