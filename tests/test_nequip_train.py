@@ -299,3 +299,19 @@ def test_bad_numbers_are_refused(tmp_path):
         train_ensemble(data, tmp_path / "r5", isolated_energies=isolated)
     with pytest.raises(InputError, match=r"no isolated-atom energy for element\(s\) \['Cu'\]"):
         train_ensemble(data, tmp_path / "r6", isolated_energies={"Ag": -1.0})
+    for r_max in (-1.0, 0.0, float("nan")):
+        with pytest.raises(InputError, match="r_max: expected a positive cutoff in Å"):
+            train_ensemble(data, tmp_path / "r7", r_max=r_max)
+    assert not (tmp_path / "r7").exists()
+
+
+def test_nan_energy_is_refused_before_training(tmp_path, capsys):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = make_emt_copper_frames(3, seed=1)
+    frames[2].calc = SinglePointCalculator(frames[2], energy=float("nan"),
+                                           forces=frames[2].get_forces())
+    path = write_frames(tmp_path / "nan.extxyz", frames)
+    err = cli_error(capsys, ["train", str(path), "-o", str(tmp_path / "run"), "--no-package"])
+    assert "nan.extxyz: configuration 2 has a NaN or infinite reference energy" in err
+    assert not (tmp_path / "run").exists()

@@ -78,6 +78,9 @@ def read_training_set(path: str | os.PathLike) -> list[Atoms]:
         energy = reference_energy(atoms)
         if energy is None:
             raise InputError(f"{path}: configuration {number} has no reference energy")
+        if not np.isfinite(energy):
+            raise InputError(f"{path}: configuration {number} has a NaN or infinite "
+                             "reference energy")
         forces = reference_forces(atoms)
         if forces.shape != (len(atoms), 3) or not np.all(np.isfinite(forces)):
             raise InputError(f"{path}: configuration {number} has invalid forces")
@@ -531,6 +534,9 @@ def train_ensemble(
         user_config = cfg.check_nequip_config(cfg.load_yaml(config), str(config))
     else:
         cfg.preset_params(preset, preset_overrides)
+    if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not (
+            np.isfinite(r_max) and r_max > 0):
+        raise InputError(f"r_max: expected a positive cutoff in Å, got {r_max!r}")
     run_dir = Path(run_dir)
 
     if resume and (run_dir / "run.json").is_file():
