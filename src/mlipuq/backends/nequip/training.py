@@ -15,7 +15,6 @@ for a single element it is the mean energy per atom).
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import shutil
 import subprocess
@@ -179,11 +178,9 @@ def read_isolated_energies(
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from mlipuq.provenance import file_sha256
+
+    return file_sha256(path)
 
 
 def _write_frames(path: Path, frames: Sequence[Atoms]) -> None:
