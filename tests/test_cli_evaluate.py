@@ -248,6 +248,15 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     assert status == 0
     out = capsys.readouterr().out
     assert "using saved" not in out and "fitting doptimality on" in out
+    # a test set the user calls "validation" is the calibration set (not judged with
+    # thresholds fitted on the run's own validation frames)
+    status = main(["evaluate", str(run_dir), "--test", f"validation={test}", "--out",
+                   str(tmp_path / "v"), "--model-id", "model_1", "--methods", "doptimality"])
+    assert status == 0
+    own = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    assert own["thresholds"]["doptimality"]["source"] == "fitted"
+    assert own["thresholds"]["doptimality"]["calibration_set"] == "validation"
+    assert own["test_sets"]["validation"]["n_configs"] == 3  # the held-out half of 6
     records = json.loads((run_dir / "methods.json").read_text())
     assert records["doptimality"]["model_id"] == "model_1"
     assert set(records["ensemble"]["models"]) == {"model_0", "model_1"}

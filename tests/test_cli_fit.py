@@ -200,3 +200,40 @@ def test_unknown_model_id(fitted, capsys):
     run, _ = fitted
     assert main(["fit", str(run.path), "--model-id", "model_7"]) == 2
     assert "--model-id: 'model_7' is not a member" in one_error_line(capsys)
+
+
+class _Planted:
+    """Unpickling this runs os.mkdir(marker): what a foreign pickle could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("kind", ["foreign", "truncated"])
+def test_fit_never_unpickles_a_foreign_or_broken_checkpoint(fitted, tmp_path, capsys, kind):
+    import torch
+
+    from mlipuq.run_folder import RunFolder
+
+    run, _ = fitted
+    copy = tmp_path / "run"
+    shutil.copytree(run.path, copy)
+    model = RunFolder.open(copy).model_path("model_0")
+    if model.suffix != ".ckpt":
+        pytest.skip("the tiny run is packaged: no checkpoint is loaded")
+    marker = tmp_path / "planted"
+    if kind == "foreign":
+        torch.save({"epoch": 1, "payload": _Planted(marker)}, model)
+    else:
+        data = model.read_bytes()
+        model.write_bytes(data[: len(data) // 2])
+    assert main(["fit", str(copy)]) == 2
+    err = one_error_line(capsys)
+    expected = "not a plain checkpoint" if kind == "foreign" else "truncated or corrupt"
+    assert str(model) in err and expected in err
+    assert not marker.exists()  # nothing was run

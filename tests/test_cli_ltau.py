@@ -246,3 +246,28 @@ def test_io_failure_is_one_line_with_exit_1(files, capsys):
     assert err[-1].startswith("mlipuq: error: ") and str(blocker) in err[-1]
     assert not any(line.startswith("Traceback") for line in err)
     assert blocker.read_text() == "x"
+
+
+def test_calibrate_keeps_the_run_provenance_file(files, capsys):
+    """``ltau calibrate`` on RUN/ltau must keep its fit.json (provenance)."""
+    status = main([
+        "ltau", "fit", "--errors", str(files / "errors_m0.npy"), "--descriptors",
+        str(files / "train_desc.npy"), "--structures", str(files / "train.extxyz"),
+        "--out", str(files / "est"),
+    ])
+    assert status == 0
+    (files / "est" / "fit.json").write_text('{"model_id": "model_0"}')
+    cal = emt_frames(6, 3, ["bulk"])
+    write(files / "cal.extxyz", cal)
+    rng = np.random.default_rng(5)
+    np.save(files / "cal_desc.npy", rng.normal(size=(48, DIM)).astype(np.float32))
+    reference = np.concatenate([a.get_forces() for a in cal])
+    np.save(files / "cal_forces.npy", reference + rng.normal(0, 0.05, size=reference.shape))
+    status = main([
+        "ltau", "calibrate", "--estimator", str(files / "est"), "--descriptors",
+        str(files / "cal_desc.npy"), "--structures", str(files / "cal.extxyz"),
+        "--predicted-forces", str(files / "cal_forces.npy"),
+    ])
+    assert status == 0, capsys.readouterr().err
+    assert (files / "est" / "fit.json").read_text() == '{"model_id": "model_0"}'
+    assert LTAUEstimator.load(files / "est").calibration_ is not None

@@ -20,7 +20,15 @@ from mlipuq.exceptions import InputError
 
 
 def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
+    """The process umask: from /proc where it exists (no change to the process), else
+    read by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -556,10 +556,11 @@ class LTAUEstimator:
         -------
         UQResult
             ``method="ltau"``, ``atom_uncertainty = 1 - p_j`` (unitless), per-config mean
-            of 1 - p when ``config_index`` is given (``extras["config_max_uncertainty"]``
-            the max), ``extras``: ``"p"`` (n,), ``"expected_error"``
-            (n,) in eV/Å, ``"knn_distance"`` (n,) mean Euclidean distance to the k
-            neighbours (descriptor units), optionally ``"distribution"`` (n, B).
+            of 1 - p (one configuration without ``config_index``;
+            ``extras["config_max_uncertainty"]`` the max), ``extras``: ``"p"`` (n,),
+            ``"expected_error"`` (n,) in eV/Å, ``"knn_distance"`` (n,) mean Euclidean
+            distance to the k neighbours (descriptor units), ``"knn_distance_normalised"``
+            (n,), optionally ``"distribution"`` (n, B).
         """
         check_is_fitted(self, "indices_")
         desc = check_array(descriptors, "descriptors", ndim=2, dtype=np.float32)
@@ -568,7 +569,8 @@ class LTAUEstimator:
         n_atoms = check_consistent_length(
             descriptors=desc, species=np.empty(sum(len(rows) for rows in groups.values()))
         )
-        configs = None if config_index is None else check_config_index(config_index, n_atoms)
+        configs = (np.zeros(n_atoms, dtype=np.int64) if config_index is None  # one config
+                   else check_config_index(config_index, n_atoms))
         fitted = threshold is None and scale is None and atol is None and k is None
         k = self.k if k is None else k
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:

@@ -290,7 +290,8 @@ def _set_threshold(estimator: Any, value: float, source: str) -> None:
     if hasattr(estimator, "thresholds_"):  # the ensemble: its force thresholds
         estimator.thresholds_["atom_force"] = float(value)
         estimator.thresholds_["config_force"] = float(value)
-        estimator.threshold_source_ = source
+        estimator.threshold_source_ = (f"forces: {source}; energy: {estimator.threshold_source_} "
+                                       "fence of the training set")
     else:  # D-optimality: gamma threshold (a max over atoms: atom and config flags agree)
         estimator.threshold = float(value)
 
@@ -873,8 +874,10 @@ VALIDATION = "validation"
 def _with_validation(run, test_sets, calibration_set):
     """Add the run's validation frames as the set ``"validation"`` when they calibrate."""
     wanted = calibration_set is None or calibration_set[0] == VALIDATION
-    if not wanted or VALIDATION in test_sets:
+    if not wanted:
         return test_sets, calibration_set
+    if VALIDATION in test_sets:  # the user's own "validation" set calibrates
+        return test_sets, calibration_set or (VALIDATION, 0.5)
     path = run.val_path
     if not path.is_file() or path.stat().st_size == 0:
         if calibration_set is not None:

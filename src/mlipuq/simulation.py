@@ -318,6 +318,10 @@ def run_simulation(
             raise InputError("stop_threshold: required with atoms_mask: the fitted threshold "
                              "is for whole configurations")
         work.get_forces()  # the start frame's results (reused by the dynamics)
+        given = sorted(k for k, v in work.calc.results.items()
+                       if k.endswith(UNCERTAINTY_SUFFIX) and np.ndim(v) == 1)
+        if stop_on not in given:
+            raise InputError(f"stop_on: the calculator gives no {stop_on!r}; it gives {given}")
         stop_threshold, fitted_on = _fitted_threshold(work.calc, stop_on, aggregate)
         aggregate, source = fitted_on, "fitted"
     dyn = _make_dynamics(

@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mlipuq: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # I/O failure: read-only, full disk, a file where a folder is
-        where = f"{exc.filename}: " if exc.filename else ""
+        paths = [str(p) for p in (exc.filename, exc.filename2) if p]
+        where = f"{' -> '.join(paths)}: " if paths else ""
         print(f"mlipuq: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

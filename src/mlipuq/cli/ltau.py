@@ -235,10 +235,15 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def _save(estimator: Any, out: Path) -> None:
+    """Write the estimator directory atomically, keeping a run's ``fit.json`` (provenance)."""
+    import shutil
+
     from mlipuq.io import atomic_directory
 
     with atomic_directory(out) as tmp:
         estimator.save(tmp)
+        if (out / "fit.json").is_file():  # RUN/ltau: the model and training set it describes
+            shutil.copy2(out / "fit.json", tmp / "fit.json")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -273,7 +278,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     _save(estimator, args.estimator)
     bound = " (at the search bound: are these atoms in domain?)" if cal["at_bound"] else ""
     _stage(f"s = {cal['scale']:.4g}{bound}; ECE {cal['ece_before']:.3f} -> "
-           f"{cal['ece_after']:.3f}; threshold {cal['threshold']:.4g} on 1 - p "
+           f"{cal['ece_after']:.3f}; threshold {cal['threshold']:.4g} on the mean of 1 - p "
            f"(flags {cal['fpr']:.0%} of these configurations); wrote {args.estimator}")
     return 0
 

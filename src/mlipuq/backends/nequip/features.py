@@ -62,7 +62,36 @@ def check_model_path(model_path: str | os.PathLike) -> Path:
             f"model: {path} is not a NequIP saved model (expected a name ending in "
             f"{' or '.join(MODEL_SUFFIXES)})"
         )
+    if path.suffix == ".ckpt":
+        read_checkpoint(path)  # refuse foreign pickles and truncated files before NequIP
     return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A Lightning checkpoint read with ``torch.load(weights_only=True)``.
+
+    Only tensors and plain containers are unpickled, so a file that is not a checkpoint
+    written by training (arbitrary pickled objects) cannot run code; NequIP and
+    Lightning checkpoints load this way.
+
+    Raises
+    ------
+    InputError
+        The file holds other objects, or is truncated or corrupt.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(
+            f"{path}: not a plain checkpoint (it holds other pickled objects, refused "
+            f"without running them: {str(exc).splitlines()[0][:120]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: truncated or corrupt checkpoint ({str(exc)[:120]})") from None
 
 
 def load_model(model_path: str | os.PathLike, *, device: str = "cpu") -> Any:

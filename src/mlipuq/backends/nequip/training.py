@@ -278,10 +278,16 @@ def package_model(checkpoint: Path, target: Path, *, threads: int = 1) -> Path:
 
 
 def checkpoint_epoch(path: Path) -> int:
-    """Lightning ``epoch`` recorded in a checkpoint (0-based; last completed epoch)."""
-    import torch
+    """Lightning ``epoch`` recorded in a checkpoint (0-based; last completed epoch).
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    Read with ``weights_only=True`` (:func:`~mlipuq.backends.nequip.features.read_checkpoint`):
+    a foreign or truncated file is an InputError, never unpickled.
+    """
+    from mlipuq.backends.nequip.features import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    if "epoch" not in checkpoint:
+        raise InputError(f"{path}: not a training checkpoint (no 'epoch')")
     return int(checkpoint["epoch"])
 
 
