@@ -260,6 +260,12 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     records = json.loads((run_dir / "methods.json").read_text())
     assert records["doptimality"]["model_id"] == "model_1"
     assert set(records["ensemble"]["models"]) == {"model_0", "model_1"}
+    # simulate refuses the run's D-optimality for a member it was not fitted for
+    from mlipuq.cli.simulate import uq_calculator
+    from mlipuq.exceptions import InputError
+
+    with pytest.raises(InputError, match="fitted on the descriptors of 'model_1', not 'model_0'"):
+        uq_calculator(str(run_dir), "model_0", str(run_dir / "doptimality.npz"))
 
 
 # ---------------------------------------------------------------------- calibration

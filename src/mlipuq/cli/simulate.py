@@ -80,9 +80,34 @@ def uq_calculator(run_dir: str, model_id: str, doptimality: str | None = None) -
     from mlipuq.doptimality import DOptimalityEstimator
     from mlipuq.run_folder import RunFolder
 
-    estimators = dict(auto_estimators(RunFolder.open(run_dir), model_id))
+    run = RunFolder.open(run_dir)
+    estimators = dict(auto_estimators(run, model_id))
+    _check_saved_method(run, doptimality, "doptimality", model_id)
     estimators["doptimality"] = DOptimalityEstimator.load(doptimality)
     return UQCalculator.from_run(run_dir, model_id=model_id, estimators=estimators)
+
+
+def _check_saved_method(run: object, path: str, name: str, model_id: str) -> None:
+    """A run's own saved estimator must describe ``model_id`` and be up to date."""
+    from pathlib import Path
+
+    from mlipuq.exceptions import InputError
+    from mlipuq.io import read_json
+    from mlipuq.pipeline import METHODS_FILE
+    from mlipuq.provenance import stale_reason
+
+    records_file = Path(run.path) / METHODS_FILE
+    if Path(path).resolve().parent != Path(run.path).resolve() or not records_file.is_file():
+        return  # a file from elsewhere (e.g. an ACE .asi export): the user's responsibility
+    record = read_json(records_file).get(name)
+    if record is None:
+        return
+    if record.get("model_id") != model_id:
+        raise InputError(f"{path}: fitted on the descriptors of {record.get('model_id')!r}, "
+                         f"not {model_id!r} (use --model-id {record.get('model_id')})")
+    reason = stale_reason(record, run)
+    if reason is not None:
+        raise InputError(f"{path}: stale, {reason}; refit it with 'mlipuq evaluate --refit'")
 
 
 def _check_elements(atoms: object, args: argparse.Namespace) -> None:
