@@ -563,12 +563,8 @@ class LTAUEstimator:
             (n,), optionally ``"distribution"`` (n, B).
         """
         check_is_fitted(self, "indices_")
-        desc = check_array(descriptors, "descriptors", ndim=2, dtype=np.float32)
-        check_feature_dim(desc, self.n_features_in_, "descriptors")
-        groups = self._test_groups(species)
-        n_atoms = check_consistent_length(
-            descriptors=desc, species=np.empty(sum(len(rows) for rows in groups.values()))
-        )
+        desc, groups = self._test_input(descriptors, species)
+        n_atoms = len(desc)
         configs = (np.zeros(n_atoms, dtype=np.int64) if config_index is None  # one config
                    else check_config_index(config_index, n_atoms))
         fitted = threshold is None and scale is None and atol is None and k is None
@@ -624,6 +620,18 @@ class LTAUEstimator:
             expected[rows] = (s_rows * self._expected_train[neighbours].sum(axis=1)
                               / neighbours.shape[1])
         return p, expected
+
+    def _test_input(
+        self, descriptors: np.ndarray, species: Sequence[str] | np.ndarray
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Checked float32 descriptors (n, D) and the test rows of each index."""
+        desc = check_array(descriptors, "descriptors", ndim=2, dtype=np.float32)
+        check_feature_dim(desc, self.n_features_in_, "descriptors")
+        groups = self._test_groups(species)
+        check_consistent_length(
+            descriptors=desc, species=np.empty(sum(len(rows) for rows in groups.values()))
+        )
+        return desc, groups
 
     def _neighbours(
         self, desc: np.ndarray, groups: dict[str, np.ndarray], k: int
@@ -776,11 +784,7 @@ class LTAUEstimator:
         labels = check_array(config_index, "config_index", ndim=1, dtype=None)
         check_consistent_length(config_index=labels, descriptors=desc)
         configs = np.unique(labels, return_inverse=True)[1].astype(np.int64)
-        check_feature_dim(desc, self.n_features_in_, "descriptors")
-        groups = self._test_groups(species)
-        check_consistent_length(
-            descriptors=desc, species=np.empty(sum(len(rows) for rows in groups.values()))
-        )
+        desc, groups = self._test_input(desc, species)
         found = list(self._neighbours(desc, groups, self.k))  # one search for every s, beta
         _, normalised = self._distances(found, len(desc))
         state = {key: self.__dict__.get(key) for key in

@@ -635,28 +635,32 @@ def split_configurations(
     return mask
 
 
+def _kept_atoms(configs: np.ndarray, config_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(atom mask (N,), config_index of those atoms renumbered 0..C'-1) for ``configs``."""
+    atoms = configs[config_index]
+    return atoms, (np.cumsum(configs) - 1)[config_index[atoms]]
+
+
 def subset_outputs(outputs: ModelOutputs, configs: np.ndarray) -> ModelOutputs:
     """The outputs of the configurations where ``configs`` (bool, (C,)) is True,
     renumbered 0..C'-1 in their order."""
-    atoms = configs[outputs.config_index]
-    renumber = np.cumsum(configs) - 1
+    atoms, index = _kept_atoms(configs, outputs.config_index)
     return ModelOutputs(
         energies=outputs.energies[configs],
         forces=outputs.forces[atoms],
         descriptors=outputs.descriptors[atoms],
         species=outputs.species[atoms],
-        config_index=renumber[outputs.config_index[atoms]],
+        config_index=index,
     )
 
 
 def subset_data(data: EvaluationData, configs: np.ndarray) -> EvaluationData:
     """The test data of the configurations where ``configs`` (bool, (C,)) is True."""
-    atoms = configs[data.config_index]
-    renumber = np.cumsum(configs) - 1
+    atoms, index = _kept_atoms(configs, data.config_index)
     return EvaluationData(
         frames=[frame for frame, keep in zip(data.frames, configs, strict=True) if keep],
         groups=data.groups[configs],
-        config_index=renumber[data.config_index[atoms]],
+        config_index=index,
         ref_forces=data.ref_forces[atoms],
         ref_energies=data.ref_energies[configs],
     )
@@ -667,7 +671,7 @@ def calibrate_ltau(
     calibration_outputs: ModelOutputs,
     calibration_errors: np.ndarray,
     *,
-    fpr: float = 0.05,
+    fpr: float = DEFAULT_FPR,
 ) -> Any:
     """A copy of ``ltau`` calibrated on in-domain held-out atoms (scale and threshold).
 
@@ -679,18 +683,18 @@ def calibrate_ltau(
     if len(rows) == 0:
         raise InputError("--calibrate-on: the calibration configurations have no reference "
                          "forces (LTAU is calibrated on force errors)")
-    configs = np.unique(calibration_outputs.config_index[rows], return_inverse=True)[1]
     calibrated = ltau.uncalibrated()  # shares the indices and histograms
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         calibrated.calibrate(
             calibration_outputs.descriptors[rows], calibration_outputs.species[rows],
-            calibration_errors[rows], config_index=configs, fpr=fpr)
+            calibration_errors[rows], config_index=calibration_outputs.config_index[rows],
+            fpr=fpr)
     return calibrated
 
 
 def fit_thresholds(
-    results: Mapping[str, UQResult], fpr: float = 0.05
+    results: Mapping[str, UQResult], fpr: float = DEFAULT_FPR
 ) -> dict[str, float]:
     """Per method: the threshold flagging a share ``fpr`` of in-domain configurations.
 
@@ -889,8 +893,8 @@ def _with_validation(run, test_sets, calibration_set):
 
 def _check_thresholds(thresholds, methods) -> dict[str, float]:
     out = {}
+    known = (*methods, CALIBRATED, KNN_DISTANCE) if "ltau" in methods else tuple(methods)
     for name, value in (thresholds or {}).items():
-        known = (*methods, CALIBRATED, KNN_DISTANCE) if "ltau" in methods else tuple(methods)
         if name not in known:
             raise InputError(f"--threshold: unknown method {name!r} (methods: {list(known)})")
         try:
