@@ -183,9 +183,16 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     saved_run = RunFolder.open(run_dir)
     val_frames = read(saved_run.val_path, ":")
     val_out, _ = model_outputs(saved_run, val_frames)
-    saved = {"doptimality": DOptimalityEstimator.load(run_dir / "doptimality.npz")}
-    expected = fit_thresholds(predict_methods(saved, val_out)[0])["doptimality"]
-    assert saved["doptimality"].threshold == pytest.approx(expected)
+    from mlipuq.ensemble import EnsembleEstimator
+
+    saved = {"doptimality": DOptimalityEstimator.load(run_dir / "doptimality.npz"),
+             "ensemble": EnsembleEstimator.load(run_dir / "ensemble.json")}
+    expected = fit_thresholds(predict_methods(saved, val_out)[0])
+    assert saved["doptimality"].threshold == pytest.approx(expected["doptimality"])
+    fences = saved["ensemble"].thresholds_
+    assert fences["config_force"] == pytest.approx(expected["ensemble"])
+    assert fences["atom_force"] == fences["config_force"]
+    assert saved["ensemble"].threshold_source_.startswith("forces: FPR 0.05 on val.extxyz")
     ltau_saved = LTAUEstimator.load(run_dir / "ltau")
     assert ltau_saved.calibration_["n_configs"] == len(val_frames)
 

@@ -176,6 +176,7 @@ def test_calibrate_chooses_the_distance_power_from_in_domain_data(rng, grows, al
     briers = est.calibration_["brier_by_distance_power"]
     assert set(briers) == {"0.0", "0.25", "0.5", "0.75", "1.0", "1.5", "2.0"}
     assert min(briers, key=briers.get) == str(est.distance_power_)
+    assert est.calibration_["distance_power_at_grid_end"] == (est.distance_power_ == 2.0)
     # a fixed power is kept
     fixed = LTAUEstimator(k=5, atol=ATOL, distance_power=0.5).fit(errors, train, species,
                                                                   config_index=configs)
