@@ -185,7 +185,7 @@ def fit_windowed_ltau(run, start: int, *, threads: int, seed: int) -> None:
     train, _ = model_outputs(run, run.train_frames(), threads=threads)
     estimators = fit_methods(run, train_outputs=train, threads=threads, seed=seed, save=False)
     base = train["model_0"]
-    estimators["ltau"] = LTAUEstimator(k=5, n_threads=threads, window=(start, None)).fit(
+    estimators["ltau"] = LTAUEstimator(k=5, n_threads=threads, window=(start, None)).fit_arrays(
         run.store, base.descriptors, base.species)
     save_methods(run, estimators, model_id="model_0")
 

@@ -255,7 +255,7 @@ def training_fence(run, method: str, estimator) -> float:
     frames = run.train_frames()
     outputs, _ = model_outputs(run, frames, model_ids=["model_0"], threads=1)
     out = outputs["model_0"]
-    result = estimator.predict(out.descriptors, out.species)
+    result = estimator.predict_arrays(out.descriptors, out.species)
     configs = np.repeat(np.arange(len(frames)), [len(a) for a in frames])
     return float(tukey_fence(config_max(np.asarray(result.atom_uncertainty), configs)))
 

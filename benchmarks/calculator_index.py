@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         train = backend.outputs(run.train_frames())
         val = backend.outputs(read_structures(run.path / "val.extxyz"))
         test = make(1, 0)[1]
-        fitted = {kind: LTAUEstimator(k=args.k, n_threads=1, **options).fit(
+        fitted = {kind: LTAUEstimator(k=args.k, n_threads=1, **options).fit_arrays(
             run.store, train.descriptors, train.species) for kind, options in KINDS.items()}
         for kind, ltau in fitted.items():
             times = time_calls(calculators_for(run.model_path("model_0"), ltau), test,

@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cal_err = np.linalg.norm(cal_data.ref_forces - cal_out.forces, axis=1)
     err = np.linalg.norm(held.ref_forces - held_out.forces, axis=1)
     groups = held.atom_groups()
-    base = LTAUEstimator(k=5, transfer="mean").fit(
+    base = LTAUEstimator(k=5, transfer="mean").fit_arrays(
         run.store, train["model_0"].descriptors, train["model_0"].species)
     variants = [("plain mean", None, 0.0)] + [
         (f"{scope}, {power:g}", scope, power) for scope in SCOPES for power in POWERS]
@@ -102,9 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if scope is not None:
             est.transfer, est.distance_power = "distance", power
             est._stretch = stretch_for(scope, power)
-        est.calibrate(cal_out.descriptors, cal_out.species, cal_err,
+        est.calibrate_arrays(cal_out.descriptors, cal_out.species, cal_err,
                       config_index=cal_out.config_index)
-        result = est.predict(held_out.descriptors, held_out.species,
+        result = est.predict_arrays(held_out.descriptors, held_out.species,
                              config_index=held_out.config_index)
         config_u = result.config_uncertainty
         reference = config_u[held.groups == args.in_domain]
@@ -121,9 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 text += f" AUC {metrics.roc_auc(np.r_[reference, scores], labels.astype(bool)):.2f}"
             cells.append(text)
         print(" | ".join(cells), flush=True)
-    auto = LTAUEstimator(k=5).fit(run.store, train["model_0"].descriptors,
+    auto = LTAUEstimator(k=5).fit_arrays(run.store, train["model_0"].descriptors,
                                   train["model_0"].species)
-    auto.calibrate(cal_out.descriptors, cal_out.species, cal_err,
+    auto.calibrate_arrays(cal_out.descriptors, cal_out.species, cal_err,
                    config_index=cal_out.config_index)
     brier = auto.calibration_["brier_by_distance_power"]
     print("Brier score by beta (rms scope):",

@@ -98,7 +98,7 @@ def train_and_fit(name: str, frames: list, workdir: Path, *, preset: str, epochs
     trained = time.perf_counter() - started
     model_path = run.model_path("model_0")
     outputs = NequIPBackend(model_path, threads=1).outputs(run.train_frames())
-    ltau = LTAUEstimator(k=k, n_threads=1).fit(run.store, outputs.descriptors, outputs.species)
+    ltau = LTAUEstimator(k=k, n_threads=1).fit_arrays(run.store, outputs.descriptors, outputs.species)
     info = {"n_train_atoms": int(outputs.descriptors.shape[0]),
             "n_features": int(outputs.descriptors.shape[1]),
             "index": dict(ltau.index_kinds_), "train_seconds": round(trained, 1)}
@@ -131,7 +131,7 @@ def time_calls(calculators: dict, atoms, *, n_repeat: int, n_warmup: int, seed: 
             descriptors = calc.results.get("descriptors", descriptors)
         if ltau is not None and descriptors is not None:
             started = time.perf_counter()
-            ltau.predict(descriptors, symbols)
+            ltau.predict_arrays(descriptors, symbols)
             if step >= n_warmup:
                 times["ltau_predict"].append(time.perf_counter() - started)
     times["ltau_hook"] = hook_times[n_warmup:]

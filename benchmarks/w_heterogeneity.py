@@ -80,13 +80,13 @@ def fit_estimators(train: Projected, labels: np.ndarray, k: int = K_MEANS) -> di
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rank-reduction notes for the elastic group
         return {
-            "global": DOptimalityEstimator(tol=1.01).fit(train.features, train.species),
+            "global": DOptimalityEstimator(tol=1.01).fit_arrays(train.features, train.species),
             f"kmeans k={k}": ClusteredDOptimalityEstimator(
                 method="kmeans", n_clusters=k, random_state=SEED, tol=1.01
-            ).fit(train.features, train.species),
+            ).fit_arrays(train.features, train.species),
             "labels": ClusteredDOptimalityEstimator(
                 method="labels", small_clusters="project", tol=1.01
-            ).fit(train.features, train.species, labels=labels),
+            ).fit_arrays(train.features, train.species, labels=labels),
         }
 
 
@@ -129,7 +129,7 @@ def main() -> None:
         projection_time += time.perf_counter() - started
         for name, est in estimators.items():
             started = time.perf_counter()
-            result = est.predict(test.features, test.species, config_index=test.config_index)
+            result = est.predict_arrays(test.features, test.species, config_index=test.config_index)
             grade_time[name] += time.perf_counter() - started
             cfg, atoms = flagged(result, test.n_configs)
             rows.append((subset, test.n_configs, len(test.species), name, cfg, atoms))

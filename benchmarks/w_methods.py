@@ -86,7 +86,7 @@ def fit_labels(run, train_outputs) -> object:
     base = train_outputs["model_0"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return ClusteredDOptimalityEstimator(method="labels").fit(
+        return ClusteredDOptimalityEstimator(method="labels").fit_arrays(
             base.descriptors.astype(np.float64), base.species,
             labels=run.atom_table.atom_group)
 
@@ -100,7 +100,7 @@ def evaluate_sets(estimators, outputs, forward, data, ltau_threshold: float) -> 
     results, seconds = predict_methods(estimators, outputs)
     base = outputs["model_0"]
     t0 = time.perf_counter()
-    results[LABELS] = labels.predict(base.descriptors.astype(np.float64), base.species,
+    results[LABELS] = labels.predict_arrays(base.descriptors.astype(np.float64), base.species,
                                      config_index=base.config_index)
     seconds[LABELS] = (time.perf_counter() - t0) / len(base.species)
     seconds["ensemble"] += sum(v for m, v in forward.items() if m != "model_0")
@@ -131,7 +131,7 @@ def train_detection(estimators, train_outputs, ltau_threshold: float) -> dict:
     labels = estimators.pop(LABELS)
     results, _ = predict_methods(estimators, train_outputs)
     base = train_outputs["model_0"]
-    results[LABELS] = labels.predict(base.descriptors.astype(np.float64), base.species,
+    results[LABELS] = labels.predict_arrays(base.descriptors.astype(np.float64), base.species,
                                      config_index=base.config_index)
     out = {}
     for name, result in results.items():

@@ -41,13 +41,13 @@ def trajectory(labels: np.ndarray, n_epochs: int) -> np.ndarray:
 train_x, train_labels, train_species = atoms(5_000)
 errors = [trajectory(train_labels, 40), trajectory(train_labels, 30)]
 
-estimator = LTAUEstimator(k=5).fit(errors, train_x, train_species)
+estimator = LTAUEstimator(k=5).fit_arrays(errors, train_x, train_species)
 print(f"atol (final-epoch training MAE) = {estimator.atol_:.4f} eV/Å")
 print(f"indices: {estimator.index_kinds_}")
 
 test_x, test_labels, test_species = atoms(1_000)
 true_error = difficulty[test_labels] * rng.gamma(4.0, 0.25, size=len(test_labels))
-result = estimator.predict(test_x, test_species)
+result = estimator.predict_arrays(test_x, test_species)
 
 print("cluster  difficulty  mean uncertainty  mean expected error (eV/Å)")
 for cluster in range(n_clusters):
@@ -58,6 +58,6 @@ rho = spearmanr(result.atom_uncertainty, true_error).statistic
 print(f"Spearman(uncertainty, true error) = {rho:.3f}")
 
 far = centres[0] + 8.0 * rng.normal(size=(50, dim))  # far outside every cluster
-far_result = estimator.predict(far, ["C"] * 50)
+far_result = estimator.predict_arrays(far, ["C"] * 50)
 print(f"mean k-NN distance: in domain {result.extras['knn_distance'].mean():.2f}, "
       f"far away {far_result.extras['knn_distance'].mean():.2f} (descriptor units)")

@@ -76,10 +76,10 @@ def test_fit_scale_with_ltau_estimator(rng):
     n, s_true = 2_000, 2.5
     desc = rng.normal(size=(n, 4)).astype(np.float32)
     width = 0.01 * np.exp(rng.normal(size=n))
-    est = LTAUEstimator(k=1, index="flat").fit(
+    est = LTAUEstimator(k=1, index="flat").fit_arrays(
         rng.exponential(size=(200, n)) * width, desc, ["H"] * n
     )
-    p = est.predict(desc, ["H"] * n, scale=1.0).extras["p"]
+    p = est.predict_arrays(desc, ["H"] * n, scale=1.0).extras["p"]
     test_errors = s_true * rng.exponential(size=n) * width
     assert fit_scale(p, test_errors, est.atol_) == pytest.approx(s_true, rel=0.08)
 

@@ -207,7 +207,7 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
 
     err0 = np.linalg.norm(ref - outs[0].forces, axis=1)
 
-    gamma = DOptimalityEstimator.load(run_dir / "doptimality.npz").predict(
+    gamma = DOptimalityEstimator.load(run_dir / "doptimality.npz").predict_arrays(
         outs[0].descriptors.astype(float), outs[0].species).atom_uncertainty
     dopt = metrics["methods"]["doptimality"]["metrics"]["cold"]
     np.testing.assert_allclose(dopt["spearman_atom"], spearmanr(gamma, err0).statistic,
@@ -294,7 +294,7 @@ def test_calibrate_ltau_and_thresholds_on_held_out_configurations(rng):
     width = np.exp(rng.normal(size=n)) * 0.01  # per-atom error scale, eV/Å
     trajectory = rng.exponential(size=(epochs, n)) * width
     species = np.array(["Cu"] * n)
-    ltau = LTAUEstimator(k=1, index="flat").fit(trajectory, desc, species)
+    ltau = LTAUEstimator(k=1, index="flat").fit_arrays(trajectory, desc, species)
     errors = 2.0 * rng.exponential(size=n) * width
     outputs = ModelOutputs(energies=np.zeros(n // 10), forces=np.zeros((n, 3)),
                            descriptors=desc, species=species,

@@ -83,7 +83,7 @@ def test_fitted_estimator_predicts_like_a_direct_fit(fitted, train_outputs):
 
     run, _ = fitted
     loaded = LTAUEstimator.load(run.ltau_dir)
-    direct = LTAUEstimator(k=3).fit(run.store, train_outputs.descriptors, train_outputs.species)
+    direct = LTAUEstimator(k=3).fit_arrays(run.store, train_outputs.descriptors, train_outputs.species)
     # fit calibrated the estimator on the run's validation frames: same s and threshold
     from mlipuq.backends.nequip.features import NequIPBackend
     from mlipuq.io import read_structures
@@ -93,17 +93,17 @@ def test_fitted_estimator_predicts_like_a_direct_fit(fitted, train_outputs):
     val_errors = np.linalg.norm(np.concatenate([a.get_forces() for a in val]) - val_out.forces,
                                 axis=1)
     with _no_check():
-        direct.calibrate(val_out.descriptors, val_out.species, val_errors,
+        direct.calibrate_arrays(val_out.descriptors, val_out.species, val_errors,
                          config_index=val_out.config_index)
     assert loaded.calibration_["n_configs"] == len(val)
     assert loaded.scale_ == pytest.approx(direct.scale_)
     assert loaded.threshold_ == pytest.approx(direct.threshold_)
-    a = loaded.predict(train_outputs.descriptors, train_outputs.species)
-    b = direct.predict(train_outputs.descriptors, train_outputs.species)
+    a = loaded.predict_arrays(train_outputs.descriptors, train_outputs.species)
+    b = direct.predict_arrays(train_outputs.descriptors, train_outputs.species)
     assert a.atom_uncertainty.shape == (run.atom_table.n_atoms,)
     np.testing.assert_allclose(a.atom_uncertainty, b.atom_uncertainty)
     # a training atom is its own nearest neighbour: distance 0 at k=1
-    own = loaded.predict(train_outputs.descriptors, train_outputs.species, k=1)
+    own = loaded.predict_arrays(train_outputs.descriptors, train_outputs.species, k=1)
     np.testing.assert_allclose(own.extras["knn_distance"], 0.0, atol=1e-3)
 
 
@@ -117,7 +117,7 @@ def test_calculator_from_run_attaches_fitted_ltau(fitted, train_outputs):
     atoms = make_emt_copper_frames(1, seed=21)[0]
     atoms.calc = calc
     atoms.get_forces()
-    expected = LTAUEstimator.load(run.ltau_dir).predict(
+    expected = LTAUEstimator.load(run.ltau_dir).predict_arrays(
         calc.results["descriptors"], atoms.get_chemical_symbols()
     )
     np.testing.assert_allclose(calc.results["ltau_uncertainty"], expected.atom_uncertainty)

@@ -73,12 +73,12 @@ def test_fit_predict_writes_arrays_and_summary(files, capsys):
     test = read(files / "test.extxyz", ":")
     table = AtomTable.from_atoms(test)
     errors = [np.load(files / f"errors_m{m}.npy") for m in (0, 1)]
-    est = LTAUEstimator(k=3, rtol=0.01).fit(
+    est = LTAUEstimator(k=3, rtol=0.01).fit_arrays(
         errors, np.load(files / "train_desc.npy"), AtomTable.from_atoms(train).species,
         force_norm=AtomTable.from_atoms(train).force_norm,
         config_index=AtomTable.from_atoms(train).config_index,
     )
-    expected = est.predict(np.load(files / "test_desc.npy"), table.species, scale=2.0,
+    expected = est.predict_arrays(np.load(files / "test_desc.npy"), table.species, scale=2.0,
                            config_index=table.config_index, threshold=0.5)
 
     results = read(files / "results.extxyz", ":")
@@ -194,7 +194,7 @@ def test_calibrate_stores_scale_and_threshold_used_by_predict(files, capsys):
     # the same calibration through the API
     table = AtomTable.from_atoms(cal)
     direct = LTAUEstimator.load(files / "est")
-    direct.calibrate(cal_desc, table.species, np.linalg.norm(reference - predicted, axis=1),
+    direct.calibrate_arrays(cal_desc, table.species, np.linalg.norm(reference - predicted, axis=1),
                      config_index=table.config_index, fpr=0.1)
     assert stored.scale_ == pytest.approx(direct.scale_) and stored.scale_ != 1.0
     assert stored.threshold_ == pytest.approx(direct.threshold_)
@@ -207,7 +207,7 @@ def test_calibrate_stores_scale_and_threshold_used_by_predict(files, capsys):
     ])
     assert status == 0
     test = AtomTable.from_atoms(read(files / "test.extxyz", ":"))
-    expected = stored.predict(np.load(files / "test_desc.npy"), test.species,
+    expected = stored.predict_arrays(np.load(files / "test_desc.npy"), test.species,
                               config_index=test.config_index)
     results = read(files / "results.extxyz", ":")
     got = np.concatenate([a.arrays["ltau_p"] for a in results])

@@ -61,7 +61,7 @@ def test_pure_functions_match_direct_formulas(ensemble):
 
 def test_fit_predict_uncertainty_fences(ensemble):
     forces, energies, index, ref_forces, ref_energies, sizes = ensemble
-    est = EnsembleEstimator().fit(forces, energies, index)
+    est = EnsembleEstimator().fit_arrays(forces, energies, index)
     u_atom = _loop_force_deviation(forces)
     u_cfg = np.array([u_atom[index == c].max() for c in range(len(sizes))])
     u_energy = np.max(np.abs(energies - energies.mean(axis=0)), axis=0)
@@ -70,7 +70,7 @@ def test_fit_predict_uncertainty_fences(ensemble):
     assert est.thresholds_["config_force"] == pytest.approx(_fence(u_cfg))
     assert est.thresholds_["config_energy"] == pytest.approx(_fence(u_energy))
     test_forces = forces * np.linspace(0.5, 2.0, forces.shape[1])[None, :, None]
-    result = est.predict(
+    result = est.predict_arrays(
         test_forces, energies * 1.01, index, ref_forces=ref_forces, ref_energies=ref_energies
     )
     u_test = _loop_force_deviation(test_forces)
@@ -96,7 +96,7 @@ def test_fit_predict_uncertainty_fences(ensemble):
 
 def test_threshold_on_error_and_energy_per_atom(ensemble):
     forces, energies, index, ref_forces, ref_energies, sizes = ensemble
-    est = EnsembleEstimator(threshold_on="error", energy_per_atom=True, fence_k=3.0).fit(
+    est = EnsembleEstimator(threshold_on="error", energy_per_atom=True, fence_k=3.0).fit_arrays(
         forces, energies, index, ref_forces=ref_forces, ref_energies=ref_energies
     )
     err = np.linalg.norm(ref_forces - forces.mean(axis=0), axis=1)
@@ -104,7 +104,7 @@ def test_threshold_on_error_and_energy_per_atom(ensemble):
     assert est.threshold_source_ == "error"
     assert est.thresholds_["atom_force"] == pytest.approx(_fence(err, 3.0))
     assert est.thresholds_["config_energy"] == pytest.approx(_fence(e_err, 3.0))
-    result = est.predict(forces, energies, index)
+    result = est.predict_arrays(forces, energies, index)
     np.testing.assert_allclose(
         result.extras["config_energy_uncertainty"], energy_max_deviation(energies) / sizes
     )
@@ -113,39 +113,39 @@ def test_threshold_on_error_and_energy_per_atom(ensemble):
 
 def test_forces_only_and_save_load(tmp_path, ensemble):
     forces, _, index, _, _, _ = ensemble
-    est = EnsembleEstimator(fence_k=2.0).fit(forces, None, index)
+    est = EnsembleEstimator(fence_k=2.0).fit_arrays(forces, None, index)
     assert set(est.thresholds_) == {"atom_force", "config_force"}
     est.save(tmp_path / "ens.json")
     loaded = EnsembleEstimator.load(tmp_path / "ens.json")
     assert loaded.thresholds_ == pytest.approx(est.thresholds_)
     assert loaded.fence_k == 2.0 and loaded.n_models_ == 5
-    a, b = est.predict(forces, None, index), loaded.predict(forces, None, index)
+    a, b = est.predict_arrays(forces, None, index), loaded.predict_arrays(forces, None, index)
     np.testing.assert_array_equal(a.atom_flags, b.atom_flags)
 
 
 def test_bad_inputs(ensemble):
     forces, energies, index, ref_forces, ref_energies, _ = ensemble
     with pytest.raises(InputError, match="ref_forces: required by threshold_on='error'"):
-        EnsembleEstimator(threshold_on="error").fit(forces, energies, index)
+        EnsembleEstimator(threshold_on="error").fit_arrays(forces, energies, index)
     with pytest.raises(InputError, match="ref_energies: required by threshold_on='error'"):
-        EnsembleEstimator(threshold_on="error").fit(forces, energies, index, ref_forces=ref_forces)
+        EnsembleEstimator(threshold_on="error").fit_arrays(forces, energies, index, ref_forces=ref_forces)
     with pytest.raises(InputError, match="threshold_on: expected one of"):
-        EnsembleEstimator(threshold_on="mean").fit(forces, energies, index)
+        EnsembleEstimator(threshold_on="mean").fit_arrays(forces, energies, index)
     with pytest.raises(NotFittedError):
-        EnsembleEstimator().predict(forces, energies, index)
+        EnsembleEstimator().predict_arrays(forces, energies, index)
     with pytest.raises(InputError, match=r"forces: expected shape \(K >= 2 models"):
-        EnsembleEstimator().fit(forces[:1], None, index)
+        EnsembleEstimator().fit_arrays(forces[:1], None, index)
     with pytest.raises(InputError, match="config_index: expected 32 entries"):
-        EnsembleEstimator().fit(forces, None, index[:-1])
+        EnsembleEstimator().fit_arrays(forces, None, index[:-1])
     with pytest.raises(InputError, match="energies: expected 5 models"):
-        EnsembleEstimator().fit(forces, energies[:3], index)
+        EnsembleEstimator().fit_arrays(forces, energies[:3], index)
     with pytest.raises(InputError, match="energies: expected 8 configurations"):
-        EnsembleEstimator().fit(forces, energies[:, :4], index)
+        EnsembleEstimator().fit_arrays(forces, energies[:, :4], index)
     bad = forces.copy()
     bad[0, 0, 0] = np.nan
     with pytest.raises(InputError, match="forces: contains 1 NaN"):
-        EnsembleEstimator().fit(bad, None, index)
+        EnsembleEstimator().fit_arrays(bad, None, index)
     with pytest.raises(InputError, match=r"ref_forces: expected shape \(32, 3\)"):
-        EnsembleEstimator().fit(forces, None, index, ref_forces=ref_forces[:5])
+        EnsembleEstimator().fit_arrays(forces, None, index, ref_forces=ref_forces[:5])
     with pytest.raises(InputError, match="ref_energies: given without ensemble energies"):
-        EnsembleEstimator().fit(forces, None, index, ref_energies=ref_energies)
+        EnsembleEstimator().fit_arrays(forces, None, index, ref_energies=ref_energies)

@@ -57,13 +57,13 @@ def test_distance_transfer_equals_numpy(rng, power, scope):
     errors, train, species, configs = make_data(rng)
     dists = distributions_from_errors(errors, n_bins=30)
     est = LTAUEstimator(k=4, atol=ATOL, distance_power=power, index="flat",
-                        distance_scope=scope).fit(dists, train, species, config_index=configs)
+                        distance_scope=scope).fit_arrays(dists, train, species, config_index=configs)
     d_ref = brute_reference(train, configs, 4)
     assert est.reference_distance_["Cu"] == pytest.approx(d_ref, rel=1e-5)
 
     test = np.vstack([rng.normal(size=(10, 5)), 4.0 * rng.normal(size=(10, 5))])
     test_configs = np.repeat([0, 1, 2, 3], [3, 7, 4, 6])
-    result = est.predict(test, ["Cu"] * 20, scale=1.3, config_index=test_configs)
+    result = est.predict_arrays(test, ["Cu"] * 20, scale=1.3, config_index=test_configs)
     sq = ((test[:, None, :] - train[None, :, :]) ** 2).sum(-1)
     order = np.argsort(sq, axis=1)[:, :4]
     distance = np.sqrt(np.take_along_axis(sq, order, axis=1)).mean(axis=1)
@@ -83,39 +83,39 @@ def test_distance_transfer_equals_numpy(rng, power, scope):
     expected = s_atom * (dists.mass @ dists.midpoints)[order].mean(axis=1)
     np.testing.assert_allclose(result.extras["expected_error"], expected, rtol=1e-5)
     # the plain mean is the paper's transfer: the same neighbours at s = 1.3 for every atom
-    plain = LTAUEstimator(k=4, atol=ATOL, transfer="mean", index="flat").fit(
+    plain = LTAUEstimator(k=4, atol=ATOL, transfer="mean", index="flat").fit_arrays(
         dists, train, species, config_index=configs
     )
     p_plain = numpy_cdf(dists.mass, dists.bin_edges, order.ravel(),
                         np.full(80, ATOL / 1.3)).reshape(20, 4).mean(1)
-    np.testing.assert_allclose(plain.predict(test, ["Cu"] * 20, scale=1.3).extras["p"],
+    np.testing.assert_allclose(plain.predict_arrays(test, ["Cu"] * 20, scale=1.3).extras["p"],
                                p_plain, atol=1e-6)
     # without config_index the atoms form one configuration
     if scope != "atom":
-        alone = est.predict(test, ["Cu"] * 20, scale=1.3).extras["p"]
-        together = est.predict(test, ["Cu"] * 20, scale=1.3,
+        alone = est.predict_arrays(test, ["Cu"] * 20, scale=1.3).extras["p"]
+        together = est.predict_arrays(test, ["Cu"] * 20, scale=1.3,
                                config_index=np.zeros(20, int)).extras["p"]
         np.testing.assert_array_equal(alone, together)
 
 
 def test_far_atoms_get_lower_p_than_atoms_inside(rng):
     errors, train, species, configs = make_data(rng, n_configs=60)
-    est = LTAUEstimator(k=5, atol=ATOL).fit(errors, train, species, config_index=configs)
-    plain = LTAUEstimator(k=5, atol=ATOL, transfer="mean").fit(
+    est = LTAUEstimator(k=5, atol=ATOL).fit_arrays(errors, train, species, config_index=configs)
+    plain = LTAUEstimator(k=5, atol=ATOL, transfer="mean").fit_arrays(
         errors, train, species, config_index=configs
     )
     inside = rng.normal(size=(200, 5))
     far = 6.0 + rng.normal(size=(200, 5))  # shifted away from every training point
     own = np.arange(200)  # one atom per configuration: each atom's own distance counts
-    z_in = est.predict(inside, ["Cu"] * 200).extras["knn_distance_normalised"]
-    z_far = est.predict(far, ["Cu"] * 200).extras["knn_distance_normalised"]
+    z_in = est.predict_arrays(inside, ["Cu"] * 200).extras["knn_distance_normalised"]
+    z_far = est.predict_arrays(far, ["Cu"] * 200).extras["knn_distance_normalised"]
     assert np.median(z_in) < 1.5 < 3.0 < z_far.min()
-    p_in = est.predict(inside, ["Cu"] * 200, config_index=own).extras["p"]
-    p_far = est.predict(far, ["Cu"] * 200, config_index=own).extras["p"]
+    p_in = est.predict_arrays(inside, ["Cu"] * 200, config_index=own).extras["p"]
+    p_far = est.predict_arrays(far, ["Cu"] * 200, config_index=own).extras["p"]
     assert p_far.max() < np.median(p_in) and p_far.mean() < 0.5 * p_in.mean()
     # the paper's plain mean cannot tell them apart: far atoms inherit their neighbours' p
-    q_in = plain.predict(inside, ["Cu"] * 200).extras["p"]
-    q_far = plain.predict(far, ["Cu"] * 200).extras["p"]
+    q_in = plain.predict_arrays(inside, ["Cu"] * 200).extras["p"]
+    q_far = plain.predict_arrays(far, ["Cu"] * 200).extras["p"]
     assert abs(q_far.mean() - q_in.mean()) < 0.1
     # inside the training cloud (z <= 1) the two transfers agree
     near = z_in <= 1.0
@@ -130,8 +130,8 @@ def test_leave_one_configuration_out_reference(rng):
     train = np.repeat(centres, per_config, axis=0) + 0.01 * rng.normal(size=(240, 4))
     configs = np.repeat(np.arange(n_configs), per_config)
     errors = [rng.gamma(2.0, 0.05, size=(10, 240))]
-    loco = LTAUEstimator(k=3, atol=ATOL).fit(errors, train, ["W"] * 240, config_index=configs)
-    alone = LTAUEstimator(k=3, atol=ATOL).fit(errors, train, ["W"] * 240)
+    loco = LTAUEstimator(k=3, atol=ATOL).fit_arrays(errors, train, ["W"] * 240, config_index=configs)
+    alone = LTAUEstimator(k=3, atol=ATOL).fit_arrays(errors, train, ["W"] * 240)
     assert loco.reference_distance_["W"] == pytest.approx(brute_reference(train, configs, 3),
                                                           rel=1e-5)
     assert loco.reference_distance_["W"] > 100 * alone.reference_distance_["W"]
@@ -139,17 +139,17 @@ def test_leave_one_configuration_out_reference(rng):
 
 def test_calibrate_fits_scale_and_threshold_at_fpr(rng):
     errors, train, species, configs = make_data(rng, n_configs=60)
-    est = LTAUEstimator(k=5, atol=ATOL).fit(errors, train, species, config_index=configs)
+    est = LTAUEstimator(k=5, atol=ATOL).fit_arrays(errors, train, species, config_index=configs)
     # held-out in-domain atoms whose errors are 2x the training errors
     held = rng.normal(size=(600, 5))
     held_configs = np.repeat(np.arange(100), 6)
     held_errors = 2.0 * rng.gamma(2.0, 0.055, size=600)
-    before = est.predict(held, ["Cu"] * 600).extras["p"]
-    est.calibrate(held, ["Cu"] * 600, held_errors, config_index=held_configs, fpr=0.1)
+    before = est.predict_arrays(held, ["Cu"] * 600).extras["p"]
+    est.calibrate_arrays(held, ["Cu"] * 600, held_errors, config_index=held_configs, fpr=0.1)
     cal = est.calibration_
     assert 1.4 < est.scale_ < 2.8 and not cal["at_bound"]
     assert cal["ece_after"] < 0.07 and cal["ece_after"] < 0.5 * cal["ece_before"]
-    after = est.predict(held, ["Cu"] * 600, config_index=held_configs)
+    after = est.predict_arrays(held, ["Cu"] * 600, config_index=held_configs)
     assert np.all(after.extras["p"] <= before + 1e-12)  # larger s: lower p
     # the threshold flags at most 10 % of the held-out configurations, and not far fewer
     flagged = np.mean(after.config_uncertainty > est.threshold_)
@@ -162,67 +162,67 @@ def test_calibrate_fits_scale_and_threshold_at_fpr(rng):
 def test_calibrate_chooses_the_distance_power_from_in_domain_data(rng, grows, allowed):
     """Held-out errors that grow with the distance (beta = 1) or do not (beta = 0)."""
     errors, train, species, configs = make_data(rng, n_configs=80)
-    est = LTAUEstimator(k=5, atol=ATOL).fit(errors, train, species, config_index=configs)
+    est = LTAUEstimator(k=5, atol=ATOL).fit_arrays(errors, train, species, config_index=configs)
     assert est.distance_power_ == 1.0  # before calibration
     spread = np.repeat(rng.uniform(0.5, 3.0, size=150), 4)[:, None]  # near and far configs
     held = spread * rng.normal(size=(600, 5))
     held_configs = np.repeat(np.arange(150), 4)
-    z = est.predict(held, ["Cu"] * 600).extras["knn_distance_normalised"]
+    z = est.predict_arrays(held, ["Cu"] * 600).extras["knn_distance_normalised"]
     rms = np.sqrt(np.bincount(held_configs, z**2) / 4)[held_configs]
     factor = np.maximum(rms, 1.0) if grows else 1.0
     held_errors = factor * rng.gamma(2.0, 0.055, size=600)
-    est.calibrate(held, ["Cu"] * 600, held_errors, config_index=held_configs)
+    est.calibrate_arrays(held, ["Cu"] * 600, held_errors, config_index=held_configs)
     assert est.distance_power_ in allowed
     briers = est.calibration_["brier_by_distance_power"]
     assert set(briers) == {"0.0", "0.25", "0.5", "0.75", "1.0", "1.5", "2.0"}
     assert min(briers, key=briers.get) == str(est.distance_power_)
     assert est.calibration_["distance_power_at_grid_end"] == (est.distance_power_ == 2.0)
     # a fixed power is kept
-    fixed = LTAUEstimator(k=5, atol=ATOL, distance_power=0.5).fit(errors, train, species,
+    fixed = LTAUEstimator(k=5, atol=ATOL, distance_power=0.5).fit_arrays(errors, train, species,
                                                                   config_index=configs)
-    fixed.calibrate(held, ["Cu"] * 600, held_errors, config_index=held_configs)
+    fixed.calibrate_arrays(held, ["Cu"] * 600, held_errors, config_index=held_configs)
     assert fixed.distance_power_ == 0.5
     assert list(fixed.calibration_["brier_by_distance_power"]) == ["0.5"]
 
 
 def test_calibration_at_bound_is_reported(rng):
     errors, train, species, configs = make_data(rng)
-    est = LTAUEstimator(k=5, atol=ATOL).fit(errors, train, species, config_index=configs)
+    est = LTAUEstimator(k=5, atol=ATOL).fit_arrays(errors, train, species, config_index=configs)
     huge = np.full(120, 50.0)  # errors far beyond anything s <= 20 can explain
     gaps = 2 * configs[:120] + 7  # any integer labels: renumbered
     with pytest.warns(UserWarning, match="at the search bound"):
-        est.calibrate(train[:120], species[:120], huge, config_index=gaps)
+        est.calibrate_arrays(train[:120], species[:120], huge, config_index=gaps)
     assert est.calibration_["at_bound"] and est.scale_ == pytest.approx(20.0, rel=0.05)
     assert est.calibration_["n_configs"] == len(np.unique(gaps))
     # refused input leaves the fitted calibration as it was
     before = dict(est.calibration_)
     with pytest.raises(InputError, match="fpr: expected a rate in"):
-        est.calibrate(train[:10], species[:10], huge[:10], config_index=gaps[:10], fpr=1.5)
+        est.calibrate_arrays(train[:10], species[:10], huge[:10], config_index=gaps[:10], fpr=1.5)
     with pytest.raises(InputError, match="errors: contains negative"):
-        est.calibrate(train[:10], species[:10], -huge[:10], config_index=gaps[:10])
+        est.calibrate_arrays(train[:10], species[:10], -huge[:10], config_index=gaps[:10])
     with pytest.raises(InputError, match="config_index: required"):
-        est.calibrate(train[:10], species[:10], huge[:10], config_index=None)
+        est.calibrate_arrays(train[:10], species[:10], huge[:10], config_index=None)
     with pytest.raises(InputError, match=r"element\(s\) Au not in the training set"):
-        est.calibrate(train[:2], ["Cu", "Au"], huge[:2], config_index=[0, 0])
+        est.calibrate_arrays(train[:2], ["Cu", "Au"], huge[:2], config_index=[0, 0])
     assert est.calibration_ == before and est.scale_ == pytest.approx(20.0, rel=0.05)
 
 
 def test_fitted_threshold_flags_configurations_not_atoms(rng):
     """The fitted threshold is on the mean of 1 - p per configuration."""
     errors, train, species, configs = make_data(rng, n_configs=60)
-    est = LTAUEstimator(k=5, atol=ATOL).fit(errors, train, species, config_index=configs)
+    est = LTAUEstimator(k=5, atol=ATOL).fit_arrays(errors, train, species, config_index=configs)
     held = rng.normal(size=(240, 5))
     held_configs = np.repeat(np.arange(40), 6)
-    est.calibrate(held, ["Cu"] * 240, rng.gamma(2.0, 0.06, size=240), config_index=held_configs)
-    result = est.predict(held, ["Cu"] * 240, config_index=held_configs)
+    est.calibrate_arrays(held, ["Cu"] * 240, rng.gamma(2.0, 0.06, size=240), config_index=held_configs)
+    result = est.predict_arrays(held, ["Cu"] * 240, config_index=held_configs)
     assert result.atom_flags is None and result.threshold == est.threshold_
     np.testing.assert_array_equal(result.config_flags,
                                   result.config_uncertainty > est.threshold_)
     # another scale, atol or k: the fitted threshold does not apply
-    assert est.predict(held, ["Cu"] * 240, config_index=held_configs, scale=2.0).threshold is None
-    assert est.predict(held, ["Cu"] * 240, k=3).threshold is None
+    assert est.predict_arrays(held, ["Cu"] * 240, config_index=held_configs, scale=2.0).threshold is None
+    assert est.predict_arrays(held, ["Cu"] * 240, k=3).threshold is None
     # a number given by the user flags atoms and configurations
-    given = est.predict(held, ["Cu"] * 240, config_index=held_configs, threshold=0.5)
+    given = est.predict_arrays(held, ["Cu"] * 240, config_index=held_configs, threshold=0.5)
     np.testing.assert_array_equal(given.atom_flags, given.atom_uncertainty > 0.5)
     # uncalibrated(): the state before calibrate, sharing the indices
     plain = est.uncalibrated()
@@ -232,11 +232,11 @@ def test_fitted_threshold_flags_configurations_not_atoms(rng):
 
 def test_calibration_round_trips_and_refit_drops_it(tmp_path, rng):
     errors, train, species, configs = make_data(rng)
-    est = LTAUEstimator(k=5, atol=ATOL).fit(errors, train, species, config_index=configs)
+    est = LTAUEstimator(k=5, atol=ATOL).fit_arrays(errors, train, species, config_index=configs)
     held = rng.normal(size=(120, 5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        est.calibrate(held, ["Cu"] * 120, 1.5 * rng.gamma(2.0, 0.055, size=120),
+        est.calibrate_arrays(held, ["Cu"] * 120, 1.5 * rng.gamma(2.0, 0.055, size=120),
                       config_index=np.repeat(np.arange(20), 6))
     est.save(tmp_path / "est")
     loaded = LTAUEstimator.load(tmp_path / "est")
@@ -245,11 +245,11 @@ def test_calibration_round_trips_and_refit_drops_it(tmp_path, rng):
     assert loaded.calibration_ == est.calibration_
     assert loaded.reference_distance_ == pytest.approx(est.reference_distance_)
     test = rng.normal(size=(30, 5))
-    a, b = est.predict(test, ["Cu"] * 30), loaded.predict(test, ["Cu"] * 30)
+    a, b = est.predict_arrays(test, ["Cu"] * 30), loaded.predict_arrays(test, ["Cu"] * 30)
     np.testing.assert_array_equal(a.extras["p"], b.extras["p"])
     np.testing.assert_array_equal(a.atom_flags, b.atom_flags)
     # a refit forgets the calibration (it belonged to the old training set)
-    est.fit(errors, train, species, config_index=configs)
+    est.fit_arrays(errors, train, species, config_index=configs)
     assert est.scale_ == 1.0 and est.threshold_ is None and est.calibration_ is None
     assert est.distance_power_ == 1.0
 
@@ -257,10 +257,10 @@ def test_calibration_round_trips_and_refit_drops_it(tmp_path, rng):
 def test_bad_transfer_parameters(rng):
     errors, train, species, configs = make_data(rng)
     with pytest.raises(InputError, match="transfer: expected one of distance, mean, got 'knn'"):
-        LTAUEstimator(transfer="knn").fit(errors, train, species)
+        LTAUEstimator(transfer="knn").fit_arrays(errors, train, species)
     with pytest.raises(InputError, match="distance_power: expected 'auto' or a finite number"):
-        LTAUEstimator(distance_power=-1.0).fit(errors, train, species)
+        LTAUEstimator(distance_power=-1.0).fit_arrays(errors, train, species)
     with pytest.raises(InputError, match="distance_scope: expected one of configuration, atom"):
-        LTAUEstimator(distance_scope="frame").fit(errors, train, species)
+        LTAUEstimator(distance_scope="frame").fit_arrays(errors, train, species)
     with pytest.raises(InputError, match="reference_sample: expected a positive integer"):
-        LTAUEstimator(reference_sample=0).fit(errors, train, species)
+        LTAUEstimator(reference_sample=0).fit_arrays(errors, train, species)

@@ -61,10 +61,10 @@ def test_transfer_ranks_published_uncertainty(reference):
     dists = two_bin(1 - uncertainty[:half])
     np.testing.assert_allclose(dists.cdf(1.0), 1 - uncertainty[:half], atol=1e-6)
 
-    est = LTAUEstimator(k=5, atol=1.0, index="flat", transfer="mean").fit(
+    est = LTAUEstimator(k=5, atol=1.0, index="flat", transfer="mean").fit_arrays(
         dists, descriptors[:half], species[:half]
     )
-    result = est.predict(descriptors[half:], species[half:])
+    result = est.predict_arrays(descriptors[half:], species[half:])
     truth = uncertainty[half:]
     rho = spearmanr(result.atom_uncertainty, truth).statistic
     assert rho > 0.55  # measured 0.640 (k=5, per element)
@@ -82,15 +82,15 @@ def test_transfer_ranks_published_uncertainty(reference):
     shuffled_u = uncertainty[:half].copy()
     train_h = np.flatnonzero(species[:half] == "H")
     shuffled_u[train_h] = np.random.default_rng(0).permutation(shuffled_u[train_h])
-    control = LTAUEstimator(k=5, atol=1.0, index="flat", transfer="mean").fit(
+    control = LTAUEstimator(k=5, atol=1.0, index="flat", transfer="mean").fit_arrays(
         two_bin(1 - shuffled_u), descriptors[:half], species[:half]
     )
-    shuffled = control.predict(descriptors[half:], species[half:]).atom_uncertainty
+    shuffled = control.predict_arrays(descriptors[half:], species[half:]).atom_uncertainty
     assert abs(spearmanr(shuffled[hydrogen], truth[hydrogen]).statistic) < 0.1
 
     # HNSW on the same data gives (nearly) the same answer
-    hnsw = LTAUEstimator(k=5, atol=1.0, index="hnsw", transfer="mean").fit(
+    hnsw = LTAUEstimator(k=5, atol=1.0, index="hnsw", transfer="mean").fit_arrays(
         dists, descriptors[:half], species[:half]
     )
-    approx = hnsw.predict(descriptors[half:], species[half:]).atom_uncertainty
+    approx = hnsw.predict_arrays(descriptors[half:], species[half:]).atom_uncertainty
     assert np.mean(np.isclose(approx, result.atom_uncertainty, atol=1e-6)) > 0.95

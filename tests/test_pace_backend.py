@@ -68,7 +68,7 @@ def _by_type(backend, features, species):
 def _fitted_estimator(features, species):
     from mlipuq.doptimality import DOptimalityEstimator
 
-    return DOptimalityEstimator(tol=1.01).fit(features, species)
+    return DOptimalityEstimator(tol=1.01).fit_arrays(features, species)
 
 
 # --------------------------------------------------------------------------- projections
@@ -127,11 +127,11 @@ def test_unequal_function_counts_roundtrip_through_pacemaker(tmp_path):
     atoms.calc = calc
     atoms.get_potential_energy()
     test_features, test_species, _ = backend.projections([atoms])
-    ours = estimator.predict(test_features, test_species).atom_uncertainty
+    ours = estimator.predict_arrays(test_features, test_species).atom_uncertainty
     np.testing.assert_allclose(calc.results["gamma"], ours, rtol=1e-8, atol=1e-8)
     back = pace.estimator_from_asi(path, elements=backend.elements, n_features=52)
     np.testing.assert_allclose(
-        back.predict(test_features, test_species).atom_uncertainty, ours, rtol=1e-8, atol=1e-8
+        back.predict_arrays(test_features, test_species).atom_uncertainty, ours, rtol=1e-8, atol=1e-8
     )
     with pytest.raises(InputError, match="rows beyond the element's 28 B-functions"):
         pace.asi_matrices({"Cu": np.ones((52, 28))}, n_functions={"Cu": 28})
@@ -169,7 +169,7 @@ def test_gamma_equals_pacemaker_on_our_active_set(backend, train):
     estimator = _fitted_estimator(features, species)
     test_frames = _frames(6, n_copper=8, seed=7)  # more Cu: some extrapolation
     test_features, test_species, test_index = backend.projections(test_frames)
-    ours = estimator.predict(test_features, test_species, config_index=test_index)
+    ours = estimator.predict_arrays(test_features, test_species, config_index=test_index)
 
     index = backend.basis.elements_to_index_map
     inverse = al.compute_A_active_inverse(
@@ -247,7 +247,7 @@ def test_our_asi_in_pyace_calculator_gives_our_gamma(tmp_path, backend, train):
         atoms.calc = calc
         atoms.get_potential_energy()
         test_features, test_species, _ = backend.projections([atoms])
-        ours = estimator.predict(test_features, test_species).atom_uncertainty
+        ours = estimator.predict_arrays(test_features, test_species).atom_uncertainty
         np.testing.assert_allclose(calc.results["gamma"], ours, rtol=1e-8, atol=1e-8)
 
 
@@ -259,7 +259,7 @@ def test_pacemaker_asi_becomes_our_estimator(tmp_path, backend, train):
     al.save_active_inverse_set(str(path), inverse, elements_name=backend.elements)
     estimator = pace.estimator_from_asi(path, elements=backend.elements)
     test_features, test_species, _ = backend.projections(_frames(4, n_copper=8, seed=5))
-    ours = estimator.predict(test_features, test_species).atom_uncertainty
+    ours = estimator.predict_arrays(test_features, test_species).atom_uncertainty
     reference = al.compute_extrapolation_grade(
         _by_type(backend, test_features, test_species), inverse
     )

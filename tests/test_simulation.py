@@ -18,6 +18,7 @@ from mlipuq.cli import main
 from mlipuq.descriptors import DescriptorUQCalculator, descriptor_matrix, radial_descriptor
 from mlipuq.doptimality import DOptimalityEstimator
 from mlipuq.exceptions import InputError
+from mlipuq.method import UQMethod
 from mlipuq.simulation import run_simulation, summarise
 
 ELEMENTS = ["Cu"]
@@ -37,7 +38,7 @@ def cu_calc():
         atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
         frames.append(atoms)
     features, species, _ = descriptor_matrix(frames, elements=ELEMENTS, cutoff=4.5, n_radial=6)
-    estimator = DOptimalityEstimator().fit(features, species)
+    estimator = DOptimalityEstimator().fit_arrays(features, species)
     return DescriptorUQCalculator(EMT(), {"doptimality": estimator}, _descriptor)
 
 
@@ -204,12 +205,15 @@ def test_stop_at_first_crossing(tmp_path):
     assert len(frames) == 8 and frames[-1].info["step"] == 7  # the crossing frame is logged
 
 
-class _XWithThreshold:
-    """An estimator whose result carries a fitted threshold (as LTAU after calibrate)."""
+class _XWithThreshold(UQMethod):
+    """A method whose result carries a fitted threshold (as LTAU after calibrate)."""
 
-    def predict(self, features, species):
+    name = "x"
+
+    def predict(self, X):
         from mlipuq.result import UQResult
 
+        features = X.descriptors
         return UQResult("x", features[:, 0], threshold=5.3375,
                         extras={"knn_distance_normalised": features[:, 0] / 5.0})
 
@@ -370,7 +374,7 @@ def test_crash_leaves_complete_frames(tmp_path):
     [
         ("x_uncertainty", -1.0, "threshold: expected a finite number >= 0"),
         ("x_uncertainty", float("nan"), "threshold: expected a finite number >= 0"),
-        ("ltau_uncertainty", 1.5, r"ltau_uncertainty is 1 - p in \[0, 1\]"),
+        ("ltau_uncertainty", 1.5, r"ltau_uncertainty is in \[0, 1\]"),
         ("x_uncertainty", None, "the x estimator has no fitted threshold"),
         (None, 2.0, "stop_threshold: given without stop_on"),
     ],

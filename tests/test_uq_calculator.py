@@ -44,7 +44,7 @@ def ltau(run, model_path):
     from mlipuq.ltau import LTAUEstimator
 
     train = NequIPBackend(model_path).outputs(run.train_frames())
-    return LTAUEstimator(k=3).fit(run.store, train.descriptors, train.species)
+    return LTAUEstimator(k=3).fit_arrays(run.store, train.descriptors, train.species)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_descriptors_equal_batched_features(model_path, calc, test_frames):
 
 def test_ltau_uncertainty_equals_estimator(calc, ltau, test_frames):
     atoms, _, _, results = evaluate(test_frames[1], calc)
-    expected = ltau.predict(results["descriptors"], atoms.get_chemical_symbols())
+    expected = ltau.predict_arrays(results["descriptors"], atoms.get_chemical_symbols())
     assert results["ltau_uncertainty"].shape == (len(atoms),)
     np.testing.assert_allclose(results["ltau_uncertainty"], expected.atom_uncertainty)
     for name in ("p", "expected_error", "knn_distance"):

@@ -50,16 +50,16 @@ def study():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rank-reduction note for the elastic group
         estimators = {
-            "global": DOptimalityEstimator(tol=1.01).fit(features, species),
+            "global": DOptimalityEstimator(tol=1.01).fit_arrays(features, species),
             "kmeans": ClusteredDOptimalityEstimator(
                 method="kmeans", n_clusters=K_MEANS, random_state=0, tol=1.01
-            ).fit(features, species),
+            ).fit_arrays(features, species),
             "labels": ClusteredDOptimalityEstimator(
                 method="labels", small_clusters="project", tol=1.01
-            ).fit(features, species, labels=np.asarray(labels)),
+            ).fit_arrays(features, species, labels=np.asarray(labels)),
         }
     results = {
-        (method, name): est.predict(x, s, config_index=c)
+        (method, name): est.predict_arrays(x, s, config_index=c)
         for method, est in estimators.items()
         for name, (x, s, c) in tests.items()
     }
@@ -110,7 +110,7 @@ def test_descriptor_is_the_documented_basis(study):
 
 def test_training_atoms_interpolate_globally(study):
     features, species = study["train"]
-    gamma = study["estimators"]["global"].predict(features, species).atom_uncertainty
+    gamma = study["estimators"]["global"].predict_arrays(features, species).atom_uncertainty
     assert gamma.max() <= 1.01 + 1e-6  # MaxVol fixed point with tol 1.01
     assert gamma.max() > 0.99  # the active-set rows themselves have gamma 1
 

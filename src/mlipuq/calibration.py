@@ -14,7 +14,7 @@ Two equivalent conventions, chosen with ``threshold_scales``:
   (p_j = mean neighbour CDF at atol) and the observed threshold is atol * s.
   Pass the p array itself (or a callable that ignores s)::
 
-      p = ltau.predict(desc, species, scale=1.0).extras["p"]
+      p = ltau.predict_arrays(desc, species, scale=1.0).extras["p"]
       s = fit_scale(p, errors, atol)
 
 - ``threshold_scales=False``: ``predict_p(s)`` returns the probability under

@@ -1,4 +1,4 @@
-"""Clustering-enhanced local D-optimality (uq-ace paper; METHODS.md section 4).
+"""Clustering-enhanced local D-optimality (uq-ace paper; docs/methods.md).
 
 The training environments are partitioned into clusters; one MaxVol active set is
 built per (cluster, element), and an atom's grade is the minimum over the clusters
@@ -30,12 +30,12 @@ Choices made here
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
+from typing import Any
 
 import numpy as np
 
+from mlipuq.backends.base import ModelOutputs
 from mlipuq.doptimality import (
     OUTLIER_FILTERS,
     ActiveSet,
@@ -43,20 +43,18 @@ from mlipuq.doptimality import (
     check_predict_inputs,
     grade_result,
     prepare_training_inputs,
-    read_model_file,
 )
 from mlipuq.exceptions import InputError
-from mlipuq.io import save_npz
 from mlipuq.maxvol import DEFAULT_BATCH_SIZE, extrapolation_grade
+from mlipuq.method import UQMethod
 from mlipuq.result import UQResult
 from mlipuq.validation import check_is_fitted
 
 CLUSTER_METHODS = ("kmeans", "minibatch_kmeans", "birch", "labels")
 SMALL_CLUSTER_POLICIES = ("merge", "project", "skip")
-RESULT_METHOD = "clustered_doptimality"
 
 
-class ClusteredDOptimalityEstimator:
+class ClusteredDOptimalityEstimator(UQMethod):
     """One MaxVol active set per (cluster, element); gamma = min over clusters.
 
     Parameters
@@ -82,6 +80,9 @@ class ClusteredDOptimalityEstimator:
     stop_threshold, rank_rtol, grade_batch_size
         As in :class:`~mlipuq.doptimality.DOptimalityEstimator`.
     """
+
+    name = "clustered_doptimality"
+    requires = ("descriptors",)
 
     def __init__(
         self,
@@ -124,29 +125,6 @@ class ClusteredDOptimalityEstimator:
         self.rank_rtol = rank_rtol
         self.grade_batch_size = grade_batch_size
 
-    def get_params(self) -> dict:
-        """Constructor parameters (JSON-serialisable)."""
-        return {
-            "method": self.method,
-            "n_clusters": self.n_clusters,
-            "standardize": self.standardize,
-            "min_cluster_size": self.min_cluster_size,
-            "small_clusters": self.small_clusters,
-            "random_state": self.random_state,
-            "auto_range": list(self.auto_range),
-            "auto_sample_size": self.auto_sample_size,
-            "tol": self.tol,
-            "max_iters": self.max_iters,
-            "batch_size": self.batch_size,
-            "outlier_filter": self.outlier_filter,
-            "fence_k": self.fence_k,
-            "threshold": self.threshold,
-            "select_threshold": self.select_threshold,
-            "stop_threshold": self.stop_threshold,
-            "rank_rtol": self.rank_rtol,
-            "grade_batch_size": self.grade_batch_size,
-        }
-
     def _check_params(self) -> None:
         if self.method not in CLUSTER_METHODS:
             raise InputError(f"method: expected one of {CLUSTER_METHODS}, got {self.method!r}")
@@ -167,7 +145,23 @@ class ClusteredDOptimalityEstimator:
 
     # ------------------------------------------------------------------ fit
 
-    def fit(
+    def fit(self, X: ModelOutputs, store: Any = None) -> ClusteredDOptimalityEstimator:
+        """Cluster the training descriptors of ``X`` and build the active sets
+        (``method="labels"`` needs :meth:`fit_arrays`); ``store`` is not used."""
+        self.check_inputs(X)
+        return self.fit_arrays(X.descriptors, X.species)
+
+    def predict(self, X: ModelOutputs) -> UQResult:
+        """Min-over-clusters extrapolation grade of the atoms and configurations of ``X``."""
+        self.check_inputs(X)
+        return self.predict_arrays(X.descriptors, X.species, config_index=X.config_index)
+
+    @classmethod
+    def _params_from_json(cls, params: dict) -> dict:
+        params["auto_range"] = tuple(params["auto_range"])
+        return params
+
+    def fit_arrays(
         self,
         features: np.ndarray,
         species: np.ndarray,
@@ -208,7 +202,7 @@ class ClusteredDOptimalityEstimator:
         messages = notes + ([f"rank-reduced active sets for {reduced}"] if reduced else [])
         if messages:
             warnings.warn("clustered D-optimality: " + "; ".join(messages), stacklevel=2)
-        self._set_state(sets, names, features.shape[1])
+        self._set_active_sets(sets, names, features.shape[1])
         self.group_sizes_ = {f"{c}/{el}": int(len(rows)) for (c, el), rows in groups.items()}
         return self
 
@@ -279,7 +273,7 @@ class ClusteredDOptimalityEstimator:
             sets[(cluster, element)] = built
         return sets, reduced
 
-    def _set_state(
+    def _set_active_sets(
         self, sets: dict[tuple[int, str], ActiveSet], names: list[str], n_features: int
     ) -> None:
         self.n_features_in_ = int(n_features)
@@ -290,10 +284,18 @@ class ClusteredDOptimalityEstimator:
         self.active_inverse_ = {key: s.inverse for key, s in sets.items()}
         self.projections_ = {k: s.projection for k, s in sets.items() if s.projection is not None}
         self.n_swaps_ = {f"{c}/{el}": s.n_swaps for (c, el), s in sets.items()}
+        self.threshold_ = float(self.threshold)
+        self.threshold_source_ = "parameter threshold"
 
     # ------------------------------------------------------------------ predict
 
-    def gamma(self, features: np.ndarray, species: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def gamma(self, features: np.ndarray, species: np.ndarray) -> np.ndarray:
+        """Per-atom min-over-clusters extrapolation grade gamma, shape (N,) (unitless)."""
+        return self.gamma_and_cluster(features, species)[0]
+
+    def gamma_and_cluster(
+        self, features: np.ndarray, species: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per-atom min-over-clusters gamma (N,) and the arg-min cluster id (N,)."""
         check_is_fitted(self, "active_inverse_")
         features, species = check_predict_inputs(
@@ -320,7 +322,7 @@ class ClusteredDOptimalityEstimator:
             nearest[mask] = np.asarray(clusters)[best]
         return gamma, nearest
 
-    def predict(
+    def predict_arrays(
         self, features: np.ndarray, species: np.ndarray, *, config_index: np.ndarray | None = None
     ) -> UQResult:
         """Min-over-clusters extrapolation grade per atom and per configuration.
@@ -332,12 +334,12 @@ class ClusteredDOptimalityEstimator:
             (unitless), extras ``"gamma"`` and ``"nearest_cluster"`` (index into
             ``cluster_names_`` of the cluster giving the minimum).
         """
-        gamma, nearest = self.gamma(features, species)
+        gamma, nearest = self.gamma_and_cluster(features, species)
         return grade_result(
-            RESULT_METHOD,
+            self.name,
             gamma,
             config_index,
-            threshold=self.threshold,
+            threshold=self.threshold_,
             select_threshold=self.select_threshold,
             stop_threshold=self.stop_threshold,
             extras={"nearest_cluster": nearest},
@@ -345,9 +347,7 @@ class ClusteredDOptimalityEstimator:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Save to one .npz (``"c<k>/<El>/active_set"``, ``.../inverse``, optional
-        ``.../projection``) plus the parameters as JSON text under ``"params.json"``."""
+    def _get_state(self) -> tuple[dict, dict[str, np.ndarray]]:
         check_is_fitted(self, "active_inverse_")
         arrays: dict[str, np.ndarray] = {}
         for (cluster, element), rows in self.active_sets_.items():
@@ -356,39 +356,33 @@ class ClusteredDOptimalityEstimator:
             arrays[f"{prefix}/inverse"] = self.active_inverse_[(cluster, element)]
             if (cluster, element) in self.projections_:
                 arrays[f"{prefix}/projection"] = self.projections_[(cluster, element)]
-        meta = {
-            "class": type(self).__name__,
-            "params": self.get_params(),
+        state = {
             "n_features_in": self.n_features_in_,
             "cluster_names": self.cluster_names_,
             "groups": [[int(c), el] for c, el in self.active_sets_],
             "n_swaps": self.n_swaps_,
             "group_sizes": getattr(self, "group_sizes_", {}),
             "outlier_fences": getattr(self, "outlier_fences_", {}),
+            "threshold": self.threshold_,
+            "threshold_source": self.threshold_source_,
         }
-        arrays["params.json"] = np.array(json.dumps(meta))
-        save_npz(path, **arrays)
+        return state, arrays
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ClusteredDOptimalityEstimator:
-        """Load an estimator written by :meth:`save`."""
-        arrays, meta = read_model_file(path, cls.__name__)
-        params = dict(meta["params"])
-        params["auto_range"] = tuple(params["auto_range"])
-        est = cls(**params)
+    def _set_state(self, state: dict, arrays: Any, directory: Any) -> None:
         sets = {}
-        for cluster, element in meta["groups"]:
+        for cluster, element in state["groups"]:
             prefix = f"c{cluster}/{element}"
             sets[(int(cluster), element)] = ActiveSet(
                 arrays[f"{prefix}/active_set"],
                 arrays[f"{prefix}/inverse"],
                 arrays.get(f"{prefix}/projection"),
-                int(meta["n_swaps"].get(f"{cluster}/{element}", 0)),
+                int(state["n_swaps"].get(f"{cluster}/{element}", 0)),
             )
-        est._set_state(sets, meta["cluster_names"], meta["n_features_in"])
-        est.group_sizes_ = meta.get("group_sizes", {})
-        est.outlier_fences_ = meta.get("outlier_fences", {})
-        return est
+        self._set_active_sets(sets, state["cluster_names"], state["n_features_in"])
+        self.group_sizes_ = state.get("group_sizes", {})
+        self.outlier_fences_ = state.get("outlier_fences", {})
+        self.threshold_ = float(state["threshold"])
+        self.threshold_source_ = state["threshold_source"]
 
 
 # ---------------------------------------------------------------------- helpers

@@ -5,8 +5,9 @@ Everything is generated locally (ASE's EMT calculator, no network). Stages:
 1. data: :func:`mlipuq.emt_data.copper_datasets` (bulk 300 K training set; test
    sets bulk 300 K, bulk 1200 K, vacancy, (111) surface, nanoparticle), written as
    extxyz into ``OUT/data``;
-2. training: :func:`mlipuq.backends.nequip.training.train_ensemble` (M members,
-   per-epoch error trajectories) into ``OUT/run``;
+2. training: the ``train`` of backend :data:`BACKEND` from the backend registry
+   (:func:`mlipuq.backends.nequip.training.train_ensemble`: M members, per-epoch
+   error trajectories) into ``OUT/run``;
 3. fitting and evaluation: :func:`mlipuq.pipeline.evaluate_run` (LTAU calibrated on
    half of the 300 K test configurations) into ``OUT/report``.
 """
@@ -23,6 +24,8 @@ from mlipuq.exceptions import InputError
 
 DEMO_FILE = "demo.json"
 IN_DOMAIN = "bulk_300K"
+BACKEND = "nequip"
+"""The backend the demo trains (:mod:`mlipuq.backends.registry`)."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ def run_demo(
         Metrics (also in ``out/report/metrics.json``); ``"report"`` is the path of
         ``index.html``.
     """
-    from mlipuq.backends.nequip.training import train_ensemble
+    from mlipuq.backends.registry import capability
     from mlipuq.io import write_json
     from mlipuq.pipeline import evaluate_run, say
 
@@ -165,7 +168,8 @@ def run_demo(
     note(f"data written to {out / 'data'}")
     note(f"training {settings.n_models} NequIP model(s), preset {settings.preset}, "
          f"{settings.epochs} epochs, {threads} thread(s)")
-    run = train_ensemble(
+    train = capability(BACKEND, "train", "train models")
+    run = train(
         paths["train"], out / "run", preset=settings.preset, epochs=settings.epochs,
         n_models=settings.n_models, seed=seed, val_fraction=0.1, threads=threads,
         r_max=settings.r_max, package=False, overwrite=True, progress=progress,

@@ -156,7 +156,7 @@ class DescriptorUQCalculator(Calculator):
 
     Energy, forces (and whatever else) come from ``base_calc``; for every entry
     ``name -> estimator`` the per-atom arrays of
-    ``estimator.predict(descriptor_fn(atoms), species)`` (a
+    ``estimator.predict(ModelOutputs of descriptor_fn(atoms))`` (a
     :class:`~mlipuq.result.UQResult`) are added to ``results`` as
     ``<name>_uncertainty`` (n_atoms,) and ``<name>_<extra>``. An "estimator" may
     also be a plain function ``f(features (n, D), species (n,)) -> (n,)``.
@@ -225,15 +225,20 @@ class DescriptorUQCalculator(Calculator):
 def _uncertainty_arrays(
     name: str, estimator: object, features: np.ndarray, species: np.ndarray
 ) -> dict[str, np.ndarray]:
-    predict = getattr(estimator, "predict", None)
-    if predict is None:
+    from mlipuq.method import UQMethod
+
+    if not isinstance(estimator, UQMethod):
         values = np.asarray(estimator(features, species), dtype=float)
         if values.shape != (len(species),):
             raise InputError(
                 f"estimator {name!r}: expected {len(species)} per-atom values, got {values.shape}"
             )
         return {f"{name}_uncertainty": values}
-    result = predict(features, species)
+    from mlipuq.backends.base import ModelOutputs
+
+    result = estimator.predict(ModelOutputs(
+        species=np.asarray(species), descriptors=features,
+        config_index=np.zeros(len(species), dtype=np.int64)))  # one configuration
     arrays = result.as_arrays(prefix=name)
     if result.threshold is not None:  # a fitted threshold travels with the results
         arrays[f"{name}_threshold"] = float(result.threshold)

@@ -6,7 +6,7 @@ an active set A_s of (locally) maximal volume by :func:`mlipuq.maxvol.maxvol`.
 A new atom x of element s gets gamma = max_j |(x A_s^{-1})_j| (unitless):
 gamma <= 1 interpolation, > 1 extrapolation; gamma_cfg = max over the atoms of a
 configuration. Common active-learning thresholds: select above ~1.5-5, stop a
-simulation above ~10-25 (METHODS.md section 3).
+simulation above ~10-25 (docs/methods.md).
 
 Rank deficiency (fewer rows than features, dependent features): the rows are
 projected onto their top-r singular directions, a warning is issued, and the
@@ -16,22 +16,22 @@ the training rows do not count towards gamma.
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from mlipuq.atom_table import config_max
+from mlipuq.backends.base import ModelOutputs
 from mlipuq.exceptions import InputError
-from mlipuq.io import load_npz, save_npz
 from mlipuq.maxvol import (
     DEFAULT_BATCH_SIZE,
     active_set_inverse,
     extrapolation_grade,
     maxvol,
 )
+from mlipuq.method import UQMethod
 from mlipuq.result import UQResult
 from mlipuq.thresholds import tukey_fence
 from mlipuq.validation import (
@@ -179,7 +179,7 @@ def outlier_mask(
     return keep, fences
 
 
-class DOptimalityEstimator:
+class DOptimalityEstimator(UQMethod):
     """Per-element MaxVol active sets; ``predict`` returns the extrapolation grade gamma.
 
     Parameters
@@ -208,12 +208,13 @@ class DOptimalityEstimator:
     --------
     >>> rng = np.random.default_rng(0)
     >>> x = rng.normal(size=(50, 3))
-    >>> est = DOptimalityEstimator().fit(x, ["Cu"] * 50)
-    >>> bool(est.predict(x, ["Cu"] * 50).atom_uncertainty.max() <= 1.01)
+    >>> est = DOptimalityEstimator().fit_arrays(x, ["Cu"] * 50)
+    >>> bool(est.predict_arrays(x, ["Cu"] * 50).atom_uncertainty.max() <= 1.01)
     True
     """
 
-    method = "doptimality"
+    name = "doptimality"
+    requires = ("descriptors",)
 
     def __init__(
         self,
@@ -240,23 +241,6 @@ class DOptimalityEstimator:
         self.rank_rtol = rank_rtol
         self.grade_batch_size = grade_batch_size
 
-    # ------------------------------------------------------------------ params
-
-    def get_params(self) -> dict:
-        """Constructor parameters (JSON-serialisable)."""
-        return {
-            "tol": self.tol,
-            "max_iters": self.max_iters,
-            "batch_size": self.batch_size,
-            "outlier_filter": self.outlier_filter,
-            "fence_k": self.fence_k,
-            "threshold": self.threshold,
-            "select_threshold": self.select_threshold,
-            "stop_threshold": self.stop_threshold,
-            "rank_rtol": self.rank_rtol,
-            "grade_batch_size": self.grade_batch_size,
-        }
-
     def _check_params(self) -> None:
         if self.outlier_filter not in OUTLIER_FILTERS:
             raise InputError(
@@ -267,7 +251,18 @@ class DOptimalityEstimator:
 
     # ------------------------------------------------------------------ fit
 
-    def fit(
+    def fit(self, X: ModelOutputs, store: Any = None) -> DOptimalityEstimator:
+        """Build the active sets from the training descriptors of ``X``
+        (``descriptors`` (N, D), ``species``); ``store`` is not used."""
+        self.check_inputs(X)
+        return self.fit_arrays(X.descriptors, X.species)
+
+    def predict(self, X: ModelOutputs) -> UQResult:
+        """Extrapolation grade of the atoms and configurations of ``X``."""
+        self.check_inputs(X)
+        return self.predict_arrays(X.descriptors, X.species, config_index=X.config_index)
+
+    def fit_arrays(
         self,
         features: np.ndarray,
         species: np.ndarray,
@@ -312,17 +307,19 @@ class DOptimalityEstimator:
                 rank_rtol=self.rank_rtol,
                 name=f"features of element {element}",
             )
-        self._set_state(sets, features.shape[1])
+        self._set_active_sets(sets, features.shape[1])
         self.n_train_atoms_ = {el: int(np.count_nonzero(species == el)) for el in sets}
         return self
 
-    def _set_state(self, sets: dict[str, ActiveSet], n_features: int) -> None:
+    def _set_active_sets(self, sets: dict[str, ActiveSet], n_features: int) -> None:
         self.n_features_in_ = int(n_features)
         self.elements_ = sorted(sets)
         self.active_sets_ = {el: s.rows for el, s in sets.items()}
         self.active_inverse_ = {el: s.inverse for el, s in sets.items()}
         self.projections_ = {el: s.projection for el, s in sets.items() if s.projection is not None}
         self.n_swaps_ = {el: s.n_swaps for el, s in sets.items()}
+        self.threshold_ = float(self.threshold)
+        self.threshold_source_ = "parameter threshold"
 
     # ------------------------------------------------------------------ predict
 
@@ -340,7 +337,7 @@ class DOptimalityEstimator:
             )
         return gamma
 
-    def predict(
+    def predict_arrays(
         self, features: np.ndarray, species: np.ndarray, *, config_index: np.ndarray | None = None
     ) -> UQResult:
         """Extrapolation grade per atom and per configuration.
@@ -356,61 +353,54 @@ class DOptimalityEstimator:
         -------
         UQResult
             ``method="doptimality"``, ``atom_uncertainty`` = gamma (unitless),
-            ``config_uncertainty`` = gamma_cfg, flags ``gamma > threshold``;
+            ``config_uncertainty`` = gamma_cfg, flags ``gamma > threshold_`` (the
+            ``threshold`` parameter until :meth:`set_threshold` / :meth:`calibrate`);
             extras ``"gamma"``, and with select/stop thresholds ``"select"``,
             ``"stop"``, ``"config_select"``, ``"config_stop"``.
         """
         gamma = self.gamma(features, species)
         return grade_result(
-            self.method,
+            self.name,
             gamma,
             config_index,
-            threshold=self.threshold,
+            threshold=self.threshold_,
             select_threshold=self.select_threshold,
             stop_threshold=self.stop_threshold,
         )
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Save to one .npz: ``"<El>/active_set"``, ``"<El>/inverse"``, optional
-        ``"<El>/projection"``, and the parameters as JSON text under ``"params.json"``.
-        No pickle."""
+    def _get_state(self) -> tuple[dict, dict[str, np.ndarray]]:
         check_is_fitted(self, "active_inverse_")
         arrays = _element_arrays("", self.active_sets_, self.active_inverse_, self.projections_)
-        meta = {"class": type(self).__name__, "params": self.get_params(), **self._state_meta()}
-        arrays["params.json"] = np.array(json.dumps(meta))
-        save_npz(path, **arrays)
-
-    def _state_meta(self) -> dict:
-        return {
+        state = {
             "n_features_in": self.n_features_in_,
             "elements": self.elements_,
             "n_swaps": self.n_swaps_,
             "outlier_fences": getattr(self, "outlier_fences_", {}),
             "n_outliers": getattr(self, "n_outliers_", {}),
             "n_train_atoms": getattr(self, "n_train_atoms_", {}),
+            "threshold": self.threshold_,
+            "threshold_source": self.threshold_source_,
         }
+        return state, arrays
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> DOptimalityEstimator:
-        """Load an estimator written by :meth:`save`."""
-        arrays, meta = read_model_file(path, cls.__name__)
-        est = cls(**meta["params"])
+    def _set_state(self, state: dict, arrays: Any, directory: Any) -> None:
         sets = {
             el: ActiveSet(
                 arrays[f"{el}/active_set"],
                 arrays[f"{el}/inverse"],
                 arrays.get(f"{el}/projection"),
-                int(meta["n_swaps"].get(el, 0)),
+                int(state["n_swaps"].get(el, 0)),
             )
-            for el in meta["elements"]
+            for el in state["elements"]
         }
-        est._set_state(sets, meta["n_features_in"])
-        est.outlier_fences_ = meta.get("outlier_fences", {})
-        est.n_outliers_ = meta.get("n_outliers", {})
-        est.n_train_atoms_ = meta.get("n_train_atoms", {})
-        return est
+        self._set_active_sets(sets, state["n_features_in"])
+        self.outlier_fences_ = state.get("outlier_fences", {})
+        self.n_outliers_ = state.get("n_outliers", {})
+        self.n_train_atoms_ = state.get("n_train_atoms", {})
+        self.threshold_ = float(state["threshold"])
+        self.threshold_source_ = state["threshold_source"]
 
     @classmethod
     def from_active_sets(
@@ -453,7 +443,7 @@ class DOptimalityEstimator:
             sets[symbol] = ActiveSet(rows, inverse, None, 0)
         if len(dims) > 1:
             raise InputError(f"active_sets: elements have different feature dims {sorted(dims)}")
-        est._set_state(sets, dims.pop())
+        est._set_active_sets(sets, dims.pop())
         est.outlier_fences_, est.n_outliers_, est.n_train_atoms_ = {}, {}, {}
         return est
 
@@ -509,14 +499,3 @@ def _element_arrays(
         if element in projections:
             arrays[f"{prefix}{element}/projection"] = projections[element]
     return arrays
-
-
-def read_model_file(path: str | os.PathLike, class_name: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Read an estimator .npz written by ``save``; check it holds a ``class_name``."""
-    arrays = load_npz(path)
-    if "params.json" not in arrays:
-        raise InputError(f"{path}: not an mlipuq D-optimality file (no params.json entry)")
-    meta = json.loads(str(arrays.pop("params.json")))
-    if meta.get("class") != class_name:
-        raise InputError(f"{path}: holds a {meta.get('class')}, expected a {class_name}")
-    return arrays, meta

@@ -1,6 +1,6 @@
 """Ensemble (committee) uncertainty: maximum deviation from the ensemble mean (uq-ace eqs. 1-7).
 
-For K models, configuration j and atom i (METHODS.md section 2):
+For K models, configuration j and atom i (docs/methods.md):
 
 - U_F,atom = max_k |F_i^k - <F_i>|  (vector norm, eV/Å)
 - U_F,cfg  = max over the atoms of j of U_F,atom
@@ -13,13 +13,14 @@ training set, of the uncertainties (default) or of the true errors.
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
 import numpy as np
 
 from mlipuq.atom_table import config_max
+from mlipuq.backends.base import ModelOutputs
 from mlipuq.exceptions import InputError
-from mlipuq.io import read_json, write_json
+from mlipuq.method import UQMethod
 from mlipuq.result import UQResult
 from mlipuq.thresholds import tukey_fence
 from mlipuq.validation import check_array, check_config_index, check_is_fitted
@@ -82,7 +83,7 @@ def energy_error(energies: np.ndarray, ref_energies: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------- estimator
 
 
-class EnsembleEstimator:
+class EnsembleEstimator(UQMethod):
     """Committee uncertainty with Tukey-fence thresholds learned on the training set.
 
     Parameters
@@ -99,12 +100,15 @@ class EnsembleEstimator:
     --------
     >>> rng = np.random.default_rng(0)
     >>> forces = rng.normal(size=(4, 6, 3)); idx = np.repeat([0, 1], 3)
-    >>> est = EnsembleEstimator().fit(forces, None, idx)
-    >>> est.predict(forces, None, idx).atom_uncertainty.shape
+    >>> est = EnsembleEstimator().fit_arrays(forces, None, idx)
+    >>> est.predict_arrays(forces, None, idx).atom_uncertainty.shape
     (6,)
     """
 
-    method = "ensemble"
+    name = "ensemble"
+    requires = ("committee_forces",)
+    min_members = 2
+    errors_from = "committee mean"
 
     def __init__(
         self,
@@ -117,15 +121,29 @@ class EnsembleEstimator:
         self.fence_k = fence_k
         self.energy_per_atom = energy_per_atom
 
-    def get_params(self) -> dict:
-        """Constructor parameters."""
-        return {
-            "threshold_on": self.threshold_on,
-            "fence_k": self.fence_k,
-            "energy_per_atom": self.energy_per_atom,
-        }
+    def fit(self, X: ModelOutputs, store: Any = None) -> EnsembleEstimator:
+        """Learn the fences from the committee's training outputs
+        (``X.committee_forces`` (M, N, 3), optional ``X.committee_energies`` (M, C));
+        ``store`` is not used."""
+        self.check_inputs(X)
+        return self.fit_arrays(X.committee_forces, X.committee_energies, X.config_index)
 
-    def fit(
+    def predict(self, X: ModelOutputs) -> UQResult:
+        """Committee uncertainty of ``X`` (see :meth:`predict_arrays`)."""
+        self.check_inputs(X)
+        return self.predict_arrays(X.committee_forces, X.committee_energies, X.config_index)
+
+    def set_threshold(self, value: float, source: str) -> None:
+        """Use ``value`` (eV/Å) as the atom and configuration force threshold; the
+        energy fence stays the training set's."""
+        check_is_fitted(self, "thresholds_")
+        self.thresholds_["atom_force"] = float(value)
+        self.thresholds_["config_force"] = float(value)
+        self.threshold_ = float(value)
+        self.threshold_source_ = (f"forces: {source}; energy: Tukey fence of the training "
+                                  f"{self.threshold_on}")
+
+    def fit_arrays(
         self,
         forces: np.ndarray,
         energies: np.ndarray | None,
@@ -180,10 +198,11 @@ class EnsembleEstimator:
             if key in values
         }
         self.threshold_source_ = self.threshold_on
+        self.threshold_ = float(self.thresholds_["config_force"])
         self.n_models_ = int(np.shape(forces)[0])
         return self
 
-    def predict(
+    def predict_arrays(
         self,
         forces: np.ndarray,
         energies: np.ndarray | None,
@@ -215,7 +234,7 @@ class EnsembleEstimator:
                 extras["config_energy_uncertainty"] > self.thresholds_["config_energy"]
             )
         return UQResult(
-            method=self.method,
+            method=self.name,
             atom_uncertainty=atom_u,
             config_uncertainty=config_u,
             config_index=index,
@@ -285,28 +304,13 @@ class EnsembleEstimator:
             out["config_energy_error"] = energy_error(energies, ref_energies) / per
         return out
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write parameters and fitted thresholds as JSON (atomic write)."""
+    def _get_state(self) -> tuple[dict, dict[str, np.ndarray]]:
         check_is_fitted(self, "thresholds_")
-        write_json(
-            path,
-            {
-                "class": type(self).__name__,
-                "params": self.get_params(),
-                "thresholds": self.thresholds_,
-                "threshold_source": self.threshold_source_,
-                "n_models": self.n_models_,
-            },
-        )
+        return {"thresholds": self.thresholds_, "threshold_source": self.threshold_source_,
+                "n_models": self.n_models_, "units": {"thresholds": "eV/Å (energy: eV)"}}, {}
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> EnsembleEstimator:
-        """Read an estimator written by :meth:`save`."""
-        payload = read_json(path)
-        if payload.get("class") != cls.__name__:
-            raise InputError(f"{path}: holds a {payload.get('class')}, expected a {cls.__name__}")
-        est = cls(**payload["params"])
-        est.thresholds_ = {k: float(v) for k, v in payload["thresholds"].items()}
-        est.threshold_source_ = payload["threshold_source"]
-        est.n_models_ = int(payload["n_models"])
-        return est
+    def _set_state(self, state: dict, arrays: Any, directory: Any) -> None:
+        self.thresholds_ = {k: float(v) for k, v in state["thresholds"].items()}
+        self.threshold_source_ = state["threshold_source"]
+        self.threshold_ = float(self.thresholds_["config_force"])
+        self.n_models_ = int(state["n_models"])

@@ -49,7 +49,6 @@ out-of-domain score.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import warnings
@@ -59,7 +58,9 @@ from typing import Any
 
 import numpy as np
 
+from mlipuq.backends.base import ModelOutputs
 from mlipuq.exceptions import InputError
+from mlipuq.method import UQMethod
 from mlipuq.result import UQResult
 from mlipuq.validation import (
     as_species,
@@ -72,9 +73,11 @@ from mlipuq.validation import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "mlipuq.ltau"
-FORMAT_VERSION = 2
-"""2: distance-aware transfer, stored calibration and threshold; 1 is read as the plain mean."""
+LEGACY_FORMAT_NAME = "mlipuq.ltau"
+"""Format of LTAU directories written by mlipuq 0.1 (read by :meth:`LTAUEstimator.load`)."""
+
+KNN_DISTANCE = "knn_distance"
+"""Name of LTAU's normalised k-NN distance as an out-of-domain score of its own."""
 ALL_ELEMENTS = "all"
 """Group name of the single index when ``per_element=False``."""
 
@@ -94,7 +97,7 @@ DEFAULT_FPR = 0.05
 """In-domain false-positive rate (per configuration) of the fitted flag threshold."""
 
 
-class LTAUEstimator:
+class LTAUEstimator(UQMethod):
     """LTAU uncertainty from training error distributions and k-NN in descriptor space.
 
     Parameters
@@ -190,6 +193,13 @@ class LTAUEstimator:
     ((4,), {'H': 'flat', 'O': 'flat'})
     """
 
+    name = "ltau"
+    requires = ("descriptors",)
+    needs_store = True
+    calibrates = True
+    derived_names = ("knn_distance",)
+    bounds = (0.0, 1.0)
+
     def __init__(
         self,
         *,
@@ -235,23 +245,28 @@ class LTAUEstimator:
         self.distance_scope = distance_scope
         self.reference_sample = reference_sample
 
-    # ------------------------------------------------------------------ params
-    def get_params(self) -> dict[str, Any]:
-        """Constructor parameters as a dict (scikit-learn style)."""
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return {name: getattr(self, name) for name in names}
-
-    def __repr__(self) -> str:
-        defaults = {
-            name: p.default
-            for name, p in inspect.signature(type(self).__init__).parameters.items()
-            if name != "self"
-        }
-        changed = [f"{n}={v!r}" for n, v in self.get_params().items() if v != defaults[n]]
-        return f"{type(self).__name__}({', '.join(changed)})"
-
     # ------------------------------------------------------------------ fit
-    def fit(
+    def fit(self, X: ModelOutputs, store: Any = None) -> LTAUEstimator:
+        """Fit on the training set's outputs ``X`` and its error trajectories ``store``.
+
+        Parameters
+        ----------
+        X : ModelOutputs
+            ``descriptors`` (N, D), ``species`` (N,), ``config_index`` (N,) of the
+            training atoms, in the store's atom-table order.
+        store : TrajectoryStore, path, ErrorDistributions, ndarray (E, N) or list
+            The per-atom force errors of the training atoms (see :meth:`fit_arrays`).
+
+        Returns
+        -------
+        self
+        """
+        self.check_inputs(X)
+        if store is None:
+            raise InputError("ltau: fit needs the training error trajectories (store)")
+        return self.fit_arrays(store, X.descriptors, X.species, config_index=X.config_index)
+
+    def fit_arrays(
         self,
         errors: Any,
         descriptors: np.ndarray,
@@ -336,6 +351,7 @@ class LTAUEstimator:
         self.scale_ = float(self.scale)
         self.distance_power_ = self._initial_power()
         self.threshold_ = None
+        self.threshold_source_ = None
         self.calibration_ = None
         logger.info("LTAU fitted on %d atoms, indices %s", self.n_train_atoms_, kinds)
         return self
@@ -510,7 +526,19 @@ class LTAUEstimator:
         return norms
 
     # ------------------------------------------------------------------ predict
-    def predict(
+    def predict(self, X: ModelOutputs, **options: Any) -> UQResult:
+        """LTAU uncertainty of the atoms of ``X`` (``descriptors``, ``species``,
+        ``config_index``); ``options`` as in :meth:`predict_arrays`."""
+        self.check_inputs(X)
+        return self.predict_arrays(X.descriptors, X.species, config_index=X.config_index,
+                                   **options)
+
+    def derived_results(self, result: UQResult) -> dict[str, UQResult]:
+        """The normalised k-NN distance z as a score of its own (``"knn_distance"``)."""
+        distance = distance_result(result)
+        return {} if distance is None else {KNN_DISTANCE: distance}
+
+    def predict_arrays(
         self,
         descriptors: np.ndarray,
         species: Sequence[str] | np.ndarray,
@@ -720,6 +748,20 @@ class LTAUEstimator:
         return n_train
 
     def calibrate(
+        self, X: ModelOutputs, force_errors: np.ndarray | None = None, *,
+        fpr: float = DEFAULT_FPR, source: str = "in-domain held-out data",
+    ) -> LTAUEstimator:
+        """Fit s, beta and the threshold on held-out in-domain outputs ``X`` with their
+        force-error norms (eV/Å, shape (N,)); see :meth:`calibrate_arrays`."""
+        self.check_inputs(X)
+        if force_errors is None:
+            raise InputError("ltau: calibrate needs the force errors of the calibration atoms")
+        self.calibrate_arrays(X.descriptors, X.species, force_errors,
+                              config_index=X.config_index, fpr=fpr)
+        self.threshold_source_ = f"FPR {fpr:g} on {source}"
+        return self
+
+    def calibrate_arrays(
         self,
         descriptors: np.ndarray,
         species: Sequence[str] | np.ndarray,
@@ -869,6 +911,7 @@ class LTAUEstimator:
         other.scale_ = float(self.scale)
         other.distance_power_ = self._initial_power()
         other.threshold_ = None
+        other.threshold_source_ = None
         other.calibration_ = None
         other._reset_caches()
         return other
@@ -921,16 +964,14 @@ class LTAUEstimator:
         return p
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory: str | os.PathLike) -> None:
-        """Save to ``directory``: ``ltau.npz``, one ``index_<group>.faiss`` per index and
-        ``estimator.json`` (written last, it marks the directory complete)."""
-        from mlipuq import __version__
-        from mlipuq.io import save_npz, write_json
-        from mlipuq.knn_index import save_index
+    @classmethod
+    def _params_from_json(cls, params: dict) -> dict:
+        if params.get("window") is not None:
+            params["window"] = tuple(params["window"])
+        return params
 
+    def _get_state(self) -> tuple[dict, dict[str, np.ndarray]]:
         check_is_fitted(self, "indices_")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         dists = self.distributions_
         arrays = {
             "bin_edges": np.asarray(dists.bin_edges),
@@ -943,82 +984,56 @@ class LTAUEstimator:
         groups = []
         for number, (name, rows) in enumerate(self.group_rows_.items()):
             arrays[f"rows_{number}"] = rows
-            filename = f"index_{name}.faiss"
-            save_index(self.indices_[name], directory / filename)
-            groups.append(
-                {"name": name, "kind": self.index_kinds_[name], "file": filename,
-                 "n_rows": len(rows), "rows_key": f"rows_{number}"}
-            )
-        save_npz(directory / "ltau.npz", **arrays)
-        params = self.get_params()
-        params["window"] = None if self.window is None else list(self.window)
-        write_json(
-            directory / "estimator.json",
-            {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "mlipuq_version": __version__,
-                "params": params,
-                "atol": self.atol_,
-                "n_features": self.n_features_in_,
-                "n_train_atoms": self.n_train_atoms_,
-                "groups": groups,
-                "reference_distance": {
-                    name: _json_float(value) for name, value in self.reference_distance_.items()
-                },
-                "scale": self.scale_,
-                "distance_power": self.distance_power_,
-                "threshold": self.threshold_,
-                "calibration": self.calibration_,
-                "units": {"atol": "eV/Å", "bin_edges": "eV/Å",
-                          "reference_distance": "descriptor units"},
+            groups.append({"name": name, "kind": self.index_kinds_[name],
+                           "file": f"index_{name}.faiss", "n_rows": len(rows),
+                           "rows_key": f"rows_{number}"})
+        state = {
+            "atol": self.atol_,
+            "n_features": self.n_features_in_,
+            "n_train_atoms": self.n_train_atoms_,
+            "groups": groups,
+            "reference_distance": {
+                name: _json_float(value) for name, value in self.reference_distance_.items()
             },
-        )
+            "scale": self.scale_,
+            "distance_power": self.distance_power_,
+            "threshold": self.threshold_,
+            "threshold_source": self.__dict__.get("threshold_source_"),
+            "calibration": self.calibration_,
+            "units": {"atol": "eV/Å", "bin_edges": "eV/Å",
+                      "reference_distance": "descriptor units"},
+        }
+        return state, arrays
 
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> LTAUEstimator:
-        """Load an estimator written by :meth:`save`.
+    def _write_files(self, directory: Path) -> list[str]:
+        from mlipuq.knn_index import save_index
 
-        Raises
-        ------
-        InputError
-            Not an LTAU estimator directory, unknown format version, or files that do
-            not agree with ``estimator.json``.
-        """
+        files = []
+        for name, index in self.indices_.items():
+            save_index(index, directory / f"index_{name}.faiss")
+            files.append(f"index_{name}.faiss")
+        return files
+
+    def _set_state(self, state: dict, arrays: Any, directory: Path) -> None:
         from mlipuq.distributions import ErrorDistributions
-        from mlipuq.io import load_npz, read_header
         from mlipuq.knn_index import load_index
 
-        directory = Path(directory)
-        meta = read_header(
-            directory / "estimator.json",
-            what="LTAU estimator",
-            format_name=FORMAT_NAME,
-            format_version=(1, FORMAT_VERSION),
-        )
-        params = dict(meta["params"])
-        if meta["format_version"] == 1:  # written before the distance-aware transfer
-            params["transfer"] = "mean"
-        if params.get("window") is not None:
-            params["window"] = tuple(params["window"])
-        estimator = cls(**params)
-        arrays = load_npz(directory / "ltau.npz")
-        n_atoms, n_features = int(meta["n_train_atoms"]), int(meta["n_features"])
+        n_atoms, n_features = int(state["n_train_atoms"]), int(state["n_features"])
         if arrays["mass"].shape[0] != n_atoms or len(arrays["species"]) != n_atoms:
             raise InputError(
-                f"{directory}: ltau.npz has {arrays['mass'].shape[0]} atoms, "
-                f"estimator.json says {n_atoms}"
+                f"{directory}: the arrays hold {arrays['mass'].shape[0]} atoms, "
+                f"the header says {n_atoms}"
             )
-        estimator.distributions_ = ErrorDistributions(
+        self.distributions_ = ErrorDistributions(
             bin_edges=arrays["bin_edges"], mass=arrays["mass"], n_samples=arrays["n_samples"]
         )
-        estimator.species_ = arrays["species"].astype(str)
-        estimator.force_norm_ = arrays.get("force_norm")
-        estimator.atol_ = float(meta["atol"])
-        estimator.n_features_in_ = n_features
-        estimator.n_train_atoms_ = n_atoms
-        estimator.group_rows_, estimator.indices_, estimator.index_kinds_ = {}, {}, {}
-        for group in meta["groups"]:
+        self.species_ = arrays["species"].astype(str)
+        self.force_norm_ = arrays.get("force_norm")
+        self.atol_ = float(state["atol"])
+        self.n_features_in_ = n_features
+        self.n_train_atoms_ = n_atoms
+        self.group_rows_, self.indices_, self.index_kinds_ = {}, {}, {}
+        for group in state["groups"]:
             name = group["name"]
             index = load_index(directory / group["file"])
             rows = arrays[group["rows_key"]]
@@ -1027,24 +1042,52 @@ class LTAUEstimator:
                     f"{directory / group['file']}: index holds {index.ntotal} x {index.d}, "
                     f"expected {len(rows)} x {n_features}"
                 )
-            estimator.group_rows_[name] = rows.astype(np.int64)
-            estimator.indices_[name] = index
-            estimator.index_kinds_[name] = group["kind"]
-        estimator._reset_caches()
-        estimator.reference_distance_ = {
+            self.group_rows_[name] = rows.astype(np.int64)
+            self.indices_[name] = index
+            self.index_kinds_[name] = group["kind"]
+        self._reset_caches()
+        self.reference_distance_ = {
             name: np.nan if value is None else float(value)
-            for name, value in meta.get("reference_distance", {}).items()
+            for name, value in state.get("reference_distance", {}).items()
         }
-        estimator.scale_ = float(meta.get("scale", estimator.scale))
-        power = meta.get("distance_power")
-        estimator.distance_power_ = (estimator._initial_power() if power is None
-                                     else float(power))
-        threshold = meta.get("threshold")
-        estimator.threshold_ = None if threshold is None else float(threshold)
-        estimator.calibration_ = meta.get("calibration")
-        estimator._expected_train = np.asarray(
-            estimator.distributions_.expected_error(), dtype=np.float64
-        )
+        self.scale_ = float(state.get("scale", self.scale))
+        power = state.get("distance_power")
+        self.distance_power_ = self._initial_power() if power is None else float(power)
+        threshold = state.get("threshold")
+        self.threshold_ = None if threshold is None else float(threshold)
+        self.threshold_source_ = state.get("threshold_source")
+        self.calibration_ = state.get("calibration")
+        self._expected_train = np.asarray(self.distributions_.expected_error(),
+                                          dtype=np.float64)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> LTAUEstimator:
+        """Load an estimator written by :meth:`save` (or by mlipuq 0.1: ``mlipuq.ltau``
+        format 1 or 2, read as it was).
+
+        Raises
+        ------
+        InputError
+            Not an LTAU estimator directory, unknown format version, or files that do
+            not agree with the header.
+        """
+        from mlipuq.io import load_npz, read_json
+
+        directory = Path(directory)
+        header_file = directory / "estimator.json"
+        header = read_json(header_file) if header_file.is_file() else {}
+        if header.get("format") != LEGACY_FORMAT_NAME:
+            return super().load(directory)
+        from mlipuq.io import read_header
+
+        meta = read_header(header_file, what="LTAU estimator", format_name=LEGACY_FORMAT_NAME,
+                           format_version=(1, 2))
+        params = cls._params_from_json(dict(meta["params"]))
+        if meta["format_version"] == 1:  # written before the distance-aware transfer
+            params["transfer"] = "mean"
+        estimator = cls(**params)
+        estimator._set_state(meta, load_npz(directory / "ltau.npz"), directory)
+        estimator.provenance_ = None
         return estimator
 
 
@@ -1131,5 +1174,27 @@ def _result(
         threshold=None if threshold is None else float(threshold),
         unit="",
         config_aggregate=CONFIG_AGGREGATE,
+        bounds=(0.0, 1.0),
         extras=extras,
+    )
+
+
+def distance_result(ltau_result: UQResult) -> UQResult | None:
+    """LTAU's normalised k-NN distance z as a result of its own (an out-of-domain score).
+
+    Atom uncertainty z (1 = a typical training atom's distance to its neighbours),
+    configuration uncertainty the mean z over the atoms. None when some atom has no z
+    (an element with a single training atom, or an estimator without reference
+    distances).
+    """
+    from mlipuq.atom_table import config_mean
+
+    z = np.asarray(ltau_result.extras["knn_distance_normalised"], dtype=float)
+    if not np.all(np.isfinite(z)):
+        return None
+    configs = ltau_result.config_index
+    return UQResult(
+        method=KNN_DISTANCE, atom_uncertainty=z, config_index=configs,
+        config_uncertainty=None if configs is None else config_mean(z, configs),
+        unit="", config_aggregate="mean", bounds=(0.0, None),
     )

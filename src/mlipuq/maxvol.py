@@ -9,35 +9,48 @@ gamma = max_j |(x A^{-1})_j|: gamma <= 1 interpolation, > 1 extrapolation.
 
 Algorithm
 ---------
-1. Numerical rank. The rows are reduced to their numerical rank r first: the
-   columns are scaled by their root-mean-square, an R factor is accumulated
-   chunk by chunk (TSQR, memory O(batch x D)), and the singular values of R
-   (= those of the scaled X) are compared with ``rank_rtol`` times the largest.
-   If r < D (fewer rows than features, duplicated or constant-zero columns,
-   linear dependencies), the features are projected onto the top-r right
-   singular vectors, the projection (D, r) is returned and a warning is issued.
-   Components of a new atom outside the span of the training rows are then
-   invisible to gamma (they were never seen, so they cannot be graded).
-   When r = D, no projection is used: the grade is exactly pacemaker's.
-2. Start. LU with partial pivoting (LAPACK getrf) of the (n, r) matrix picks r
-   rows; if its pivots reveal a (numerically) singular start, QR with column
-   pivoting of the transposed matrix is used instead.
+1. Scaling. The columns are divided by their root-mean-square (MaxVol's choice is
+   invariant under X -> X S for an invertible S; the scaling only improves the
+   conditioning of A).
+2. Start. LU with partial pivoting (LAPACK getrf) of the scaled (n, D) matrix
+   picks D rows (pacemaker's start).
 3. Swaps. C = X A^{-1}; while max |C_pq| > tol, row p replaces slot q and C is
-   updated with one rank-1 update (BLAS ger, O(n r) per swap). Each swap
-   multiplies |det A| by |C_pq| > tol, so the loop terminates. C is recomputed
-   from scratch at the end and the loop resumes if rounding let a coefficient
-   drift above ``tol``.
-4. Batch mode (``batch_size``): rows are visited in chunks; MaxVol runs on
+   updated with one rank-1 update (BLAS ger, O(n D) per swap), fused chunk by
+   chunk with the search for the next max |C_pq| so that each swap reads and
+   writes C once. Each swap multiplies |det A| by |C_pq| > tol, so the loop
+   terminates. At the end max |x A^{-1}| is recomputed from scratch over all rows
+   (chunked) and the loop resumes if rounding let a coefficient drift above ``tol``.
+4. Numerical rank. The result is accepted without a separate rank computation
+   when the final active set certifies full rank: X_s = C A_s with C holding the
+   identity in the active rows, so sigma_min(X_s) >= sigma_min(A_s), while
+   sigma_max(X_s) <= ||X_s||_F; sigma_min(A_s) > ``rank_rtol`` ||X_s||_F thus
+   implies the rank criterion below (a (D, D) SVD instead of a pass over X).
+   Otherwise (or when the LU start is singular) the rank is computed: an R factor
+   of the scaled X is accumulated chunk by chunk (TSQR, memory O(chunk x D)) and
+   its singular values (= those of the scaled X) are compared with ``rank_rtol``
+   times the largest. If r < D (fewer rows than features, duplicated or
+   constant-zero columns, linear dependencies), the features are projected onto
+   the top-r right singular vectors, the projection (D, r) is returned, a warning
+   is issued and steps 2-3 run on the projected rows (with a QR-with-column-
+   pivoting start when LU misses the rank). Components of a new atom outside the
+   span of the training rows are then invisible to gamma (they were never seen,
+   so they cannot be graded). When r = D, no projection is used: the grade is
+   exactly pacemaker's.
+5. Batch mode (``batch_size``): rows are visited in chunks; MaxVol runs on
    [current active rows + chunk], starting from the current active rows (so the
    volume never decreases). A refinement pass then computes gamma over all rows
    chunk by chunk and re-runs MaxVol on [active rows + the worst rows above
    ``tol``] until no row exceeds ``tol`` (pacemaker's ``compute_active_set_by_batches``
    does the same in two stages). Peak memory is O(batch_size x D) on top of X.
+   The result is a dominant set of all n rows (every gamma <= tol), like the
+   single pass, but a different local maximum: its |det| is within a factor of a
+   few of the single pass's, on either side (docs/benchmarks_doptimality.md).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +64,12 @@ _ROUNDING = 1e-12
 
 DEFAULT_BATCH_SIZE = 8192
 """Rows per chunk in :func:`extrapolation_grade` (an 8192 x 64 float64 chunk is 4 MiB)."""
+
+_CHUNK_ELEMENTS = 1 << 17
+"""Floats per chunk of the swap loop's fused update + search (1 MiB: stays in cache)."""
+
+_RANK_CHUNK_ROWS = 2048
+"""Rows per TSQR step of the rank computation (small panels factor fastest)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +123,8 @@ def maxvol(
         Cap on the number of swaps (default: none; the loop always terminates).
     batch_size : int, optional
         Process rows in chunks of this many rows (memory-bounded mode for large n).
+        Its active set is dominant for all rows as well, but a different local
+        maximum than the single pass's (see the module docstring).
     rank_rtol : float
         Singular values below ``rank_rtol`` times the largest (after column RMS
         scaling) count as zero.
@@ -126,23 +147,35 @@ def maxvol(
     if batch_size is not None and batch_size < 1:
         raise InputError(f"batch_size: expected a positive integer, got {batch_size}")
     n_rows, n_features = matrix.shape
-    projection, rank, scale = _rank_projection(matrix, rank_rtol, batch_size)
-    if rank == 0:
-        raise InputError("features: all rows are zero (numerical rank 0), no active set possible")
-    if projection is not None and warn:
-        warnings.warn(
-            f"features: numerical rank {rank} < {n_features} features ({n_rows} rows); "
-            f"MaxVol runs on the top-{rank} singular directions (projection stored)",
-            stacklevel=2,
-        )
-    reduced = _Reduced(matrix, projection, scale)
     budget = np.inf if max_iters is None else int(max_iters)
     user_tol, tol = tol, tol * (1.0 + _ROUNDING)
-    if batch_size is None or n_rows <= batch_size:
-        rows, swaps, coef = _maxvol_dense(reduced.rows(slice(None)), None, tol, budget)
-        converged = coef <= tol
+    batched = batch_size is not None and n_rows > batch_size
+    scale, frobenius = _column_stats(matrix)
+    found = None
+    if n_rows >= n_features:  # optimistic: full column rank, certified afterwards
+        found = _maxvol_full_rank(matrix, scale, tol, budget, batch_size if batched else None)
+    if found is not None and _certified_full_rank(matrix[found[0]] / scale, rank_rtol * frobenius):
+        projection, rank = None, n_features
     else:
-        rows, swaps, coef, converged = _maxvol_batched(reduced, tol, budget, batch_size)
+        projection, rank = _rank_projection(matrix, scale, rank_rtol)
+        if rank == 0:
+            raise InputError(
+                "features: all rows are zero (numerical rank 0), no active set possible"
+            )
+        if projection is not None and warn:
+            warnings.warn(
+                f"features: numerical rank {rank} < {n_features} features ({n_rows} rows); "
+                f"MaxVol runs on the top-{rank} singular directions (projection stored)",
+                stacklevel=2,
+            )
+        if projection is not None or found is None:
+            reduced = _Reduced(matrix, projection, scale)
+            if batched:
+                found = _maxvol_batched(reduced, tol, budget, batch_size)
+            else:
+                rows, swaps, coef = _maxvol_dense(reduced.rows(slice(None)), None, tol, budget)
+                found = rows, swaps, coef, coef <= tol
+    rows, swaps, coef, converged = found
     if not converged:
         warnings.warn(
             f"MaxVol stopped after max_iters={max_iters} swaps with a coefficient {coef:.4g} > "
@@ -192,9 +225,17 @@ def active_set_inverse(active_set: np.ndarray, projection: np.ndarray | None = N
 
 
 def extrapolation_grade(
-    features: np.ndarray, active_inverse: np.ndarray, *, batch_size: int = DEFAULT_BATCH_SIZE
+    features: np.ndarray,
+    active_inverse: np.ndarray,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Extrapolation grade gamma_i = max_j |(x_i A^{-1})_j|, computed chunk by chunk.
+
+    One GEMM per chunk of rows into a reused buffer, then |.| and the row maximum
+    in place: no (n, r) temporary, and no validation beyond the shape check (the
+    callers validate at their boundary).
 
     Parameters
     ----------
@@ -202,17 +243,22 @@ def extrapolation_grade(
     active_inverse : ndarray of float, shape (D, r)
         From :func:`active_set_inverse` (or pacemaker's pinv of the active set).
     batch_size : int
-        Rows per chunk (bounds the temporary memory to batch_size x r floats).
+        Rows per chunk (bounds the temporary memory to batch_size x (D + r) floats).
+    rows : ndarray of int, shape (m,), optional
+        Grade only these rows of ``features`` (gathered chunk by chunk, without
+        copying ``features[rows]`` as a whole).
 
     Returns
     -------
-    ndarray of float, shape (n,)
+    ndarray of float, shape (n,), or (m,) with ``rows``
         Unitless; <= tol for every row of the set the active set was built on.
 
     Examples
     --------
     >>> extrapolation_grade(np.array([[2.0, 0.5]]), np.eye(2)).tolist()
     [2.0]
+    >>> extrapolation_grade(np.array([[2.0, 0.5], [0.0, 3.0]]), np.eye(2), rows=[1]).tolist()
+    [3.0]
     """
     features = np.asarray(features, dtype=np.float64)
     active_inverse = np.asarray(active_inverse, dtype=np.float64)
@@ -220,17 +266,127 @@ def extrapolation_grade(
         raise InputError(
             f"features: expected shape (n, {active_inverse.shape[0]}), got {features.shape}"
         )
-    n_rows = features.shape[0]
-    gamma = np.empty(n_rows)
-    step = max(1, int(batch_size))
-    buffer = np.empty((min(step, n_rows), active_inverse.shape[1]))
-    for start in range(0, n_rows, step):
-        stop = min(start + step, n_rows)
-        out = buffer[: stop - start]
-        np.matmul(features[start:stop], active_inverse, out=out)
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.intp)
+    n_out = features.shape[0] if rows is None else rows.shape[0]
+    gamma = np.empty(n_out)
+    _grade_into(features, active_inverse, rows, gamma, max(1, int(batch_size)))
+    return gamma
+
+
+def extrapolation_grade_by_group(
+    features: np.ndarray,
+    groups: np.ndarray,
+    inverses: Mapping[object, np.ndarray],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> np.ndarray:
+    """gamma_i = max_j |(x_i B_{g_i})_j|, each row graded with the inverse of its group.
+
+    The per-element grade of :class:`~mlipuq.doptimality.DOptimalityEstimator` in
+    one call: a single group is graded in place; several groups are gathered chunk
+    by chunk (no ``features[mask]`` copies).
+
+    Parameters
+    ----------
+    features : ndarray of float, shape (n, D)
+    groups : ndarray, shape (n,)
+        Group label of each row (e.g. chemical symbols).
+    inverses : mapping of label -> ndarray of float, shape (D, r_label)
+        Active-set inverse of each label present in ``groups``.
+    batch_size : int
+        Rows per chunk.
+
+    Returns
+    -------
+    ndarray of float, shape (n,)
+
+    Raises
+    ------
+    InputError
+        If a label of ``groups`` has no entry in ``inverses``, or the shapes disagree.
+
+    Examples
+    --------
+    >>> x = np.array([[2.0, 0.5], [0.0, 3.0], [1.0, 1.0]])
+    >>> inv = {"H": np.eye(2), "O": 0.5 * np.eye(2)}
+    >>> extrapolation_grade_by_group(x, np.array(["H", "O", "H"]), inv).tolist()
+    [2.0, 1.5, 1.0]
+    """
+    groups = np.asarray(groups)
+    if groups.shape != (len(features),):
+        raise InputError(f"groups: expected shape ({len(features)},), got {groups.shape}")
+    members = _group_rows(groups)
+    missing = sorted(str(label) for label, _ in members if label not in inverses)
+    if missing:
+        raise InputError(f"groups: label(s) {missing} have no inverse (known: {list(inverses)})")
+    if len(members) == 1:
+        return extrapolation_grade(features, inverses[members[0][0]], batch_size=batch_size)
+    features = np.asarray(features, dtype=np.float64)
+    gamma = np.empty(len(groups))
+    for label, index in members:
+        gamma[index] = extrapolation_grade(
+            features, inverses[label], batch_size=batch_size, rows=index
+        )
+    return gamma
+
+
+def _group_rows(groups: np.ndarray) -> list[tuple[object, np.ndarray]]:
+    """(label, row indices) for each distinct label of ``groups``, in order of first appearance.
+
+    One vectorised comparison per label (O(n K) for K labels, no sort): faster than
+    ``np.unique`` for the few elements of a chemical system.
+    """
+    if groups.size == 0:
+        return []
+    first = groups[0]
+    hit = groups == first
+    if hit.all():
+        return [(_python_scalar(first), np.arange(groups.size))]
+    members = [(_python_scalar(first), np.flatnonzero(hit))]
+    remaining = np.flatnonzero(~hit)
+    while remaining.size:
+        label = groups[remaining[0]]
+        hit = groups[remaining] == label
+        members.append((_python_scalar(label), remaining[hit]))
+        remaining = remaining[~hit]
+    return members
+
+
+def _python_scalar(value: object) -> object:
+    """``value.item()`` for numpy scalars (np.str_ -> str, np.int64 -> int), else ``value``."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _grade_into(
+    features: np.ndarray,
+    inverse: np.ndarray,
+    rows: np.ndarray | None,
+    gamma: np.ndarray,
+    step: int,
+) -> None:
+    """gamma[k] = max_j |(features[rows[k]] @ inverse)_j| (all rows when ``rows`` is None)."""
+    n_out = gamma.shape[0]
+    if n_out == 0:
+        return
+    width = inverse.shape[1]
+    if width == 0:
+        gamma.fill(0.0)
+        return
+    step = min(step, n_out)
+    product = np.empty((step, width))
+    gathered = None if rows is None else np.empty((step, features.shape[1]))
+    for start in range(0, n_out, step):
+        stop = min(start + step, n_out)
+        if rows is None:
+            block = features[start:stop]
+        else:
+            block = gathered[: stop - start]
+            np.take(features, rows[start:stop], axis=0, out=block)
+        out = product[: stop - start]
+        np.matmul(block, inverse, out=out)
         np.abs(out, out=out)
         out.max(axis=1, out=gamma[start:stop])
-    return gamma
 
 
 # --------------------------------------------------------------------------- rank
@@ -243,29 +399,46 @@ def _column_scale(matrix: np.ndarray) -> np.ndarray:
     return rms
 
 
-def _rank_projection(
-    matrix: np.ndarray, rank_rtol: float, batch_size: int | None
-) -> tuple[np.ndarray | None, int, np.ndarray]:
-    """Numerical rank of the column-scaled matrix, a (D, r) projection if deficient, the scale."""
+def _column_stats(matrix: np.ndarray, step: int = 65536) -> tuple[np.ndarray, float]:
+    """Column RMS (1 for all-zero columns) and the Frobenius norm of the scaled matrix."""
     n_rows, n_features = matrix.shape
-    step = batch_size or max(65536, 4 * n_features)
     sumsq = np.zeros(n_features)
     for start in range(0, n_rows, step):
         chunk = matrix[start : start + step]
         sumsq += np.einsum("ij,ij->j", chunk, chunk)
     scale = np.sqrt(sumsq / n_rows)
     scale[scale == 0] = 1.0
+    return scale, float(np.sqrt(np.sum(sumsq / scale**2)))
+
+
+def _certified_full_rank(active_scaled: np.ndarray, threshold: float) -> bool:
+    """True if sigma_min of the (D, D) scaled active rows exceeds ``threshold``.
+
+    With X_s = C A_s (C = X_s A_s^{-1} contains the identity, so sigma_min(C) >= 1),
+    sigma_min(X_s) >= sigma_min(A_s); with ``threshold`` = rank_rtol ||X_s||_F >=
+    rank_rtol sigma_max(X_s) this implies numerical rank D.
+    """
+    singular = np.linalg.svd(active_scaled, compute_uv=False)
+    return bool(singular.size and singular[-1] > threshold)
+
+
+def _rank_projection(
+    matrix: np.ndarray, scale: np.ndarray, rank_rtol: float
+) -> tuple[np.ndarray | None, int]:
+    """Numerical rank r of the column-scaled matrix and a (D, r) projection if r < D."""
+    n_rows, n_features = matrix.shape
+    step = max(_RANK_CHUNK_ROWS, 4 * n_features)
     r_factor = np.zeros((0, n_features))
     for start in range(0, n_rows, step):
         stacked = np.vstack([r_factor, matrix[start : start + step] / scale])
         r_factor = np.linalg.qr(stacked, mode="r")
     _, singular, vt = np.linalg.svd(r_factor, full_matrices=False)
     if singular.size == 0 or singular[0] == 0:
-        return None, 0, scale
+        return None, 0
     rank = int(np.count_nonzero(singular > rank_rtol * singular[0]))
     if rank == n_features:
-        return None, rank, scale
-    return vt[:rank].T / scale[:, None], rank, scale
+        return None, rank
+    return vt[:rank].T / scale[:, None], rank
 
 
 class _Reduced:
@@ -295,17 +468,62 @@ class _Reduced:
 # --------------------------------------------------------------------------- dense MaxVol
 
 
-def _initial_rows(block: np.ndarray, rtol: float = 1e-12) -> tuple[np.ndarray, int]:
-    """Pivoted choice of r rows of an (m, r) block; returns (rows, numerical rank of the choice)."""
+def _maxvol_full_rank(
+    matrix: np.ndarray,
+    scale: np.ndarray,
+    tol: float,
+    budget: float,
+    batch_size: int | None,
+) -> tuple[np.ndarray, int, float, bool] | None:
+    """MaxVol on ``matrix / scale`` assuming full column rank; None if the start is singular."""
+    if batch_size is not None:
+        return _maxvol_batched(
+            _Reduced(matrix, None, scale), tol, budget, batch_size, dense_fallback=False
+        )
+    start = _lu_rows(matrix, scale)
+    if start is None:
+        return None
+    try:
+        rows, swaps, coef = _maxvol_dense(matrix, start, tol, budget, scale)
+    except np.linalg.LinAlgError:
+        return None
+    return rows, swaps, coef, coef <= tol
+
+
+def _lu_rows(
+    block: np.ndarray, scale: np.ndarray | None = None, rtol: float = 1e-12
+) -> np.ndarray | None:
+    """Rows picked by LU with partial pivoting of ``block / scale``, or None if singular."""
+    rows, singular, _ = _lu_factor_rows(block, scale, rtol)
+    return None if singular else rows
+
+
+def _lu_factor_rows(
+    block: np.ndarray, scale: np.ndarray | None, rtol: float
+) -> tuple[np.ndarray, bool, np.ndarray]:
+    """(first r pivot rows, whether |diag U| reveals a singular start, |diag U|)."""
     n_cols = block.shape[1]
-    getrf = get_lapack_funcs("getrf", (block,))
-    lu, piv, _ = getrf(np.array(block, order="F"), overwrite_a=True)
+    work = np.empty(block.shape, order="F")
+    if scale is None:
+        work[...] = block
+    else:
+        np.divide(block, scale, out=work)
+    getrf = get_lapack_funcs("getrf", (work,))
+    lu, piv, _ = getrf(work, overwrite_a=True)
     order = np.arange(block.shape[0])
     for k, p in enumerate(piv[:n_cols]):
         order[k], order[p] = order[p], order[k]
     diag = np.abs(np.diag(lu[:n_cols, :n_cols]))
-    if diag.min() > rtol * max(diag.max(), 1e-300):
-        return order[:n_cols], n_cols
+    singular = not diag.min() > rtol * max(diag.max(), 1e-300)
+    return order[:n_cols], singular, diag
+
+
+def _initial_rows(block: np.ndarray, rtol: float = 1e-12) -> tuple[np.ndarray, int]:
+    """Pivoted choice of r rows of an (m, r) block; returns (rows, numerical rank of the choice)."""
+    n_cols = block.shape[1]
+    rows, singular, _ = _lu_factor_rows(block, None, rtol)
+    if not singular:
+        return rows, n_cols
     # LU partial pivoting may miss the rank: QR with column pivoting on the transpose reveals it.
     r_factor, pivots = qr(block.T, mode="r", pivoting=True)
     r_diag = np.abs(np.diag(r_factor))
@@ -313,55 +531,118 @@ def _initial_rows(block: np.ndarray, rtol: float = 1e-12) -> tuple[np.ndarray, i
     return pivots[:n_cols], rank
 
 
-def _coefficients(block: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """C = block @ inv(block[rows]), shape (m, r), C-contiguous (one GEMM)."""
-    return np.ascontiguousarray(block @ np.linalg.inv(block[rows]))
+def _scaled_inverse(block: np.ndarray, rows: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """B with block @ B = (block / scale) @ inv(block[rows] / scale), shape (r, r)."""
+    if scale is None:
+        return np.linalg.inv(block[rows])
+    return np.linalg.inv(block[rows] / scale) / scale[:, None]
+
+
+def _max_abs_product(block: np.ndarray, inverse: np.ndarray) -> float:
+    """max |block @ inverse| over all entries, chunk by chunk (no (m, r) temporary)."""
+    gamma = np.empty(block.shape[0])
+    _grade_into(block, inverse, None, gamma, max(1, _CHUNK_ELEMENTS // inverse.shape[1]))
+    return float(gamma.max())
+
+
+def _abs_argmax(coef: np.ndarray, buffer: np.ndarray) -> tuple[float, int]:
+    """(max |coef|, flat index of its first occurrence), chunk by chunk through ``buffer``."""
+    step = buffer.shape[0]
+    best, where = -1.0, 0
+    for start in range(0, coef.shape[0], step):
+        block = coef[start : start + step]
+        out = buffer[: block.shape[0]]
+        np.abs(block, out=out)
+        flat = int(out.argmax())
+        value = float(out.reshape(-1)[flat])
+        if value > best:
+            best, where = value, start * coef.shape[1] + flat
+    return best, where
+
+
+def _swap_rows(
+    coef: np.ndarray, rows: np.ndarray, tol: float, budget: float, swaps: int
+) -> tuple[int, float]:
+    """Swap rows into the active set while max |coef| > tol; updates ``coef`` and ``rows``.
+
+    Each swap's rank-1 update (BLAS ger on ``coef.T``, in place) and the search for
+    the next largest |coefficient| run chunk by chunk, so ``coef`` is read and
+    written once per swap. Returns (swaps, max |coefficient|).
+    """
+    n_cols = coef.shape[1]
+    step = max(1, min(coef.shape[0], _CHUNK_ELEMENTS // n_cols))
+    buffer = np.empty((step, n_cols))
+    ger = get_blas_funcs("ger", (coef,))
+    value, flat = _abs_argmax(coef, buffer)
+    while value > tol and swaps < budget:
+        p, q = divmod(flat, n_cols)
+        rows[q] = p
+        alpha = -1.0 / coef[p, q]
+        row = coef[p].copy()
+        row[q] -= 1.0
+        value, flat = -1.0, 0
+        for start in range(0, coef.shape[0], step):
+            block = coef[start : start + step]
+            column = block[:, q].copy()  # this chunk's part of column q, before its update
+            # block.T is Fortran-contiguous (r, m): block -= column (x) row / pivot in place
+            ger(alpha, row, column, a=block.T, overwrite_a=True)
+            out = buffer[: block.shape[0]]
+            np.abs(block, out=out)
+            local = int(out.argmax())
+            found = float(out.reshape(-1)[local])
+            if found > value:
+                value, flat = found, start * n_cols + local
+        swaps += 1
+    return swaps, value
 
 
 def _maxvol_dense(
-    block: np.ndarray, start: np.ndarray | None, tol: float, budget: float
+    block: np.ndarray,
+    start: np.ndarray | None,
+    tol: float,
+    budget: float,
+    scale: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int, float]:
-    """MaxVol on an (m, r) block of full column rank. Returns (rows, swaps, max |coefficient|)."""
+    """MaxVol on the (m, r) matrix ``block / scale`` of full column rank.
+
+    Returns (rows, swaps, max |coefficient|).
+    """
     m_rows, n_cols = block.shape
     if m_rows <= n_cols:
         return np.arange(m_rows), 0, 1.0
     if start is None:
-        start, _ = _initial_rows(block)
+        start, _ = _initial_rows(block if scale is None else block / scale)
     rows = np.array(start, dtype=np.int64)
     swaps = 0
+    value = np.inf
     for _ in range(8):  # fresh restarts guard against drift of the rank-1 updates
-        coef = _coefficients(block, rows)
-        abs_buffer = np.empty_like(coef)
-        ger = get_blas_funcs("ger", (coef,))
-        np.abs(coef, out=abs_buffer)
-        p, q = divmod(int(abs_buffer.argmax()), n_cols)
-        first = abs(coef[p, q])
-        if first <= tol:
-            return rows, swaps, float(first)
-        while abs(coef[p, q]) > tol and swaps < budget:
-            rows[q] = p
-            pivot = coef[p, q]
-            row = coef[p].copy()
-            row[q] -= 1.0
-            column = coef[:, q].copy()
-            # coef.T is Fortran-contiguous (r, m): in-place update coef -= column (x) row / pivot
-            ger(-1.0 / pivot, row, column, a=coef.T, overwrite_a=True)
-            swaps += 1
-            np.abs(coef, out=abs_buffer)
-            p, q = divmod(int(abs_buffer.argmax()), n_cols)
-        if swaps >= budget:
-            return rows, swaps, float(abs(coef[p, q]))
-    coef = _coefficients(block, rows)
-    return rows, swaps, float(np.abs(coef).max())
+        coef = np.ascontiguousarray(block @ _scaled_inverse(block, rows, scale))
+        before = swaps
+        swaps, value = _swap_rows(coef, rows, tol, budget, swaps)
+        del coef
+        if swaps == before or swaps >= budget:
+            return rows, swaps, value
+        value = _max_abs_product(block, _scaled_inverse(block, rows, scale))
+        if value <= tol:
+            return rows, swaps, value
+    return rows, swaps, value
 
 
 # --------------------------------------------------------------------------- batch MaxVol
 
 
 def _maxvol_batched(
-    reduced: _Reduced, tol: float, budget: float, batch_size: int
-) -> tuple[np.ndarray, int, float, bool]:
-    """Chunked MaxVol: cumulative pass over chunks, then refinement until all gamma <= tol."""
+    reduced: _Reduced,
+    tol: float,
+    budget: float,
+    batch_size: int,
+    *,
+    dense_fallback: bool = True,
+) -> tuple[np.ndarray, int, float, bool] | None:
+    """Chunked MaxVol: cumulative pass over chunks, then refinement until all gamma <= tol.
+
+    Returns None (without ``dense_fallback``) if the chunks never reach full rank.
+    """
     n_rows = reduced.n_rows
     rank = reduced.rows(slice(0, 1)).shape[1]
     active = np.zeros(0, dtype=np.int64)
@@ -371,6 +652,8 @@ def _maxvol_batched(
         active, used = _merge_step(reduced, candidates, len(active), rank, tol, budget - swaps)
         swaps += used
     if len(active) < rank:  # chunks never reached full rank on their own: fall back to one pass
+        if not dense_fallback:
+            return None
         rows, used, coef = _maxvol_dense(reduced.rows(slice(None)), None, tol, budget)
         return rows, swaps + used, coef, coef <= tol
     while True:
@@ -415,7 +698,7 @@ def _worst_rows(
     found_gamma: list[np.ndarray] = []
     max_gamma = 0.0
     for start in range(0, reduced.n_rows, batch_size):
-        gamma = np.abs(reduced.rows(slice(start, start + batch_size)) @ inverse).max(axis=1)
+        gamma = extrapolation_grade(reduced.rows(slice(start, start + batch_size)), inverse)
         max_gamma = max(max_gamma, float(gamma.max()))
         above = np.flatnonzero(gamma > tol)
         if above.size:

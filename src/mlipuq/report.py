@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -310,7 +311,18 @@ ATOL_DEFINITION = (
 
 
 def _name(key: str) -> str:
-    return DISPLAY_NAMES.get(key, key)
+    """Display name of a result: the table above, a calibrated variant, the method
+    class's ``display_name``, else the key."""
+    if key in DISPLAY_NAMES:
+        return DISPLAY_NAMES[key]
+    if key.endswith("_calibrated"):
+        return f"{_name(key[: -len('_calibrated')])} (calibrated)"
+    from mlipuq.registry import method_class
+
+    try:
+        return getattr(method_class(key), "display_name", key)
+    except InputError:
+        return key
 
 
 def _pct(value: float) -> str:
@@ -351,7 +363,8 @@ def _set_roles(metrics: Mapping) -> tuple[list[str], list[str]]:
 
 def _calibration_sentence(metrics: Mapping) -> str | None:
     """The calibrated LTAU's ECE on held-out in-domain atoms and on its worst set."""
-    name = "ltau_calibrated" if "ltau_calibrated" in metrics["methods"] else None
+    name = next((n for n in metrics["methods"] if n.endswith("_calibrated")
+                 and _per_group(metrics, n, "ece")), None)
     if name is None:
         candidates = [n for n in metrics["methods"] if _per_group(metrics, n, "ece")]
         if not candidates:
@@ -586,29 +599,57 @@ def _detection_section(metrics: Mapping) -> str:
 
 
 def _calibration_section(metrics: Mapping) -> str:
-    cal = metrics.get("calibration")
-    if not cal:
-        return ""
-    rows = "".join(
-        f"<tr><td class='l'>{html.escape(name)}</td><td>{_fmt(cal['ece_before'][name])}</td>"
-        f"<td>{_fmt(cal['ece_after'].get(name))}</td></tr>"
-        for name in cal["ece_before"])
+    """One table per calibrated method: ECE before and after on every held-out set."""
+    return "".join(_one_calibration(name, cal)
+                   for name, cal in (metrics.get("calibration") or {}).items() if cal)
+
+
+def _one_calibration(name: str, cal: Mapping) -> str:
+    ece_before, ece_after = cal.get("ece_before"), cal.get("ece_after")
+    scale = cal.get("scale")
     bound = ""
     if cal.get("at_bound"):
-        bound = (f"<p class='warn'>The fitted scale s = {cal['scale']:.3g} lies at the bound "
+        bound = (f"<p class='warn'>The fitted scale s = {scale:.3g} lies at the bound "
                  f"of its search interval {cal['bounds']}: the calibration data may not be in "
                  "domain, or the model's errors are far from its training errors.</p>")
-    return (
-        "<h2>LTAU calibration</h2>"
-        f"<p>Scale factor s = {cal['scale']:.3g} fitted on {cal['fraction']:.0%} of the "
-        f"configurations of <b>{html.escape(cal['calibration_set'])}</b> "
-        f"({cal['n_atoms']} atoms, seed {cal['seed']}) by minimising the ECE; "
-        f"p = CDF of the neighbours' training errors at atol / s_j with s_j = s x "
-        f"max(1, z)^beta (z: normalised k-NN distance). atol = {cal['atol']:.4g} eV/Å. "
-        "ECE on the held-out configurations of every set with forces:</p>"
-        f"{bound}<table><tr><th class='l'>test set</th><th>ECE s = 1</th>"
-        f"<th>ECE s = {cal['scale']:.3g}</th></tr>{rows}</table>"
-    )
+    where = (f"fitted on {cal['fraction']:.0%} of the configurations of "
+             f"<b>{html.escape(str(cal['calibration_set']))}</b> "
+             f"({cal.get('n_atoms', '?')} atoms, seed {cal['seed']})")
+    if scale is not None and "distance_power" in cal:
+        how = (f"Scale factor s = {scale:.3g} {where} by minimising the ECE; "
+               f"p = CDF of the neighbours' training errors at atol / s_j with s_j = s x "
+               f"max(1, z)^beta (z: normalised k-NN distance, beta = "
+               f"{cal['distance_power']:g}).")
+    else:
+        fitted = ", ".join(f"{k} = {v:.4g}" for k, v in cal.items()
+                           if isinstance(v, float) and k not in
+                           ("fraction", "atol", "fpr", "threshold") and not k.startswith("ece"))
+        how = f"Calibration {where}{': ' + html.escape(fitted) if fitted else ''}."
+    atol = f" atol = {cal['atol']:.4g} eV/Å." if cal.get("atol") is not None else ""
+    table = ""
+    if isinstance(ece_before, Mapping) and isinstance(ece_after, Mapping):
+        rows = "".join(
+            f"<tr><td class='l'>{html.escape(group)}</td><td>{_fmt(ece_before[group])}</td>"
+            f"<td>{_fmt(ece_after.get(group))}</td></tr>" for group in ece_before)
+        table = ("<p>ECE on the held-out configurations of every set with forces:</p>"
+                 f"{bound}<table><tr><th class='l'>test set</th><th>ECE before</th>"
+                 f"<th>ECE after</th></tr>{rows}</table>")
+    return f"<h2>{html.escape(_name(name))} calibration</h2><p>{how}{atol}</p>{table or bound}"
+
+
+SECTIONS: list = [_test_set_section, _detection_section, _calibration_section]
+"""The report's sections after the summary, in order: callables ``metrics -> HTML``.
+Add one with :func:`register_section`."""
+
+
+def register_section(section, *, before: Any = None) -> None:
+    """Add a report section: ``section(metrics) -> str`` (HTML; "" to skip), placed
+    before the section ``before`` (default: after the others)."""
+    if not callable(section):
+        raise TypeError(f"section: expected a callable metrics -> HTML, got {section!r}")
+    if section in SECTIONS:
+        return
+    SECTIONS.insert(SECTIONS.index(before) if before in SECTIONS else len(SECTIONS), section)
 
 
 def _run_section(metrics: Mapping) -> str:
@@ -640,9 +681,7 @@ def _html(metrics: Mapping, figures: list[tuple[str, str]], title: str) -> str:
 <h1>{html.escape(title)}</h1>
 <p>{html.escape(facts)}.</p>
 <p class="summary">{html.escape(summary_text(metrics))}</p>
-{_test_set_section(metrics)}
-{_detection_section(metrics)}
-{_calibration_section(metrics)}
+{"".join(section(metrics) for section in SECTIONS)}
 <h2>Metrics per method and set</h2>
 {_table(metrics)}
 <p>Spearman: rank correlation of uncertainty and true error (1 = perfect ranking).

@@ -40,6 +40,9 @@ class UQResult:
         mean of 1 - p, the expected share of atoms above atol; the others: the max).
     unit : str
         Unit of ``atom_uncertainty`` (``""`` for unitless).
+    bounds : (float or None, float or None)
+        Range of ``atom_uncertainty`` (None: unbounded), e.g. (0, 1) for LTAU's 1 - p.
+        Larger values are always less trusted.
     extras : dict of str -> ndarray
         Method-specific per-atom (N,) or per-configuration (C,) arrays, e.g.
         ``"p"``, ``"expected_error"``, ``"knn_distance"``, ``"gamma"``,
@@ -56,6 +59,7 @@ class UQResult:
     threshold: float | None = None
     unit: str = ""
     config_aggregate: str = "max"
+    bounds: tuple[float | None, float | None] = (0.0, None)
     extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property

@@ -3,21 +3,33 @@
 Layout::
 
     RUN/
-      run.json              format "mlipuq-run", format_version, versions, elements,
-                            preset or user_config, epochs, n_models, seeds, model_ids,
-                            train_file, train_sha256, isolated_energies, threads,
-                            log_mode, weights, val_fraction, created
+      run.json              format "mlipuq-run", format_version, backend, versions,
+                            elements, preset or user_config, epochs, n_models, seeds,
+                            model_ids, train_file, train_sha256, isolated_energies,
+                            threads, log_mode, weights, val_fraction, created
       train.extxyz          the training frames exactly as used (order = atom-table order)
       val.extxyz            the validation frames
       atom_table.npz        AtomTable of train.extxyz
-      configs/model_0.yaml  the NequIP config of member 0 (one per member)
-      models/model_0/       nequip-train output (best.ckpt, last.ckpt, csv/, train.log)
-      models/model_0.nequip.zip   packaged model (``nequip-package build``), optional
+      models/               the members' models, as the backend keeps them
       trajectories/         TrajectoryStore, model ids "model_0", "model_1", ...
       metrics/model_0.csv   per-epoch training/validation metrics (one row per epoch)
       ltau/                 written by ``mlipuq fit``
 
-Only this module knows the layout; everything else goes through :class:`RunFolder`.
+``backend`` names the model backend (:mod:`mlipuq.backends.registry`); the backend
+says which file under ``models/`` holds a member (:meth:`RunFolder.model_path`). For
+NequIP (``"nequip"``, also every run written before the field existed, format_version
+1)::
+
+      configs/model_0.yaml  the NequIP config of member 0 (one per member)
+      models/model_0/       nequip-train output (best.ckpt, last.ckpt, csv/, train.log)
+      models/model_0.nequip.zip   packaged model (``nequip-package build``), optional
+
+For stored predictions (``"arrays"``, :mod:`mlipuq.backends.arrays`)::
+
+      models/model_0.npz    predictions of member 0 for the structures it was given
+
+Only this module and the backends know the layout; everything else goes through
+:class:`RunFolder`.
 """
 
 from __future__ import annotations
@@ -33,12 +45,14 @@ from mlipuq.exceptions import InputError
 from mlipuq.io import read_header, read_structures, write_json
 
 FORMAT_NAME = "mlipuq-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Written by this mlipuq. 2 added ``"backend"``; version 1 (no field) means NequIP."""
+READ_VERSIONS = (1, 2)
 RUN_FILE = "run.json"
 
 
 class RunFolder:
-    """A training run of an ensemble of NequIP models with their error trajectories.
+    """A training run of an ensemble of models with their error trajectories.
 
     Use :meth:`open` for an existing folder (validates ``run.json``) and
     :meth:`create` to start one (``mlipuq train`` does this).
@@ -59,21 +73,31 @@ class RunFolder:
     def open(cls, path: str | os.PathLike) -> RunFolder:
         """Open a run folder, checking its format and version.
 
+        A ``run.json`` without ``"backend"`` (written before the field existed) is a
+        NequIP run.
+
         Raises
         ------
         InputError
-            No ``run.json``, a foreign file, or another ``format_version``.
+            No ``run.json``, a foreign file, another ``format_version``, or a backend
+            that is not registered (the message lists those that are).
         """
+        from mlipuq.backends import registry
+
         path = Path(path)
         if not path.is_dir():
             raise InputError(f"{path}: run folder not found")
         run_file = path / RUN_FILE
         meta = read_header(
-            run_file, what="run folder", format_name=FORMAT_NAME, format_version=FORMAT_VERSION
+            run_file, what="run folder", format_name=FORMAT_NAME, format_version=READ_VERSIONS
         )
         for key in ("model_ids", "elements"):
             if not isinstance(meta.get(key), list):
                 raise InputError(f"{run_file}: field {key!r} missing or not a list")
+        try:
+            registry.check(meta.get("backend", registry.DEFAULT))
+        except InputError as exc:
+            raise InputError(f"{run_file}: {exc}") from None
         return cls(path, meta)
 
     @classmethod
@@ -82,13 +106,19 @@ class RunFolder:
     ) -> RunFolder:
         """Start a run folder: check it is empty (or ``overwrite``), write ``run.json``.
 
+        ``meta["backend"]`` names the backend (default ``"nequip"``).
+
         Raises
         ------
         InputError
-            ``path`` is a non-empty directory (or a file) and ``overwrite`` is False.
+            ``path`` is a non-empty directory (or a file) and ``overwrite`` is False;
+            an unknown backend.
         """
         import shutil
 
+        from mlipuq.backends import registry
+
+        backend = registry.check(meta.get("backend", registry.DEFAULT))
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise InputError(f"{path}: exists and is not a directory")
@@ -105,7 +135,8 @@ class RunFolder:
                 )
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta}
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta,
+                "backend": backend}
         folder = cls(path, meta)
         folder.save_meta()
         return folder
@@ -118,6 +149,20 @@ class RunFolder:
         return f"RunFolder({str(self.path)!r}, models={self.model_ids})"
 
     # ------------------------------------------------------------------ contents
+    @property
+    def backend(self) -> str:
+        """Name of the model backend (``run.json["backend"]``; ``"nequip"`` if absent)."""
+        from mlipuq.backends.registry import DEFAULT
+
+        return str(self.meta.get("backend", DEFAULT))
+
+    @property
+    def backend_class(self) -> type:
+        """The backend class (:class:`~mlipuq.backends.base.Backend`), imported now."""
+        from mlipuq.backends.registry import get
+
+        return get(self.backend)
+
     @property
     def model_ids(self) -> list[str]:
         """Model ids ``["model_0", ...]`` in training order."""
@@ -190,42 +235,36 @@ class RunFolder:
         return model_id
 
     def config_path(self, model_id: str) -> Path:
-        """The NequIP config used for ``model_id``."""
+        """The training config used for ``model_id`` (NequIP YAML)."""
         return self.configs_dir / f"{self._check_model_id(model_id)}.yaml"
 
     def model_dir(self, model_id: str) -> Path:
-        """``nequip-train`` output directory of ``model_id``."""
+        """Training output directory of ``model_id`` (``nequip-train``'s for NequIP)."""
         return self.models_dir / self._check_model_id(model_id)
 
     def checkpoint_path(self, model_id: str, which: str = "best") -> Path:
-        """``best.ckpt`` or ``last.ckpt`` of ``model_id`` (may not exist yet)."""
-        if which not in ("best", "last"):
-            raise InputError(f"which: expected 'best' or 'last', got {which!r}")
-        return self.model_dir(model_id) / f"{which}.ckpt"
+        """NequIP runs: ``best.ckpt`` or ``last.ckpt`` of ``model_id`` (may not exist yet)."""
+        from mlipuq.backends.nequip.features import checkpoint_path
+
+        return checkpoint_path(self, model_id, which)
 
     def packaged_path(self, model_id: str) -> Path:
-        """``models/<model_id>.nequip.zip`` (may not exist)."""
-        return self.models_dir / f"{self._check_model_id(model_id)}.nequip.zip"
+        """NequIP runs: the packaged model of ``model_id`` (may not exist)."""
+        from mlipuq.backends.nequip.features import packaged_path
+
+        return packaged_path(self, model_id)
 
     def model_path(self, model_id: str) -> Path:
-        """The model file to load: packaged zip if present, else best, else last checkpoint.
+        """The model file of ``model_id``, as the run's backend says.
+
+        For NequIP: the packaged zip if present, else ``best.ckpt``, else ``last.ckpt``.
 
         Raises
         ------
         InputError
-            None of them exists (the member was not trained).
+            ``model_id`` is not a member, or it has no model file (not trained).
         """
-        for candidate in (
-            self.packaged_path(model_id),
-            self.checkpoint_path(model_id, "best"),
-            self.checkpoint_path(model_id, "last"),
-        ):
-            if candidate.is_file():
-                return candidate
-        raise InputError(
-            f"{self.model_dir(model_id)}: no trained model for {model_id!r} (no packaged "
-            "model, best.ckpt or last.ckpt)"
-        )
+        return self.backend_class.model_path(self, self._check_model_id(model_id))
 
     def metrics_path(self, model_id: str) -> Path:
         """``metrics/<model_id>.csv`` (one row per epoch)."""

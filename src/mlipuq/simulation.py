@@ -183,9 +183,10 @@ def check_stop_threshold(
 ) -> float | None:
     """Validate a stop/selection threshold for the uncertainty ``key``.
 
-    Uncertainties are non-negative, so the threshold must be a finite number >= 0;
-    LTAU uncertainties (keys starting with ``ltau``) are 1 - p in [0, 1]. ``name``
-    is the field the error messages name.
+    Uncertainties are non-negative, so the threshold must be a finite number >= 0,
+    and within the ``bounds`` of the registered method the key names
+    (``{method}_uncertainty``; LTAU's 1 - p is in [0, 1]). ``name`` is the field the
+    error messages name.
     """
     if key is None:
         if threshold is not None:
@@ -199,9 +200,20 @@ def check_stop_threshold(
         raise InputError(f"{name}: expected a number, got {threshold!r}") from None
     if not np.isfinite(value) or value < 0:
         raise InputError(f"{name}: expected a finite number >= 0, got {threshold!r}")
-    if key.startswith("ltau") and value > 1:
-        raise InputError(f"{name}: {key} is 1 - p in [0, 1], got threshold {value:g}")
+    upper = upper_bound(key)
+    if upper is not None and value > upper:
+        raise InputError(f"{name}: {key} is in [0, {upper:g}], got threshold {value:g}")
     return value
+
+
+def upper_bound(key: str) -> float | None:
+    """Upper bound of the uncertainty ``key`` from its registered method (None: none)."""
+    from mlipuq.registry import method_class, method_names
+
+    for method in method_names():
+        if key.startswith(f"{method}_"):
+            return method_class(method).bounds[1]
+    return None
 
 
 def run_simulation(

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ase import Atoms
@@ -38,6 +38,9 @@ from ase import Atoms
 from mlipuq.backends.base import ModelOutputs
 from mlipuq.exceptions import InputError
 from mlipuq.io import atomic_path, load_npz
+
+if TYPE_CHECKING:
+    from mlipuq.run_folder import RunFolder
 
 PACE_MISSING = "python-ace is not installed: pip install 'mlipuq[pace]'"
 
@@ -158,6 +161,10 @@ def _plain(functions: Mapping[str, Mapping[str, Sequence[int]]]) -> dict:
 class PaceBackend:
     """Per-atom B-projections (and energies/forces) from a pacemaker B-basis potential.
 
+    Implements :class:`mlipuq.backends.base.Backend` as ``"pace"``: a run folder of
+    this backend keeps member ``model_i``'s potential as ``RUN/models/model_i.yaml``
+    (trained with pacemaker; mlipuq does not train ACE).
+
     Parameters
     ----------
     potential : path-like or pyace.basis.BBasisConfiguration
@@ -185,6 +192,8 @@ class PaceBackend:
     :meth:`projections_by_element` gives the unpadded per-element matrices.
     """
 
+    name = "pace"
+
     def __init__(self, potential: str | os.PathLike | Any) -> None:
         _, _, basis = _import_pyace()
         if isinstance(potential, basis.BBasisConfiguration):
@@ -211,7 +220,42 @@ class PaceBackend:
         self.n_features = max(self.n_functions.values())
         self.cutoff = float(self.basis.cutoffmax)
 
+    @property
+    def known_species(self) -> list[str]:
+        """The potential's elements (chemical symbols)."""
+        return list(self.elements)
+
+    @classmethod
+    def model_path(cls, run: RunFolder, model_id: str) -> Path:
+        """``RUN/models/<model_id>.yaml``: the member's pacemaker B-basis potential.
+
+        Raises
+        ------
+        InputError
+            The file is missing.
+        """
+        path = run.models_dir / f"{run.model_dir(model_id).name}.yaml"
+        if not path.is_file():
+            raise InputError(f"{path}: no pacemaker potential for {model_id!r} (expected a "
+                             "B-basis .yaml)")
+        return path
+
+    @classmethod
+    def from_run(
+        cls,
+        run: RunFolder,
+        model_id: str,
+        *,
+        device: str = "cpu",
+        batch_size: int = 16,
+        threads: int | None = 1,
+    ) -> PaceBackend:
+        """Member ``model_id`` of ``run`` (``device``, ``batch_size``, ``threads`` unused)."""
+        return cls(cls.model_path(run, model_id))
+
     def _check_frames(self, frames: Sequence[Atoms]) -> list[Atoms]:
+        if isinstance(frames, Atoms):
+            frames = [frames]
         frames = list(frames)
         if not frames:
             raise InputError("frames: expected at least one configuration, got none")
@@ -315,7 +359,8 @@ class PaceBackend:
             forces.append(np.asarray(atoms.get_forces(), dtype=np.float64))
         return energies, np.concatenate(forces, axis=0)
 
-    def outputs(self, frames: Sequence[Atoms], *, batch_size: int = 16) -> ModelOutputs:
+    def outputs(self, frames: Sequence[Atoms], *, batch_size: int | None = None
+                ) -> ModelOutputs:
         """Energies, forces and B-projections in one :class:`ModelOutputs`.
 
         ``batch_size`` is accepted for the :class:`~mlipuq.backends.base.Backend`

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-METHOD_NAMES = ("ltau", "ensemble", "doptimality", "clustered_doptimality")
+PARAM_ALIASES = {
+    "k": ("ltau", "k"),
+    "transfer": ("ltau", "transfer"),
+    "window": ("ltau", "window"),
+    "clusters": ("clustered_doptimality", "n_clusters"),
+}
+"""Short options that set one method parameter (``--k 8`` = ``--param ltau.k=8``)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``evaluate`` verb."""
     parser = subparsers.add_parser(
         "evaluate",
-        help="evaluate LTAU, ensemble and D-optimality on test sets (HTML report)",
+        help="evaluate every UQ method on test sets (HTML report)",
         description=(
             "Fit (or reuse the saved) UQ methods of a run folder made by 'mlipuq train', "
             "predict every test set, and write a report (index.html, metrics.json, PNGs): "
@@ -48,10 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--in-domain", nargs="+", metavar="NAME",
         help="in-domain test sets for ROC-AUC (default: the --calibrate-on set)",
     )
-    parser.add_argument(
-        "--methods", nargs="+", choices=METHOD_NAMES,
-        help="methods to evaluate (default: all; the ensemble needs >= 2 models)",
-    )
+    add_method_options(parser)
     parser.add_argument("--model-id", default="model_0",
                         help="member for LTAU and D-optimality (default: model_0)")
     parser.add_argument("--refit", action="store_true",
@@ -71,6 +75,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the calibration split and clustering (default 0)")
     parser.set_defaults(func=run_evaluate)
+
+
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """``--methods`` (registered names) and ``--param METHOD.NAME=VALUE``."""
+    from mlipuq.registry import method_names
+
+    parser.add_argument(
+        "--methods", nargs="+", choices=method_names(), metavar="METHOD",
+        help=f"methods ({', '.join(method_names())}; default: all the run supports, "
+        "committee methods need >= 2 models)",
+    )
+    parser.add_argument(
+        "--param", action="append", metavar="METHOD.NAME=VALUE",
+        help="a constructor parameter of one method (repeat the option), e.g. "
+        "ltau.k=8 or clustered_doptimality.n_clusters=6; VALUE is read as JSON "
+        "(numbers, true/false, null, lists), else as a string",
+    )
+
+
+def parse_params(values: list[str] | None, args: argparse.Namespace | None = None
+                 ) -> dict[str, dict[str, Any]]:
+    """``["ltau.k=8"]`` (plus the short options of :data:`PARAM_ALIASES` set in ``args``)
+    -> ``{"ltau": {"k": 8}}``."""
+    import json
+
+    from mlipuq.exceptions import InputError
+
+    out: dict[str, dict[str, Any]] = {}
+    for value in values or []:
+        key, sep, text = value.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not method or not name:
+            raise InputError(f"--param: expected METHOD.NAME=VALUE, got {value!r}")
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = text
+        out.setdefault(method, {})[name] = parsed
+    for option, (method, name) in PARAM_ALIASES.items():
+        given = getattr(args, option, None) if args is not None else None
+        if given is not None:
+            out.setdefault(method, {})[name] = given
+    return out
 
 
 def parse_tests(values: list[str]) -> dict[str, str]:
@@ -144,12 +191,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from mlipuq.pipeline import evaluate_run, say
 
     start = time.perf_counter()
+    args.window = parse_window(args.window)
     metrics = evaluate_run(
         args.run, parse_tests(args.test), out_dir=args.out, methods=args.methods,
         calibration_set=parse_calibration(args.calibrate_on), in_domain=args.in_domain,
-        model_id=args.model_id, refit=args.refit, k=args.k, fpr=args.fpr,
-        thresholds=parse_thresholds(args.threshold), ltau_transfer=args.transfer,
-        ltau_window=parse_window(args.window), n_clusters=args.clusters,
+        model_id=args.model_id, refit=args.refit, fpr=args.fpr,
+        params=parse_params(args.param, args), thresholds=parse_thresholds(args.threshold),
         threads=args.threads, seed=args.seed,
         progress=lambda message: say(message, start=start),
     )

@@ -224,7 +224,7 @@ def run_fit(args: argparse.Namespace) -> int:
         window=_window(args.window), n_threads=args.n_threads, seed=args.seed,
     )
     _stage(f"building error distributions and indices for {table.n_atoms} atoms")
-    estimator.fit(errors, descriptors, table.species, force_norm=force_norm,
+    estimator.fit_arrays(errors, descriptors, table.species, force_norm=force_norm,
                   config_index=table.config_index)
     kinds = ", ".join(f"{name}: {kind}" for name, kind in estimator.index_kinds_.items())
     _stage(f"atol = {estimator.atol_:.6g} eV/Å (mean force-error norm at the last logged "
@@ -235,15 +235,9 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def _save(estimator: Any, out: Path) -> None:
-    """Write the estimator directory atomically, keeping a run's ``fit.json`` (provenance)."""
-    import shutil
-
-    from mlipuq.io import atomic_directory
-
-    with atomic_directory(out) as tmp:
-        estimator.save(tmp)
-        if (out / "fit.json").is_file():  # RUN/ltau: the model and training set it describes
-            shutil.copy2(out / "fit.json", tmp / "fit.json")
+    """Write the estimator directory atomically, keeping the provenance it was loaded with
+    (a run's method: the model and training set it describes)."""
+    estimator.save(out, provenance=getattr(estimator, "provenance_", None))
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -272,8 +266,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     _stage(f"calibrating on {table.n_atoms} atoms ({table.n_configs} configurations)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        estimator.calibrate(descriptors, table.species, errors,
-                            config_index=table.config_index, fpr=args.fpr)
+        estimator.calibrate_arrays(descriptors, table.species, errors,
+                                   config_index=table.config_index, fpr=args.fpr)
     cal = estimator.calibration_
     _save(estimator, args.estimator)
     bound = " (at the search bound: are these atoms in domain?)" if cal["at_bound"] else ""
@@ -294,7 +288,7 @@ def run_predict(args: argparse.Namespace) -> int:
     frames, table, descriptors = _structures_and_descriptors(args)
     _stage(f"searching {estimator.k if args.k is None else args.k} neighbours of "
            f"{table.n_atoms} atoms")
-    result = estimator.predict(
+    result = estimator.predict_arrays(
         descriptors, table.species, k=args.k, scale=args.scale, atol=args.atol,
         config_index=table.config_index, threshold=args.threshold,
     )

@@ -56,8 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "MD run each frame came from (config level)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run", default=None, help="compute uncertainties with this run")
-    parser.add_argument("--doptimality", default=None,
-                        help="saved DOptimalityEstimator file to attach (as 'doptimality')")
+    parser.add_argument("--method", action="append", default=None, metavar="DIR",
+                        help="a saved UQ method directory to attach besides the run's own "
+                        "(repeat the option)")
     parser.add_argument("--model-id", default="model_0")
     parser.add_argument("--out", required=True, help="selected structures (extxyz)")
     parser.add_argument("--table", default=None, help="reasons table (default <out>.csv)")
@@ -68,7 +69,7 @@ def make_calculator(args: argparse.Namespace) -> object:
     """The UQ calculator of ``--run`` (replaceable in tests)."""
     from mlipuq.cli.simulate import uq_calculator
 
-    return uq_calculator(args.run, args.model_id, getattr(args, "doptimality", None))
+    return uq_calculator(args.run, args.model_id, getattr(args, "method", None))
 
 
 def _key(name: str) -> str:
@@ -177,12 +178,13 @@ def run(args: argparse.Namespace) -> int:
         select_environments,
         write_selection,
     )
+    from mlipuq.simulation import upper_bound
 
     key = _key(args.uncertainty_key)
-    upper_bound = 1.0 if key.startswith("ltau") else None
     frames = read_structures(args.candidates)
     given = args.threshold if args.threshold is not None else _fitted_threshold(frames, key, args)
-    threshold = check_threshold(given, upper_bound=upper_bound)
+    bound = upper_bound(key)
+    threshold = check_threshold(given, upper_bound=bound)
     args.aggregate = args.aggregate or "max"
     reference = read_structures(args.reference) if args.reference else None
     elements = None
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         reference_features = _features(reference, elements, args)
     config_index = AtomTable.from_atoms(frames).config_index
     common = dict(threshold=threshold, budget=args.budget, diversity=diversity,
-                  min_distance=args.min_distance, upper_bound=upper_bound, seed=args.seed,
+                  min_distance=args.min_distance, upper_bound=bound, seed=args.seed,
                   features=features, reference_features=reference_features)
     if args.level == "config":
         per_config = np.zeros(len(frames))

@@ -27,8 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--run", required=True, help="run folder made by `mlipuq train`")
-    parser.add_argument("--doptimality", default=None,
-                        help="saved DOptimalityEstimator file to attach (as 'doptimality')")
+    parser.add_argument("--method", action="append", default=None, metavar="DIR",
+                        help="a saved UQ method directory to attach besides the run's own "
+                        "(e.g. D-optimality built from an ACE .asi; repeat the option)")
     parser.add_argument("--model-id", default="model_0", help="ensemble member to run")
     parser.add_argument("--structure", required=True, help="start structure (any ASE format)")
     parser.add_argument("--index", type=int, default=0, help="frame of --structure (default 0)")
@@ -67,47 +68,24 @@ def make_calculator(args: argparse.Namespace) -> object:
     """The UQ calculator of ``--run`` (replaceable in tests)."""
     from mlipuq.cli.simulate import uq_calculator
 
-    return uq_calculator(args.run, args.model_id, getattr(args, "doptimality", None))
+    return uq_calculator(args.run, args.model_id, getattr(args, "method", None))
 
 
-def uq_calculator(run_dir: str, model_id: str, doptimality: str | None = None) -> object:
-    """``UQCalculator.from_run`` with the run's own estimators, plus a D-optimality file."""
-    from mlipuq.backends.nequip.calculator import UQCalculator
-
-    if doptimality is None:
-        return UQCalculator.from_run(run_dir, model_id=model_id)
-    from mlipuq.backends.nequip.calculator import auto_estimators
-    from mlipuq.doptimality import DOptimalityEstimator
+def uq_calculator(run_dir: str, model_id: str, methods: list[str] | str | None = None
+                  ) -> object:
+    """The calculator of member ``model_id`` with the run's own fitted methods plus the
+    saved method directories ``methods`` (each attached under its method name)."""
+    from mlipuq.backends.nequip.calculator import UQCalculator, auto_estimators
+    from mlipuq.method import load_method
     from mlipuq.run_folder import RunFolder
 
-    run = RunFolder.open(run_dir)
-    estimators = dict(auto_estimators(run, model_id))
-    _check_saved_method(run, doptimality, "doptimality", model_id)
-    estimators["doptimality"] = DOptimalityEstimator.load(doptimality)
+    if not methods:
+        return UQCalculator.from_run(run_dir, model_id=model_id)
+    estimators = dict(auto_estimators(RunFolder.open(run_dir), model_id))
+    for directory in [methods] if isinstance(methods, str) else methods:
+        method = load_method(directory)
+        estimators[method.name] = method
     return UQCalculator.from_run(run_dir, model_id=model_id, estimators=estimators)
-
-
-def _check_saved_method(run: object, path: str, name: str, model_id: str) -> None:
-    """A run's own saved estimator must describe ``model_id`` and be up to date."""
-    from pathlib import Path
-
-    from mlipuq.exceptions import InputError
-    from mlipuq.io import read_json
-    from mlipuq.pipeline import METHODS_FILE
-    from mlipuq.provenance import stale_reason
-
-    records_file = Path(run.path) / METHODS_FILE
-    if Path(path).resolve().parent != Path(run.path).resolve() or not records_file.is_file():
-        return  # a file from elsewhere (e.g. an ACE .asi export): the user's responsibility
-    record = read_json(records_file).get(name)
-    if record is None:
-        return
-    if record.get("model_id") != model_id:
-        raise InputError(f"{path}: fitted on the descriptors of {record.get('model_id')!r}, "
-                         f"not {model_id!r} (use --model-id {record.get('model_id')})")
-    reason = stale_reason(record, run)
-    if reason is not None:
-        raise InputError(f"{path}: stale, {reason}; refit it with 'mlipuq evaluate --refit'")
 
 
 def _check_elements(atoms: object, args: argparse.Namespace) -> None:

@@ -1,4 +1,10 @@
-"""``mlipuq train``: train a NequIP ensemble with error-trajectory logging."""
+"""``mlipuq train``: train an ensemble with error-trajectory logging (NequIP by default).
+
+The backend that trains is looked up in :mod:`mlipuq.backends.registry`
+(``--backend``; its optional ``train`` / ``train_reweighted`` class methods), so a
+plug-in backend that can train gets this verb unchanged. The options below are
+NequIP's; another backend receives them as keyword arguments.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="extxyz training set with energies and forces (not with --reweight)",
     )
     parser.add_argument("-o", "--run", required=True, help="run folder to create")
+    parser.add_argument(
+        "--backend", default="nequip",
+        help="model backend that trains (default: nequip; --reweight uses the source run's)",
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
         "--preset", default="small", choices=("tiny", "small", "paper"),
@@ -115,8 +125,9 @@ def run(args: argparse.Namespace) -> int:
             f"--energy-weight / --force-weight: presets only; set the loss coeffs in "
             f"{args.config}"
         )
-    from mlipuq.backends.nequip.training import train_ensemble
+    from mlipuq.backends.registry import capability
 
+    train_ensemble = capability(args.backend, "train", "train models")
     folder = train_ensemble(
         args.train_file,
         args.run,
@@ -168,8 +179,12 @@ def _run_reweight(args: argparse.Namespace) -> int:
         )
     if args.lam is not None and not args.lam > 0:
         raise InputError(f"--lam: expected a number > 0, got {args.lam}")
-    from mlipuq.backends.nequip.training import train_reweighted
+    from mlipuq.backends.registry import capability
+    from mlipuq.run_folder import RunFolder
 
+    backend = RunFolder.open(args.source_run).backend
+    train_reweighted = capability(backend, "train_reweighted",
+                                  "retrain with LTAU loss weights")
     folder = train_reweighted(
         args.source_run,
         args.run,

@@ -3,10 +3,11 @@
 :class:`UQCalculator` is NequIP's own ``NequIPCalculator`` with its documented
 extension hook ``save_extra_outputs`` filled in: the ``node_features`` of the same
 forward pass that gave energy and forces are handed to every attached estimator
-(anything with ``predict(descriptors, species) -> UQResult``: LTAU now, D-optimality
-the same way), and the per-atom arrays of each result go into ``calc.results``::
+(every fitted :class:`~mlipuq.method.UQMethod` that needs only descriptors: LTAU,
+D-optimality, LLPR, ...), and the per-atom arrays of each result go into
+``calc.results``::
 
-    calc = UQCalculator.from_run("run", model_id="model_0")     # RUN/ltau if fitted
+    calc = UQCalculator.from_run("run", model_id="model_0")     # RUN/methods if fitted
     atoms.calc = calc
     atoms.get_forces()
     calc.results["ltau_uncertainty"]       # (n_atoms,), 1 - p_j
@@ -42,6 +43,8 @@ except ImportError as _error:  # pragma: no cover - exercised only without nequi
     ) from _error
 
 DESCRIPTORS_KEY = "descriptors"
+SINGLE_PASS_FIELDS = frozenset({"descriptors", "energies", "forces"})
+"""What one forward pass of one model gives a UQ method in the calculator."""
 
 
 def _check_estimators(estimators: Any) -> dict[str, Any]:
@@ -51,12 +54,19 @@ def _check_estimators(estimators: Any) -> dict[str, Any]:
         raise InputError(
             f"estimators: expected a dict name -> estimator, got {type(estimators).__name__}"
         )
+    from mlipuq.method import UQMethod
+
     for name, estimator in estimators.items():
         if not isinstance(name, str) or not name.isidentifier():
             raise InputError(f"estimators: name {name!r} is not a valid identifier")
-        if not callable(getattr(estimator, "predict", None)):
+        if not isinstance(estimator, UQMethod):
             raise InputError(
-                f"estimators: {name!r} is a {type(estimator).__name__} without a predict method"
+                f"estimators: {name!r} is a {type(estimator).__name__}, not a UQMethod"
+            )
+        if not set(estimator.requires) <= SINGLE_PASS_FIELDS or estimator.min_members > 1:
+            raise InputError(
+                f"estimators: {name!r} needs {', '.join(estimator.requires)} (a calculator "
+                f"of one model gives {', '.join(sorted(SINGLE_PASS_FIELDS))})"
             )
     return dict(estimators)
 
@@ -74,9 +84,9 @@ class UQCalculator(NequIPCalculator):
         NequIP model in eval mode (returns ``node_features``).
     device : str or torch.device
         Device of the model.
-    estimators : dict of str -> estimator, optional
-        Fitted estimators with ``predict(descriptors, species) -> UQResult``; the
-        key is the prefix of their result keys (e.g. ``{"ltau": est}``).
+    estimators : dict of str -> UQMethod, optional
+        Fitted methods that need only one model's outputs; the key is the prefix of
+        their result keys (e.g. ``{"ltau": est}``).
     keep_descriptors : bool
         Also store ``results["descriptors"]`` (n_atoms, D) float32.
     store_arrays : bool
@@ -179,8 +189,9 @@ class UQCalculator(NequIPCalculator):
     ) -> UQCalculator:
         """Calculator for member ``model_id`` of a run folder made by ``mlipuq train``.
 
-        ``estimators="auto"`` attaches ``RUN/ltau`` as ``"ltau"`` when ``mlipuq fit``
-        has written it (none otherwise); a dict attaches those estimators instead.
+        ``estimators="auto"`` attaches every method ``mlipuq fit`` saved in
+        ``RUN/methods`` for this member that needs only one model's outputs (none when
+        nothing is fitted); a dict attaches those estimators instead.
         """
         from mlipuq.run_folder import RunFolder
 
@@ -226,9 +237,17 @@ class UQCalculator(NequIPCalculator):
         )
         if self.keep_descriptors:
             self.results[DESCRIPTORS_KEY] = descriptors
-        species = self.atoms.numbers  # atomic numbers: estimators cache their grouping
+        from mlipuq.backends.base import ModelOutputs
+
+        outputs = ModelOutputs(
+            species=self.atoms.numbers,  # atomic numbers: methods cache their grouping
+            config_index=np.zeros(len(descriptors), dtype=np.int64),  # one configuration
+            descriptors=descriptors,
+            energies=np.atleast_1d(self.results.get("energy", np.nan)),
+            forces=self.results.get("forces"),
+        )
         for name, estimator in self.estimators.items():
-            self.results.update(uncertainty_results(name, estimator.predict(descriptors, species)))
+            self.results.update(uncertainty_results(name, estimator.predict(outputs)))
 
 
 def uncertainty_results(name: str, result: Any) -> dict[str, Any]:
@@ -246,32 +265,34 @@ def uncertainty_results(name: str, result: Any) -> dict[str, Any]:
 
 
 def auto_estimators(run: Any, model_id: str) -> dict[str, Any]:
-    """The estimators a run folder has fitted: ``{"ltau": ...}`` if ``RUN/ltau`` exists.
+    """The methods ``mlipuq fit`` saved in ``RUN/methods`` that one model's forward pass
+    can drive (``requires`` within descriptors, energies, forces; one member).
 
     Raises
     ------
     InputError
-        ``RUN/ltau`` was fitted on another member's descriptors (they are not comparable),
-        or on another model file or training set than the run has now.
+        A saved method was fitted on another member's descriptors (they are not
+        comparable), on another model file or training set than the run has now, or
+        the run holds only estimators written by mlipuq 0.1 (the message says how to
+        refit).
     """
-    from mlipuq.io import read_json
-    from mlipuq.ltau import LTAUEstimator
+    from mlipuq.registry import method_class
+    from mlipuq.run_methods import LEGACY_FILES, METHODS_DIR, load_run_method
 
-    ltau_dir = Path(run.ltau_dir)
-    if not (ltau_dir / "estimator.json").is_file():
+    directory = Path(run.path) / METHODS_DIR
+    names = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    if not names:
+        legacy = [f for f in LEGACY_FILES if (Path(run.path) / f).exists()]
+        if legacy:
+            raise InputError(f"{run.path}: estimators written by mlipuq 0.1 "
+                             f"({', '.join(legacy)}); run 'mlipuq fit {run.path}' to refit "
+                             "them in the current format")
         return {}
-    fit_file = ltau_dir / "fit.json"
-    record = read_json(fit_file) if fit_file.is_file() else {}
-    fitted_on = record.get("model_id")
-    if fitted_on is not None and fitted_on != model_id:
-        raise InputError(
-            f"{ltau_dir}: fitted on the descriptors of {fitted_on!r}, not {model_id!r} "
-            f"(use model_id={fitted_on!r} or run 'mlipuq fit --model-id {model_id}')"
-        )
-    if "models" in record:  # provenance recorded: the model file must be the same
-        from mlipuq.provenance import stale_reason
-
-        reason = stale_reason(record, run)
-        if reason is not None:
-            raise InputError(f"{ltau_dir}: stale, {reason}; run 'mlipuq fit {run.path}'")
-    return {"ltau": LTAUEstimator.load(ltau_dir)}
+    out = {}
+    for name in names:
+        if name.startswith("."):
+            continue  # a temporary directory of an interrupted write
+        cls = method_class(name)
+        if set(cls.requires) <= SINGLE_PASS_FIELDS and cls.min_members <= 1:
+            out[name] = load_run_method(run, name, model_id=model_id)
+    return out

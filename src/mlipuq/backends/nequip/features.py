@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ase import Atoms
@@ -27,8 +27,47 @@ from ase import Atoms
 from mlipuq.backends.base import ModelOutputs
 from mlipuq.exceptions import InputError
 
+if TYPE_CHECKING:
+    from mlipuq.run_folder import RunFolder
+
 MODEL_SUFFIXES = (".nequip.zip", ".ckpt")
 """File endings of the saved models :func:`load_model` reads (package, checkpoint)."""
+
+PACKAGE_SUFFIX = ".nequip.zip"
+
+
+# ---------------------------------------------------------------------- run-folder layout
+def packaged_path(run: RunFolder, model_id: str) -> Path:
+    """``RUN/models/<model_id>.nequip.zip``, the packaged model (may not exist)."""
+    return run.models_dir / f"{run.model_dir(model_id).name}{PACKAGE_SUFFIX}"
+
+
+def checkpoint_path(run: RunFolder, model_id: str, which: str = "best") -> Path:
+    """``RUN/models/<model_id>/{best,last}.ckpt`` written by ``nequip-train`` (may not exist)."""
+    if which not in ("best", "last"):
+        raise InputError(f"which: expected 'best' or 'last', got {which!r}")
+    return run.model_dir(model_id) / f"{which}.ckpt"
+
+
+def run_model_path(run: RunFolder, model_id: str) -> Path:
+    """The model of a member: packaged zip if present, else best, else last checkpoint.
+
+    Raises
+    ------
+    InputError
+        None of them exists (the member was not trained).
+    """
+    for candidate in (
+        packaged_path(run, model_id),
+        checkpoint_path(run, model_id, "best"),
+        checkpoint_path(run, model_id, "last"),
+    ):
+        if candidate.is_file():
+            return candidate
+    raise InputError(
+        f"{run.model_dir(model_id)}: no trained model for {model_id!r} (no packaged "
+        "model, best.ckpt or last.ckpt)"
+    )
 
 
 @contextmanager
@@ -225,7 +264,10 @@ def forward_batch(model: Any, frames: Sequence[Atoms], transforms: list, *, devi
 
 
 class NequIPBackend:
-    """A NequIP model as an mlipuq backend: energies, forces and descriptors.
+    """A NequIP model as an mlipuq backend (``"nequip"``): energies, forces, descriptors.
+
+    Implements :class:`mlipuq.backends.base.Backend`; :meth:`from_run` loads a member
+    of a run folder written by ``mlipuq train``.
 
     Parameters
     ----------
@@ -256,6 +298,8 @@ class NequIPBackend:
     >>> out.descriptors.shape                                     # doctest: +SKIP
     (N, 32)
     """
+
+    name = "nequip"
 
     def __init__(
         self,
@@ -328,6 +372,62 @@ class NequIPBackend:
                                     for a in frames]),
             config_index=np.repeat(np.arange(len(frames), dtype=np.int64), sizes),
         )
+
+
+    # ------------------------------------------------------------------ run folders
+    @classmethod
+    def model_path(cls, run: RunFolder, model_id: str) -> Path:
+        """Member ``model_id``'s model: packaged zip, else best, else last checkpoint."""
+        return run_model_path(run, model_id)
+
+    @classmethod
+    def from_run(
+        cls,
+        run: RunFolder,
+        model_id: str,
+        *,
+        device: str = "cpu",
+        batch_size: int = 16,
+        threads: int | None = 1,
+    ) -> NequIPBackend:
+        """Member ``model_id`` of ``run``, its model loaded now (see :meth:`model_path`)."""
+        backend = cls(cls.model_path(run, model_id), device=device, batch_size=batch_size,
+                      threads=threads)
+        backend._load()
+        return backend
+
+    @classmethod
+    def uq_calculator(
+        cls,
+        run: RunFolder,
+        model_id: str,
+        *,
+        estimators: dict[str, Any] | str | None = "auto",
+        device: str = "cpu",
+        **kwargs: Any,
+    ) -> Any:
+        """:meth:`UQCalculator.from_run <mlipuq.backends.nequip.calculator.UQCalculator.from_run>`
+        for member ``model_id`` (``estimators="auto"``: the run's fitted LTAU)."""
+        from mlipuq.backends.nequip.calculator import UQCalculator
+
+        return UQCalculator.from_run(run.path, model_id=model_id, estimators=estimators,
+                                     device=device, **kwargs)
+
+    @classmethod
+    def train(cls, train_file: str | os.PathLike, run_dir: str | os.PathLike,
+              **options: Any) -> RunFolder:
+        """:func:`~mlipuq.backends.nequip.training.train_ensemble` (``mlipuq train``)."""
+        from mlipuq.backends.nequip.training import train_ensemble
+
+        return train_ensemble(train_file, run_dir, **options)
+
+    @classmethod
+    def train_reweighted(cls, source_run: str | os.PathLike, run_dir: str | os.PathLike,
+                         **options: Any) -> RunFolder:
+        """:func:`~mlipuq.backends.nequip.training.train_reweighted` (``--reweight``)."""
+        from mlipuq.backends.nequip.training import train_reweighted
+
+        return train_reweighted(source_run, run_dir, **options)
 
 
 def predict_features(

@@ -6,10 +6,9 @@ model_i hydra.run.dir=<models/model_i>``), run sequentially with seeds
 ``threads``. All members share one train/validation split (drawn with ``seed``), so
 they share the atom table and the trajectory store.
 
-Isolated-atom energies (NequIP's ``per_type_energy_shifts``) come from a file of
-single-atom configurations when given, else from a least-squares fit
-E_config ~ sum_el n_el(config) e_el over the training frames (minimum-norm solution;
-for a single element it is the mean energy per atom).
+Reading, checking and splitting the training frames and the isolated-atom energies
+(NequIP's ``per_type_energy_shifts``) are not NequIP-specific: they live in
+:mod:`mlipuq.training_data` (still importable from here).
 """
 
 from __future__ import annotations
@@ -25,12 +24,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from ase import Atoms
 
-from mlipuq.atom_table import AtomTable
 from mlipuq.exceptions import InputError, MlipuqError
-from mlipuq.io import atomic_path, read_structures, reference_energy, reference_forces
+from mlipuq.io import atomic_path
 from mlipuq.run_folder import RunFolder
+from mlipuq.training_data import (  # noqa: F401 -- also re-exported for existing imports
+    check_elements,
+    create_run,
+    fit_isolated_energies,
+    read_isolated_energies,
+    read_training_set,
+    split_or_read_val,
+    split_train_val,
+    write_frames,
+)
 
 from . import config as cfg
 
@@ -43,151 +50,12 @@ class TrainingError(MlipuqError):
 
 
 # ---------------------------------------------------------------------- data
-def check_elements(frames: Sequence[Atoms], source: str) -> list[str]:
-    """Sorted chemical symbols of ``frames``; InputError for a non-element (Z = 0)."""
-    numbers = set()
-    for number, atoms in enumerate(frames):
-        z = atoms.get_atomic_numbers()
-        if np.any(z <= 0) or np.any(z > 118):
-            raise InputError(f"{source}: configuration {number} has an unknown element")
-        numbers.update(int(v) for v in z)
-    from ase.data import chemical_symbols
-
-    return sorted(chemical_symbols[z] for z in numbers)
-
-
-def read_training_set(path: str | os.PathLike) -> list[Atoms]:
-    """Read an extxyz training set; every frame must have energy and forces.
-
-    Returns frames with the reference values attached as a single-point calculator
-    (``energy`` in eV, ``forces`` in eV/Å) and ``config_type`` kept.
-
-    Raises
-    ------
-    InputError
-        Unreadable file, an unknown element symbol, a frame without forces or energy.
-    """
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    path = Path(path)
-    _check_symbols(path)
-    frames = read_structures(path, require_forces=True)
-    clean = []
-    for number, atoms in enumerate(frames):
-        energy = reference_energy(atoms)
-        if energy is None:
-            raise InputError(f"{path}: configuration {number} has no reference energy")
-        if not np.isfinite(energy):
-            raise InputError(f"{path}: configuration {number} has a NaN or infinite "
-                             "reference energy")
-        forces = reference_forces(atoms)
-        if forces.shape != (len(atoms), 3) or not np.all(np.isfinite(forces)):
-            raise InputError(f"{path}: configuration {number} has invalid forces")
-        copy = Atoms(
-            numbers=atoms.get_atomic_numbers(),
-            positions=atoms.get_positions(),
-            cell=atoms.get_cell(),
-            pbc=atoms.get_pbc(),
-        )
-        if "config_type" in atoms.info:
-            copy.info["config_type"] = atoms.info["config_type"]
-        copy.calc = SinglePointCalculator(copy, energy=float(energy), forces=forces)
-        clean.append(copy)
-    check_elements(clean, str(path))
-    return clean
-
-
-def _check_symbols(path: Path) -> None:
-    """Name an unknown element symbol in an extxyz file before ASE trips over it."""
-    from ase.data import atomic_numbers
-
-    if not path.is_file() or path.suffix.lower() not in (".xyz", ".extxyz"):
-        return
-    with open(path, errors="replace") as handle:
-        frame = 0
-        while True:
-            header = handle.readline()
-            if not header.strip():
-                return
-            try:
-                n_atoms = int(header.split()[0])
-            except (ValueError, IndexError):
-                return  # let ASE report the malformed file
-            handle.readline()
-            for _ in range(n_atoms):
-                fields = handle.readline().split()
-                if fields and fields[0] not in atomic_numbers:
-                    raise InputError(
-                        f"{path}: configuration {frame} has unknown element {fields[0]!r}"
-                    )
-            frame += 1
-
-
-def split_train_val(
-    n_frames: int, *, val_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation frame numbers (each sorted) for a seeded random split.
-
-    ``max(1, round(val_fraction * n_frames))`` frames go to validation.
-    """
-    if not 0.0 < float(val_fraction) < 1.0:
-        raise InputError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
-    if n_frames < 2:
-        raise InputError(f"training set: needs at least 2 configurations, got {n_frames}")
-    n_val = min(max(1, int(round(val_fraction * n_frames))), n_frames - 1)
-    order = np.random.default_rng(seed).permutation(n_frames)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def fit_isolated_energies(frames: Sequence[Atoms], elements: Sequence[str]) -> dict[str, float]:
-    """Least-squares per-element energies (eV): E_config ~ sum_el n_el e_el (min-norm)."""
-    index = {el: k for k, el in enumerate(elements)}
-    counts = np.zeros((len(frames), len(elements)))
-    for row, atoms in enumerate(frames):
-        for symbol in atoms.get_chemical_symbols():
-            counts[row, index[symbol]] += 1
-    energies = np.array([reference_energy(atoms) for atoms in frames], dtype=float)
-    solution, *_ = np.linalg.lstsq(counts, energies, rcond=None)
-    return {el: float(solution[index[el]]) for el in elements}
-
-
-def read_isolated_energies(
-    source: str | os.PathLike | Mapping[str, float], elements: Sequence[str]
-) -> dict[str, float]:
-    """Isolated-atom energies from a mapping or a file of single-atom configurations."""
-    if isinstance(source, Mapping):
-        energies = {str(k): float(v) for k, v in source.items()}
-        name = "isolated_energies"
-    else:
-        name = str(source)
-        energies = {}
-        for number, atoms in enumerate(read_structures(source)):
-            if len(atoms) != 1:
-                raise InputError(
-                    f"{source}: configuration {number} has {len(atoms)} atoms, expected 1 "
-                    "(a file of isolated atoms)"
-                )
-            energy = reference_energy(atoms)
-            if energy is None:
-                raise InputError(f"{source}: configuration {number} has no energy")
-            energies[atoms.get_chemical_symbols()[0]] = float(energy)
-    missing = [el for el in elements if el not in energies]
-    if missing:
-        raise InputError(f"{name}: no isolated-atom energy for element(s) {missing}")
-    return {el: energies[el] for el in elements}
-
-
+# Generic data preparation lives in mlipuq.training_data; these names stay importable
+# from here for existing scripts.
 def _sha256(path: Path) -> str:
     from mlipuq.provenance import file_sha256
 
     return file_sha256(path)
-
-
-def _write_frames(path: Path, frames: Sequence[Atoms]) -> None:
-    from ase.io import write
-
-    with atomic_path(path, suffix=".extxyz") as tmp:
-        write(tmp, list(frames), format="extxyz")
 
 
 # ---------------------------------------------------------------------- subprocesses
@@ -613,28 +481,6 @@ def _check_resumed_val_file(folder: RunFolder, val_file) -> None:
         )
 
 
-def split_or_read_val(
-    frames: Sequence[Atoms], elements: Sequence[str], *, val_fraction: float, seed: int,
-    val_file: str | os.PathLike | None,
-) -> tuple[np.ndarray, np.ndarray, list[Atoms]]:
-    """(training frame numbers, held-out frame numbers, validation frames).
-
-    Without ``val_file`` a seeded split of ``frames``; with it every frame trains and
-    the validation frames are read from ``val_file`` (InputError for an element the
-    training set does not have).
-    """
-    if val_file is None:
-        train_idx, val_idx = split_train_val(len(frames), val_fraction=val_fraction, seed=seed)
-        return train_idx, val_idx, [frames[i] for i in val_idx]
-    val_frames = read_training_set(val_file)
-    extra = sorted(set(check_elements(val_frames, str(val_file))) - set(elements))
-    if extra:
-        raise InputError(
-            f"{val_file}: element(s) {extra} not in the training set (elements {list(elements)})"
-        )
-    return np.arange(len(frames)), np.zeros(0, dtype=int), val_frames
-
-
 def _new_run(
     train_file, run_dir: Path, *, preset, config, epochs, n_models, seed, val_fraction,
     val_file, isolated_energies, log_mode, weights, threads, overwrite, r_max,
@@ -678,13 +524,9 @@ def _new_run(
         "threads": threads,
         "log_mode": log_mode,
         "weights": "raw" if log_mode == "in_batch" else weights,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    folder = RunFolder.create(run_dir, meta, overwrite=overwrite)
-    _write_frames(folder.train_path, train_frames)
-    _write_frames(folder.val_path, val_frames)
-    AtomTable.from_atoms(train_frames).save(folder.path / "atom_table.npz")
-    return folder
+    return create_run(run_dir, train_frames, val_frames, backend="nequip", meta=meta,
+                      overwrite=overwrite)
 
 
 def _train_member(
@@ -844,6 +686,7 @@ def train_reweighted(
         "n_models": n_models,
         "seeds": [seed + i for i in range(n_models)],
         "model_ids": [f"model_{i}" for i in range(n_models)],
+        "backend": "nequip",
         "train_file": source.train_path.name,
         "threads": threads,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
