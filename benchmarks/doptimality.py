@@ -1,19 +1,37 @@
-"""Benchmark: MaxVol active-set build and extrapolation-grade throughput.
+"""Benchmark: D-optimality's core against pacemaker's, side by side on the same rows.
 
-Every measurement runs in its own subprocess (1 thread) so that its peak memory
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of that process, i.e. peak RSS
-including the input matrix) is its own. Baselines are measured in the same run:
-pacemaker's python implementation (``pyace.activelearning.compute_active_set`` /
-``compute_extrapolation_grade``, compiled ``c_maxvol``) when ``pyace`` imports,
-and a plain numpy one-liner for gamma.
+Measured in one run, for each size n:
+
+* single-pass MaxVol: ``mlipuq.maxvol.maxvol(X)`` and the API around it
+  (``DOptimalityEstimator.fit``) against pacemaker's ``compute_active_set``
+  (compiled ``c_maxvol``): times, time ratio and both log|det|;
+* batch MaxVol (``batch_size``): time and |det| relative to the single pass;
+* gamma throughput, one element and two (alternating rows): the API
+  (``DOptimalityEstimator.gamma(X, species)``: validation + grade), the kernel
+  (``extrapolation_grade`` / ``extrapolation_grade_by_group``) and a numpy
+  one-liner against pacemaker's ``compute_extrapolation_grade``, all with the same
+  inverse(s); pacemaker receives the rows already split per element, as its API
+  expects (the split is not timed);
+
+and once: batch-vs-single |det| on 10^5 x 64 Gaussian matrices, several seeds and
+batch sizes (the spread of local maxima).
+
+Every measurement runs in its own subprocess (OMP/OpenBLAS/MKL threads = 1), so
+that its peak memory (``ru_maxrss`` of that process, including the input matrix)
+is its own. Times are the best of ``--repeat`` runs (gamma: of as many runs as fit
+in 1 s, at least ``--repeat``), wall and CPU (process) seconds;
+on a loaded machine the CPU seconds are the steadier figure. Ratios > 1 mean
+ours is faster (baseline time / our time). pacemaker parts are skipped, with a
+message, when ``pyace`` does not import.
 
 Synthetic features: x = z @ M with z ~ N(0, 1) and M a fixed random (D, D) matrix
 whose singular values decay geometrically from 1 to 1e-3 (ACE-like conditioning).
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/doptimality.py                 # 1e5 and 1e6 x 64
-    OMP_NUM_THREADS=1 python benchmarks/doptimality.py --sizes 20000 --no-pyace   # quick
+    OMP_NUM_THREADS=1 python benchmarks/doptimality.py                    # 1e5 and 1e6 x 64
+    OMP_NUM_THREADS=1 python benchmarks/doptimality.py --sizes 100000     # ~1 min
+    OMP_NUM_THREADS=1 python benchmarks/doptimality.py --sizes 20000 --no-pyace --seeds 1
 """
 
 from __future__ import annotations
@@ -31,6 +49,7 @@ import numpy as np
 GOAL_SECONDS = 60.0
 GOAL_MEMORY_MB = 2048.0
 GOAL_GAMMA_RATE = 1e6
+ELEMENTS = ("Cu", "O")
 
 
 def make_features(n_rows: int, dim: int, seed: int = 0, chunk: int = 20_000) -> np.ndarray:
@@ -50,59 +69,131 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def worker(task: str, n_rows: int, dim: int, batch_size: int) -> dict:
+def _best_of(repeat: int, run, min_seconds: float = 0.0, max_runs: int = 50):
+    """(best wall s, best CPU s, last result) over at least ``repeat`` calls of ``run()``,
+    repeated until ``min_seconds`` of wall time were spent (at most ``max_runs`` calls)."""
+    wall, cpu, result, spent, runs = np.inf, np.inf, None, 0.0, 0
+    while runs < repeat or (spent < min_seconds and runs < max_runs):
+        w0, c0 = time.perf_counter(), time.process_time()
+        result = run()
+        elapsed = time.perf_counter() - w0
+        wall, cpu = min(wall, elapsed), min(cpu, time.process_time() - c0)
+        spent, runs = spent + elapsed, runs + 1
+    return wall, cpu, result
+
+
+def _logdet(rows: np.ndarray) -> float:
+    return float(np.linalg.slogdet(rows)[1])
+
+
+def worker(task: str, n_rows: int, dim: int, batch_size: int, repeat: int) -> dict:
     """One measurement in this process; returns a JSON-able dict."""
+    info: dict = {"task": task, "n": n_rows, "dim": dim}
+    if task == "batch_gaussian":  # n_rows = seed count; batch sizes fixed below
+        from mlipuq.maxvol import maxvol
+
+        info["runs"] = []
+        for seed in range(n_rows):
+            x = np.random.default_rng(seed).standard_normal((100_000, dim))
+            single = _logdet(x[maxvol(x).indices])
+            for size in (8192, 20_000, 50_000):
+                batched = _logdet(x[maxvol(x, batch_size=size).indices])
+                info["runs"].append([seed, size, batched - single])
+        return info
     features = make_features(n_rows, dim)
     rss_input = _peak_mb()
-    info: dict = {"task": task, "n": n_rows, "dim": dim}
-    if task in ("ours_batch", "ours_dense"):
+    n_el = 2 if task.endswith("_2el") else 1
+    species = np.array(ELEMENTS[:n_el] * (n_rows // n_el) + ELEMENTS[: n_rows % n_el])
+    if task in ("maxvol_ours", "maxvol_batch", "fit_ours", "maxvol_pyace"):
         from mlipuq.maxvol import active_set_inverse, extrapolation_grade, maxvol
 
-        start = time.perf_counter()
-        result = maxvol(features, batch_size=batch_size if task == "ours_batch" else None)
-        info["seconds"] = time.perf_counter() - start
-        rows = features[result.indices]
-        info["swaps"] = result.n_swaps
-        info["logdet"] = float(np.linalg.slogdet(rows)[1])
-        info["max_train_gamma"] = float(
-            extrapolation_grade(features, active_set_inverse(rows)).max()
-        )
-    elif task == "pyace_active_set":
-        from pyace.activelearning import compute_active_set
+        if task == "maxvol_pyace":
+            from pyace.activelearning import compute_active_set
 
-        start = time.perf_counter()
-        sets = compute_active_set({0: features}, tol=1.01, max_iters=100_000)
-        info["seconds"] = time.perf_counter() - start
-        rows = sets[0]
-        info["logdet"] = float(np.linalg.slogdet(rows)[1])
-        inverse = np.linalg.pinv(rows)
-        info["max_train_gamma"] = float(np.abs(features @ inverse).max())
+            def run():
+                return compute_active_set({0: features}, tol=1.01, max_iters=10**7)[0]
+
+            wall, cpu, rows = _best_of(repeat, run)
+            inverse = np.linalg.pinv(rows)
+        elif task == "fit_ours":
+            from mlipuq.doptimality import DOptimalityEstimator
+
+            def run():
+                est = DOptimalityEstimator()
+                return getattr(est, "fit_arrays", est.fit)(features, species)
+
+            wall, cpu, est = _best_of(repeat, run)
+            rows, inverse = est.active_sets_["Cu"], est.active_inverse_["Cu"]
+        else:
+            size = batch_size if task == "maxvol_batch" else None
+            wall, cpu, result = _best_of(repeat, lambda: maxvol(features, batch_size=size))
+            rows = features[result.indices]
+            inverse = active_set_inverse(rows)
+            info["swaps"] = result.n_swaps
+        info["logdet"] = _logdet(rows)
+        info["max_train_gamma"] = float(extrapolation_grade(features, inverse).max())
     elif task.startswith("gamma_"):
-        from mlipuq.maxvol import extrapolation_grade
+        inverses = {
+            el: np.linalg.inv(features[k * dim : (k + 1) * dim] + np.eye(dim))
+            for k, el in enumerate(ELEMENTS[:n_el])
+        }
+        kind = task.removeprefix("gamma_").removesuffix("_2el")
+        if kind == "api":
+            from mlipuq.doptimality import DOptimalityEstimator
 
-        inverse = np.linalg.inv(features[:dim] + np.eye(dim))
-        runs = {}
-        for _ in range(2):  # best of two
-            start = time.perf_counter()
-            if task == "gamma_ours":
-                gamma = extrapolation_grade(features, inverse)
-            elif task == "gamma_numpy":
-                gamma = np.abs(features @ inverse).max(axis=1)
+            est = DOptimalityEstimator.from_active_sets(
+                {el: np.linalg.inv(b) for el, b in inverses.items()}, inverses=inverses
+            )
+
+            def run():
+                return est.gamma(features, species)
+        elif kind == "kernel":
+            from mlipuq.maxvol import extrapolation_grade, extrapolation_grade_by_group
+
+            if n_el == 1:
+
+                def run():
+                    return extrapolation_grade(features, inverses["Cu"])
             else:
-                from pyace.activelearning import compute_extrapolation_grade
 
-                gamma = compute_extrapolation_grade({0: features}, {0: inverse})[0]
-            runs[time.perf_counter() - start] = float(gamma.sum())
-        info["seconds"] = min(runs)
-        info["atoms_per_s"] = n_rows / info["seconds"]
+                def run():
+                    return extrapolation_grade_by_group(features, species, inverses)
+        elif kind == "numpy" and n_el == 1:
+
+            def run():
+                return np.abs(features @ inverses["Cu"]).max(axis=1)
+        elif kind == "numpy":
+            masks = [species == el for el in inverses]
+
+            def run():
+                gamma = np.empty(n_rows)
+                for mask, inverse in zip(masks, inverses.values(), strict=True):
+                    gamma[mask] = np.abs(features[mask] @ inverse).max(axis=1)
+                return gamma
+        else:
+            from pyace.activelearning import compute_extrapolation_grade
+
+            split = {0: features}  # pacemaker's input: one (n_s, D) array per species type
+            if n_el > 1:
+                split = {k: features[species == el] for k, el in enumerate(inverses)}
+            by_type = dict(enumerate(inverses.values()))
+
+            def run():
+                return compute_extrapolation_grade(split, by_type)
+
+        wall, cpu, _ = _best_of(repeat, run, min_seconds=1.0)
+    else:
+        raise ValueError(f"unknown task {task}")
+    info.update(wall=wall, cpu=cpu)
     info["peak_rss_mb"] = _peak_mb()
     info["peak_above_input_mb"] = info["peak_rss_mb"] - rss_input
     return info
 
 
-def run_task(task: str, n_rows: int, dim: int, batch_size: int) -> dict | None:
+def run_task(task: str, n_rows: int, dim: int, batch_size: int, repeat: int) -> dict | None:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, __file__, "--worker", task, str(n_rows), str(dim), str(batch_size)]
+    cmd += ["--repeat", str(repeat)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         print(f"  {task} n={n_rows}: failed ({proc.stderr.strip().splitlines()[-1:]})")
@@ -110,68 +201,131 @@ def run_task(task: str, n_rows: int, dim: int, batch_size: int) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _ratio(base: dict | None, ours: dict | None) -> str:
+    if not base or not ours:
+        return "n/a"
+    return f"{base['wall'] / ours['wall']:.2f}x wall, {base['cpu'] / ours['cpu']:.2f}x cpu"
+
+
+def _maxvol_section(n_rows: int, args: argparse.Namespace, have_pyace: bool) -> None:
+    tasks = {
+        "maxvol_ours": "ours  maxvol(X)",
+        "fit_ours": "ours  DOptimalityEstimator.fit",
+        "maxvol_batch": f"ours  maxvol(X, batch_size={args.batch_size})",
+    }
+    if have_pyace:
+        tasks["maxvol_pyace"] = "pyace compute_active_set"
+    print(
+        f"  {'MaxVol (tol 1.01)':34s} {'wall s':>7s} {'cpu s':>7s} {'peak MB':>8s} "
+        f"{'log|det|':>9s} {'swaps':>6s}  max train gamma"
+    )
+    done = {}
+    for task, label in tasks.items():
+        info = run_task(task, n_rows, args.dim, args.batch_size, args.repeat)
+        done[task] = info
+        if info:
+            print(
+                f"  {label:34s} {info['wall']:7.2f} {info['cpu']:7.2f} "
+                f"{info['peak_rss_mb']:8.0f} {info['logdet']:9.3f} "
+                f"{info.get('swaps', ''):>6}  {info['max_train_gamma']:.4f}"
+            )
+    ours, pyace, batch = done.get("maxvol_ours"), done.get("maxvol_pyace"), done["maxvol_batch"]
+    if ours and pyace:
+        print(
+            f"  single pass, pyace time / our time: {_ratio(pyace, ours)}; "
+            f"|det| ours / pyace = exp({ours['logdet'] - pyace['logdet']:+.3f})"
+        )
+        if done.get("fit_ours"):
+            print(f"  DOptimalityEstimator.fit vs pyace: {_ratio(pyace, done['fit_ours'])}")
+    if ours and batch:
+        gap = batch["logdet"] - ours["logdet"]
+        print(
+            f"  batch / single pass: time {batch['wall'] / ours['wall']:.2f}x, "
+            f"|det| exp({gap:+.3f}) = {np.exp(gap):.3f}"
+        )
+    if batch:
+        ok_t, ok_m = batch["wall"] <= GOAL_SECONDS, batch["peak_rss_mb"] <= GOAL_MEMORY_MB
+        print(f"  batch goal <= {GOAL_SECONDS:.0f} s: {ok_t}; <= {GOAL_MEMORY_MB:.0f} MB: {ok_m}")
+
+
+def _gamma_section(n_rows: int, args: argparse.Namespace, have_pyace: bool, n_el: int) -> None:
+    suffix = "_2el" if n_el == 2 else ""
+    kernel = "extrapolation_grade" + ("_by_group" if n_el == 2 else "")
+    tasks = {
+        "gamma_api": "ours  DOptimalityEstimator.gamma",
+        "gamma_kernel": f"ours  {kernel}",
+        "gamma_numpy": "numpy abs(X @ B).max(1) per element",
+    }
+    if have_pyace:
+        tasks["gamma_pyace"] = "pyace compute_extrapolation_grade"
+    title = "gamma, 1 element" if n_el == 1 else "gamma, 2 elements (alternating)"
+    print(f"  {title:39s} {'M atoms/s':>9s} {'(cpu)':>7s} {'MB over input':>14s}")
+    done = {}
+    for task, label in tasks.items():
+        info = run_task(task + suffix, n_rows, args.dim, args.batch_size, args.repeat)
+        done[task] = info
+        if info:
+            print(
+                f"  {label:39s} {n_rows / info['wall'] / 1e6:9.2f} "
+                f"{n_rows / info['cpu'] / 1e6:7.2f} {info['peak_above_input_mb']:14.0f}"
+            )
+    if done.get("gamma_pyace"):
+        for task in ("gamma_api", "gamma_kernel"):
+            print(f"  {tasks[task][6:]} / pyace: {_ratio(done['gamma_pyace'], done[task])}")
+    if n_el == 1 and done.get("gamma_api"):
+        rate = n_rows / done["gamma_api"]["wall"]
+        print(f"  goal >= {GOAL_GAMMA_RATE:.0e} atoms/s (API, wall): {rate >= GOAL_GAMMA_RATE}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=2, help="best of this many runs")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="Gaussian seeds for batch |det| (0: skip)"
+    )
     parser.add_argument("--no-pyace", action="store_true", help="skip the pacemaker baseline")
-    parser.add_argument("--no-dense", action="store_true", help="skip our non-batch MaxVol")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         task, n_rows, dim, batch = args.worker
-        print(json.dumps(worker(task, int(n_rows), int(dim), int(batch))))
+        print(json.dumps(worker(task, int(n_rows), int(dim), int(batch), args.repeat)))
         return 0
-    try:
-        import pyace.activelearning  # noqa: F401
+    have_pyace = False
+    if not args.no_pyace:
+        try:
+            import pyace.activelearning  # noqa: F401
 
-        have_pyace = not args.no_pyace
-    except ImportError:
-        have_pyace = False
-        print("pyace not importable: no pacemaker baseline")
-    print(f"D = {args.dim}, batch_size = {args.batch_size}, 1 thread, peak = ru_maxrss per process")
+            have_pyace = True
+        except ImportError as exc:
+            print(f"pyace not importable ({exc}): pacemaker baselines skipped")
+    print(
+        f"D = {args.dim}, batch_size = {args.batch_size}, 1 thread, best of {args.repeat} "
+        f"(gamma: >= 1 s of runs), peak = ru_maxrss per process, load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     for n_rows in args.sizes:
         print(f"\n== n = {n_rows:,} rows x {args.dim} ==")
-        tasks = ["ours_batch"] + ([] if args.no_dense else ["ours_dense"])
-        tasks += ["pyace_active_set"] if have_pyace else []
-        build = {t: run_task(t, n_rows, args.dim, args.batch_size) for t in tasks}
-        for task, info in build.items():
-            if info:
-                print(
-                    f"  active set {task:17s} {info['seconds']:8.2f} s  "
-                    f"peak {info['peak_rss_mb']:7.0f} MB (+{info['peak_above_input_mb']:.0f} "
-                    f"over input)  log|det| {info['logdet']:.3f}  "
-                    f"max train gamma {info['max_train_gamma']:.4f}"
-                )
-        ours = build.get("ours_batch")
-        if ours:
-            ok_t, ok_m = ours["seconds"] <= GOAL_SECONDS, ours["peak_rss_mb"] <= GOAL_MEMORY_MB
+        _maxvol_section(n_rows, args, have_pyace)
+        _gamma_section(n_rows, args, have_pyace, 1)
+        _gamma_section(n_rows, args, have_pyace, 2)
+    if args.seeds:
+        print(
+            f"\n== batch vs single-pass |det|, 100,000 x {args.dim} Gaussian, "
+            f"seeds 0-{args.seeds - 1} =="
+        )
+        info = run_task("batch_gaussian", args.seeds, args.dim, 0, 1)
+        if info:
+            gaps = np.array([gap for _, _, gap in info["runs"]])
+            for seed, size, gap in info["runs"]:
+                print(f"  seed {seed} batch_size {size:6d}: |det| batch / single {np.exp(gap):.3f}")
             print(
-                f"  goal <= {GOAL_SECONDS:.0f} s: {ok_t}; goal <= {GOAL_MEMORY_MB:.0f} MB: {ok_m}"
+                f"  range {np.exp(gaps.min()):.3f} - {np.exp(gaps.max()):.3f}, geometric mean "
+                f"{np.exp(gaps.mean()):.3f}, batch larger in {int((gaps > 0).sum())}/{len(gaps)}"
             )
-            for base in ("ours_dense", "pyace_active_set"):
-                if build.get(base):
-                    print(
-                        f"  time ratio {base} / ours_batch = "
-                        f"{build[base]['seconds'] / ours['seconds']:.2f}; "
-                        f"|det| ratio ours_batch / {base} = "
-                        f"exp({ours['logdet'] - build[base]['logdet']:+.3f})"
-                    )
-        gamma_tasks = ["gamma_ours", "gamma_numpy"] + (["gamma_pyace"] if have_pyace else [])
-        grades = {t: run_task(t, n_rows, args.dim, args.batch_size) for t in gamma_tasks}
-        for task, info in grades.items():
-            if info:
-                print(
-                    f"  {task:12s} {info['atoms_per_s'] / 1e6:7.2f} M atoms/s  "
-                    f"peak +{info['peak_above_input_mb']:.0f} MB over input"
-                )
-        if grades.get("gamma_ours"):
-            rate = grades["gamma_ours"]["atoms_per_s"]
-            print(f"  goal >= {GOAL_GAMMA_RATE:.0e} atoms/s: {rate >= GOAL_GAMMA_RATE}")
-            for base in ("gamma_numpy", "gamma_pyace"):
-                if grades.get(base):
-                    print(f"  speed ratio ours / {base} = {rate / grades[base]['atoms_per_s']:.2f}")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 

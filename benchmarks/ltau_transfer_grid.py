@@ -75,7 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_outputs,
         split_configurations,
         subset_data,
-        subset_outputs,
     )
     from mlipuq.run_folder import RunFolder
 
@@ -88,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     outputs, _ = model_outputs(run, data.frames, model_ids=["model_0"])
     out = outputs["model_0"]
     is_cal = split_configurations(data.groups, args.in_domain, 0.5, args.seed)
-    cal_out, held_out = subset_outputs(out, is_cal), subset_outputs(out, ~is_cal)
+    cal_out, held_out = out.subset(is_cal), out.subset(~is_cal)
     cal_data, held = subset_data(data, is_cal), subset_data(data, ~is_cal)
     cal_err = np.linalg.norm(cal_data.ref_forces - cal_out.forces, axis=1)
     err = np.linalg.norm(held.ref_forces - held_out.forces, axis=1)

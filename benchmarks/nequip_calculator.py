@@ -98,16 +98,22 @@ def train_and_fit(name: str, frames: list, workdir: Path, *, preset: str, epochs
     trained = time.perf_counter() - started
     model_path = run.model_path("model_0")
     outputs = NequIPBackend(model_path, threads=1).outputs(run.train_frames())
-    ltau = LTAUEstimator(k=k, n_threads=1).fit_arrays(run.store, outputs.descriptors, outputs.species)
-    info = {"n_train_atoms": int(outputs.descriptors.shape[0]),
-            "n_features": int(outputs.descriptors.shape[1]),
-            "index": dict(ltau.index_kinds_), "train_seconds": round(trained, 1)}
+    ltau = LTAUEstimator(k=k, n_threads=1).fit_arrays(
+        run.store, outputs.descriptors, outputs.species
+    )
+    info = {
+        "n_train_atoms": int(outputs.descriptors.shape[0]),
+        "n_features": int(outputs.descriptors.shape[1]),
+        "index": dict(ltau.index_kinds_),
+        "train_seconds": round(trained, 1),
+    }
     return model_path, ltau, info
 
 
 # ---------------------------------------------------------------------- timing
-def time_calls(calculators: dict, atoms, *, n_repeat: int, n_warmup: int, seed: int,
-               ltau=None) -> dict[str, list[float]]:
+def time_calls(
+    calculators: dict, atoms, *, n_repeat: int, n_warmup: int, seed: int, ltau=None
+) -> dict[str, list[float]]:
     """Seconds per call of each calculator (interleaved) and of ``ltau.predict``."""
     from ase.calculators.calculator import all_changes
 
@@ -163,13 +169,15 @@ def calculators_for(model_path: Path, ltau, *, compiled: Path | None = None) -> 
             str(model_path), chemical_species_to_atom_type_map=True
         )
         uq = UQCalculator.from_model(model_path)
-        with_ltau = UQCalculator.from_model(model_path, estimators={"ltau": ltau},
-                                            keep_descriptors=True)
+        with_ltau = UQCalculator.from_model(
+            model_path, estimators={"ltau": ltau}, keep_descriptors=True
+        )
     else:
         base = None
         uq = UQCalculator.from_compiled(compiled)
-        with_ltau = UQCalculator.from_compiled(compiled, estimators={"ltau": ltau},
-                                               keep_descriptors=True)
+        with_ltau = UQCalculator.from_compiled(
+            compiled, estimators={"ltau": ltau}, keep_descriptors=True
+        )
     calcs = {"nequip": base, "uq": uq, "uq_ltau": with_ltau}
     return {name: calc for name, calc in calcs.items() if calc is not None}
 
@@ -196,10 +204,18 @@ def summarise(times: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
-def bench_calculator(*, preset: str = "small", epochs: int = 3, n_repeat: int = 40,
-                     n_warmup: int = 5, k: int = 5, compile_models: bool = False,
-                     quick: bool = False, workdir: str | os.PathLike | None = None,
-                     seed: int = 0) -> dict:
+def bench_calculator(
+    *,
+    preset: str = "small",
+    epochs: int = 3,
+    n_repeat: int = 40,
+    n_warmup: int = 5,
+    k: int = 5,
+    compile_models: bool = False,
+    quick: bool = False,
+    workdir: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> dict:
     """Run the benchmark; print a table and return the figures as a dict.
 
     Parameters
@@ -227,22 +243,35 @@ def bench_calculator(*, preset: str = "small", epochs: int = 3, n_repeat: int = 
     if quick:
         preset, epochs, n_repeat, n_warmup = "tiny", 1, 5, 1
     n_train = {"molecule": 30 if quick else 300, "periodic": 4 if quick else 40}
-    temporary = tempfile.TemporaryDirectory(prefix="mlipuq_bench_calc_") if workdir is None \
-        else None
+    temporary = (
+        tempfile.TemporaryDirectory(prefix="mlipuq_bench_calc_") if workdir is None else None
+    )
     root = Path(workdir if workdir is not None else temporary.name)
     root.mkdir(parents=True, exist_ok=True)
-    results = {"preset": preset, "k": k, "n_repeat": n_repeat, "threads": 1,
-               "torch": torch.__version__, "systems": {}}
+    results = {
+        "preset": preset,
+        "k": k,
+        "n_repeat": n_repeat,
+        "threads": 1,
+        "torch": torch.__version__,
+        "systems": {},
+    }
     try:
         with torch_threads(1):
             for name, make in (("molecule", molecule_system), ("periodic", periodic_system)):
                 frames, test, description = make(n_train[name], seed)
-                model_path, ltau, info = train_and_fit(name, frames, root, preset=preset,
-                                                       epochs=epochs, k=k)
+                model_path, ltau, info = train_and_fit(
+                    name, frames, root, preset=preset, epochs=epochs, k=k
+                )
                 entry = {"description": description, "n_atoms": len(test), **info}
-                medians = time_calls(calculators_for(model_path, ltau), test,
-                                     n_repeat=n_repeat, n_warmup=n_warmup, seed=seed,
-                                     ltau=ltau)
+                medians = time_calls(
+                    calculators_for(model_path, ltau),
+                    test,
+                    n_repeat=n_repeat,
+                    n_warmup=n_warmup,
+                    seed=seed,
+                    ltau=ltau,
+                )
                 entry["eager"] = summarise(medians)
                 if compile_models:
                     from mlipuq.backends.nequip.compile import compile_model
@@ -250,9 +279,14 @@ def bench_calculator(*, preset: str = "small", epochs: int = 3, n_repeat: int = 
                     started = time.perf_counter()
                     compiled = compile_model(model_path, root / f"{name}.nequip.pt2")
                     entry["compile_seconds"] = round(time.perf_counter() - started, 1)
-                    medians = time_calls(calculators_for(model_path, ltau, compiled=compiled),
-                                         test, n_repeat=n_repeat, n_warmup=n_warmup,
-                                         seed=seed, ltau=ltau)
+                    medians = time_calls(
+                        calculators_for(model_path, ltau, compiled=compiled),
+                        test,
+                        n_repeat=n_repeat,
+                        n_warmup=n_warmup,
+                        seed=seed,
+                        ltau=ltau,
+                    )
                     entry["compiled"] = summarise(medians)
                 results["systems"][name] = entry
                 print_entry(name, entry)
@@ -265,23 +299,30 @@ def bench_calculator(*, preset: str = "small", epochs: int = 3, n_repeat: int = 
 def print_entry(name: str, entry: dict) -> None:
     """One block of the table for a system."""
     print(f"\n[{name}] {entry['description']}; test structure {entry['n_atoms']} atoms")
-    print(f"  LTAU: {entry['n_train_atoms']} training atoms, D={entry['n_features']}, "
-          f"index {entry['index']}")
+    print(
+        f"  LTAU: {entry['n_train_atoms']} training atoms, D={entry['n_features']}, "
+        f"index {entry['index']}"
+    )
     for mode in ("eager", "compiled"):
         if mode not in entry:
             continue
         row = entry[mode]
         for label, suffix in (("median", ""), ("min", "_min")):
-            names = [key[: -len(f"{suffix}_ms")] for key in row
-                     if key.endswith(f"{suffix}_ms") and (suffix or not key.endswith("_min_ms"))]
+            names = [
+                key[: -len(f"{suffix}_ms")]
+                for key in row
+                if key.endswith(f"{suffix}_ms") and (suffix or not key.endswith("_min_ms"))
+            ]
             parts = [f"{n} {row[f'{n}{suffix}_ms']:.3f} ms" for n in names]
             print(f"  {mode:8s} {label:6s} " + ", ".join(parts))
             ratio = row.get(f"uq_over_nequip{suffix}")
-            print(f"  {'':15s} LTAU overhead (with/without - 1): "
-                  f"{100 * row[f'ltau_overhead{suffix}']:+.1f} %; predict / forward: "
-                  f"{100 * row[f'predict_over_forward{suffix}']:.1f} %; UQ hook / forward: "
-                  f"{100 * row[f'hook_over_forward{suffix}']:.1f} %"
-                  + (f"; UQCalculator / NequIPCalculator: {ratio:.3f}" if ratio else ""))
+            print(
+                f"  {'':15s} LTAU overhead (with/without - 1): "
+                f"{100 * row[f'ltau_overhead{suffix}']:+.1f} %; predict / forward: "
+                f"{100 * row[f'predict_over_forward{suffix}']:.1f} %; UQ hook / forward: "
+                f"{100 * row[f'hook_over_forward{suffix}']:.1f} %"
+                + (f"; UQCalculator / NequIPCalculator: {ratio:.3f}" if ratio else "")
+            )
     if "compile_seconds" in entry:
         print(f"  compile time (AOTInductor, mlipuq_ase target): {entry['compile_seconds']} s")
 
@@ -299,9 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    results = bench_calculator(preset=args.preset, epochs=args.epochs, n_repeat=args.n_repeat,
-                               k=args.k, compile_models=args.compile, quick=args.quick,
-                               workdir=args.workdir)
+    results = bench_calculator(
+        preset=args.preset,
+        epochs=args.epochs,
+        n_repeat=args.n_repeat,
+        k=args.k,
+        compile_models=args.compile,
+        quick=args.quick,
+        workdir=args.workdir,
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -81,9 +81,15 @@ def evaluate_both(run, sets: dict, spec: dict, args, out: Path, start: float) ->
     for transfer in TRANSFERS:
         t0 = time.perf_counter()
         metrics[transfer] = evaluate_run(
-            run, sets, out_dir=out / f"report_{transfer}", calibration_set=spec["calibration"],
-            in_domain=spec["in_domain"], ltau_transfer=transfer, threads=args.threads,
-            seed=args.seed, title=f"mlipuq OOD benchmark: {args.system}, LTAU {transfer}",
+            run,
+            sets,
+            out_dir=out / f"report_{transfer}",
+            calibration_set=spec["calibration"],
+            in_domain=spec["in_domain"],
+            params={"ltau": {"transfer": transfer}},
+            threads=args.threads,
+            seed=args.seed,
+            title=f"mlipuq OOD benchmark: {args.system}, LTAU {transfer}",
             progress=lambda message: note(message, start),
         )
         note(f"evaluated with transfer={transfer} in {time.perf_counter() - t0:.0f} s", start)
@@ -101,44 +107,79 @@ def goal_tables(metrics: dict, spec: dict) -> tuple[str, dict]:
     inside = [n for n, t in table.items() if t["in_domain"]]
     outside = [n for n, t in table.items() if not t["in_domain"]]
     verdict = {"auc": True, "ece_in": True, "ece_out": True, "spearman": True, "cost": True}
-    lines = ["| set | role | configs | force MAE model_0 (eV/Å, per component) | "
-             "force MAE of the norm | energy MAE (meV/atom) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| set | role | configs | force MAE model_0 (eV/Å, per component) | "
+        "force MAE of the norm | energy MAE (meV/atom) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, entry in table.items():
         row = entry["model_0"]
         energy = row["energy_mae_per_atom"]
-        lines.append(f"| {name} | {'in' if entry['in_domain'] else 'out'} | "
-                     f"{entry['n_configs']} | {fmt(row['force_mae_component'], '{:.4f}')} | "
-                     f"{fmt(row['force_mae_norm'], '{:.4f}')} | "
-                     f"{fmt(None if energy is None else 1e3 * energy, '{:.2f}')} |")
-    lines += ["", "ROC-AUC against the held-out in-domain configurations (TPR at the fitted "
-              "threshold; in-domain FPR in the last row):", "",
-              "| set | LTAU distance (calibrated) | LTAU mean (calibrated) | ensemble | "
-              "D-optimality | k-NN distance z | goal |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {'in' if entry['in_domain'] else 'out'} | "
+            f"{entry['n_configs']} | {fmt(row['force_mae_component'], '{:.4f}')} | "
+            f"{fmt(row['force_mae_norm'], '{:.4f}')} | "
+            f"{fmt(None if energy is None else 1e3 * energy, '{:.2f}')} |"
+        )
+    lines += [
+        "",
+        "ROC-AUC against the held-out in-domain configurations (TPR at the fitted "
+        "threshold; in-domain FPR in the last row):",
+        "",
+        "| set | LTAU distance (calibrated) | LTAU mean (calibrated) | ensemble | "
+        "D-optimality | k-NN distance z | goal |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in outside:
-        auc = {m: _get(new, m, name, "roc_auc") for m in ("ltau_calibrated", "ensemble",
-                                                          "doptimality", "knn_distance")}
+        auc = {
+            m: _get(new, m, name, "roc_auc")
+            for m in ("ltau_calibrated", "ensemble", "doptimality", "knn_distance")
+        }
         tpr = {m: _get(new, m, name, "tpr") for m in auc}
         plain = _get(old, "ltau_calibrated", name, "roc_auc")
         ltau, ens = auc["ltau_calibrated"], auc["ensemble"]
-        ok = ltau is not None and ens is not None and ltau >= ens - 0.02 and (
-            ens < 0.90 or ltau >= 0.90)
+        ok = (
+            ltau is not None
+            and ens is not None
+            and ltau >= ens - 0.02
+            and (ens < 0.90 or ltau >= 0.90)
+        )
         verdict["auc"] &= ok
         cells = [f"{fmt(auc[m], '{:.2f}')} ({fmt(tpr[m], '{:.0%}')})" for m in auc]
-        lines.append(f"| {name} | {cells[0]} | {fmt(plain, '{:.2f}')} | {cells[1]} | "
-                     f"{cells[2]} | {cells[3]} | {'met' if ok else 'missed'} |")
-    fpr = {m: [_get(new, m, g, "fpr") for g in inside] for m in
-           ("ltau_calibrated", "ensemble", "doptimality", "knn_distance")}
-    lines.append("| in-domain FPR | " + " | ".join(
-        [fmt(fpr["ltau_calibrated"][0], "{:.0%}"), "", fmt(fpr["ensemble"][0], "{:.0%}"),
-         fmt(fpr["doptimality"][0], "{:.0%}"), fmt(fpr["knn_distance"][0], "{:.0%}"), ""])
-        + " |")
+        lines.append(
+            f"| {name} | {cells[0]} | {fmt(plain, '{:.2f}')} | {cells[1]} | "
+            f"{cells[2]} | {cells[3]} | {'met' if ok else 'missed'} |"
+        )
+    fpr = {
+        m: [_get(new, m, g, "fpr") for g in inside]
+        for m in ("ltau_calibrated", "ensemble", "doptimality", "knn_distance")
+    }
+    lines.append(
+        "| in-domain FPR | "
+        + " | ".join(
+            [
+                fmt(fpr["ltau_calibrated"][0], "{:.0%}"),
+                "",
+                fmt(fpr["ensemble"][0], "{:.0%}"),
+                fmt(fpr["doptimality"][0], "{:.0%}"),
+                fmt(fpr["knn_distance"][0], "{:.0%}"),
+                "",
+            ]
+        )
+        + " |"
+    )
     power = new["calibration"].get("distance_power")
     lines.append(f"\nbeta chosen by calibration (distance_power='auto'): {fmt(power, '{:g}')}")
 
-    lines += ["", "ECE of LTAU (p = CDF at atol / s_j), held-out atoms; s fitted on the "
-              "in-domain calibration split only:", "",
-              "| set | role | distance s = 1 | distance calibrated | mean s = 1 | "
-              "mean calibrated | goal |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "ECE of LTAU (p = CDF at atol / s_j), held-out atoms; s fitted on the "
+        "in-domain calibration split only:",
+        "",
+        "| set | role | distance s = 1 | distance calibrated | mean s = 1 | "
+        "mean calibrated | goal |",
+        "|---|---|---|---|---|---|---|",
+    ]
     cal_new, cal_old = new["calibration"], old["calibration"]
     for name, entry in table.items():
         if not entry["has_forces"]:
@@ -147,19 +188,28 @@ def goal_tables(metrics: dict, spec: dict) -> tuple[str, dict]:
         limit = 0.05 if entry["in_domain"] else 0.10
         ok = after is not None and after <= limit
         verdict["ece_in" if entry["in_domain"] else "ece_out"] &= ok
-        lines.append(f"| {name} | {'in' if entry['in_domain'] else 'out'} | "
-                     f"{fmt(cal_new['ece_before'].get(name))} | {fmt(after)} | "
-                     f"{fmt(cal_old['ece_before'].get(name))} | "
-                     f"{fmt(cal_old['ece_after'].get(name))} | "
-                     f"{'met' if ok else 'missed'} (<= {limit}) |")
-    lines.append(f"\ns fitted: distance {cal_new['scale']:.3f}"
-                 f"{' (at bound)' if cal_new['at_bound'] else ''}, mean {cal_old['scale']:.3f}"
-                 f"{' (at bound)' if cal_old['at_bound'] else ''}; atol = "
-                 f"{cal_new['atol']:.4g} eV/Å (mean force-error norm of the final model on "
-                 "the training atoms)")
+        lines.append(
+            f"| {name} | {'in' if entry['in_domain'] else 'out'} | "
+            f"{fmt(cal_new['ece_before'].get(name))} | {fmt(after)} | "
+            f"{fmt(cal_old['ece_before'].get(name))} | "
+            f"{fmt(cal_old['ece_after'].get(name))} | "
+            f"{'met' if ok else 'missed'} (<= {limit}) |"
+        )
+    lines.append(
+        f"\ns fitted: distance {cal_new['scale']:.3f}"
+        f"{' (at bound)' if cal_new['at_bound'] else ''}, mean {cal_old['scale']:.3f}"
+        f"{' (at bound)' if cal_old['at_bound'] else ''}; atol = "
+        f"{cal_new['atol']:.4g} eV/Å (mean force-error norm of the final model on "
+        "the training atoms)"
+    )
 
-    lines += ["", "Atom-level Spearman (calibrated LTAU uncertainty vs force error):", "",
-              "| set | distance | mean (paper) | goal (>= mean - 0.02) |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Atom-level Spearman (calibrated LTAU uncertainty vs force error):",
+        "",
+        "| set | distance | mean (paper) | goal (>= mean - 0.02) |",
+        "|---|---|---|---|",
+    ]
     for name, entry in table.items():
         if not entry["has_forces"]:
             continue
@@ -169,32 +219,44 @@ def goal_tables(metrics: dict, spec: dict) -> tuple[str, dict]:
         verdict["spearman"] &= ok
         lines.append(f"| {name} | {fmt(a)} | {fmt(b)} | {'met' if ok else 'missed'} |")
 
-    lines += ["", "Cost of the UQ step per atom, ratio to one forward pass of model_0 (same "
-              "run):", "", "| method | distance run | mean run |", "|---|---|---|"]
+    lines += [
+        "",
+        "Cost of the UQ step per atom, ratio to one forward pass of model_0 (same run):",
+        "",
+        "| method | distance run | mean run |",
+        "|---|---|---|",
+    ]
     for name in new["methods"]:
         a = new["methods"][name]["cost"]["relative_to_forward"]
         b = old["methods"].get(name, {}).get("cost", {}).get("relative_to_forward")
         lines.append(f"| {name} | {fmt(a, '{:.4f}')} | {fmt(b, '{:.4f}')} |")
         if name == "ltau_calibrated":
             verdict["cost"] &= a is not None and a <= 0.02
-    lines += ["", "Goals: " + ", ".join(f"{k} {'met' if v else 'missed'}"
-                                         for k, v in verdict.items())]
+    lines += [
+        "",
+        "Goals: " + ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in verdict.items()),
+    ]
     return "\n".join(lines), verdict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("system", choices=sorted(SYSTEMS))
-    parser.add_argument("data", nargs="?", default=None,
-                        help=f"shared data directory (default {DEFAULT_DATA})")
+    parser.add_argument(
+        "data", nargs="?", default=None, help=f"shared data directory (default {DEFAULT_DATA})"
+    )
     parser.add_argument("--reuse", default=None, help="existing run folder: skip training")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--preset", default="small", choices=("tiny", "small", "paper"))
     parser.add_argument("--r-max", type=float, default=5.0, help="cutoff in Å (tungsten)")
-    parser.add_argument("--val-fraction", type=float, default=0.3,
-                        help="validation share of the tungsten training files (the in-domain "
-                        "held-out data; acac is calibrated on test_MD_300K)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.3,
+        help="validation share of the tungsten training files (the in-domain "
+        "held-out data; acac is calibrated on test_MD_300K)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)

@@ -101,7 +101,7 @@ def evaluate_sets(estimators, outputs, forward, data, ltau_threshold: float) -> 
     base = outputs["model_0"]
     t0 = time.perf_counter()
     results[LABELS] = labels.predict_arrays(base.descriptors.astype(np.float64), base.species,
-                                     config_index=base.config_index)
+                                            config_index=base.config_index)
     seconds[LABELS] = (time.perf_counter() - t0) / len(base.species)
     seconds["ensemble"] += sum(v for m, v in forward.items() if m != "model_0")
 
@@ -132,7 +132,7 @@ def train_detection(estimators, train_outputs, ltau_threshold: float) -> dict:
     results, _ = predict_methods(estimators, train_outputs)
     base = train_outputs["model_0"]
     results[LABELS] = labels.predict_arrays(base.descriptors.astype(np.float64), base.species,
-                                     config_index=base.config_index)
+                                            config_index=base.config_index)
     out = {}
     for name, result in results.items():
         atom_flags, config_flags = result.atom_flags, result.config_flags
@@ -198,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch_threads(args.threads):
         note("fitting the methods on the training set", start)
         train_outputs, _ = model_outputs(run, run.train_frames(), threads=args.threads)
-        estimators = fit_methods(run, train_outputs=train_outputs, n_clusters=args.clusters,
+        estimators = fit_methods(run, train_outputs=train_outputs,
+                                 params={"clustered_doptimality": {"n_clusters": args.clusters}},
                                  threads=args.threads, seed=args.seed)
         estimators[LABELS] = fit_labels(run, train_outputs)
         train_rates = train_detection(estimators, train_outputs, args.ltau_threshold)

@@ -161,6 +161,8 @@ def end_to_end(out: str) -> None:
         "fitted": sorted(fitted),
         "metrics": sorted(metrics["methods"]),
         "report": str(metrics["report"]),
+        "roc_auc": {name: metrics["methods"][name]["metrics"]["all"]["roc_auc"]
+                    for name in methods},
         "torch": "torch" in sys.modules,
         "nequip": any(name.startswith("nequip") for name in sys.modules),
     }))
@@ -184,6 +186,8 @@ def test_fit_evaluate_report_without_torch(tmp_path):
     assert set(summary["fitted"]) == set(summary["methods"])
     assert set(summary["methods"]) <= set(summary["metrics"])  # every method evaluated
     assert Path(summary["report"]).name == "index.html" and Path(summary["report"]).is_file()
+    for name in ("ltau", "ensemble", "doptimality"):  # the fake errors are detectable
+        assert summary["roc_auc"][name] >= 0.75, (name, summary["roc_auc"])
     assert not summary["torch"], "the arrays pipeline imported torch"
     assert not summary["nequip"], "the arrays pipeline imported nequip"
 

@@ -168,14 +168,15 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     assert captured.out.strip().splitlines()[-1] == f"report: {out / 'index.html'}"
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"ltau", "ltau_calibrated", "knn_distance", "ensemble",
-                                       "doptimality", "clustered_doptimality"}
+                                       "doptimality", "clustered_doptimality", "llpr",
+                                       "llpr_calibrated"}
     # the normalised k-NN distance is scored as an out-of-domain detector of its own
     assert metrics["methods"]["knn_distance"]["metrics"]["hot"]["roc_auc"] is not None
     assert metrics["thresholds"]["knn_distance"]["source"] == "fitted"
-    # estimators were saved in the run folder
-    for name in ("ltau/estimator.json", "ltau/fit.json", "ensemble.json", "doptimality.npz",
-                 "clustered_doptimality.npz"):
-        assert (run_dir / name).is_file(), name
+    # every method was saved in the run folder, with its provenance
+    for name in ("ltau", "ensemble", "doptimality", "clustered_doptimality", "llpr"):
+        header = json.loads((run_dir / "methods" / name / "estimator.json").read_text())
+        assert header["provenance"]["backend"] == "nequip", name
     # ... with thresholds fitted on the run's validation frames (5 % in-domain FPR)
     from mlipuq.ltau import LTAUEstimator
     from mlipuq.pipeline import fit_thresholds, model_outputs, predict_methods
@@ -185,15 +186,15 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     val_out, _ = model_outputs(saved_run, val_frames)
     from mlipuq.ensemble import EnsembleEstimator
 
-    saved = {"doptimality": DOptimalityEstimator.load(run_dir / "doptimality.npz"),
-             "ensemble": EnsembleEstimator.load(run_dir / "ensemble.json")}
+    saved = {"doptimality": DOptimalityEstimator.load(run_dir / "methods" / "doptimality"),
+             "ensemble": EnsembleEstimator.load(run_dir / "methods" / "ensemble")}
     expected = fit_thresholds(predict_methods(saved, val_out)[0])
-    assert saved["doptimality"].threshold == pytest.approx(expected["doptimality"])
+    assert saved["doptimality"].threshold_ == pytest.approx(expected["doptimality"])
     fences = saved["ensemble"].thresholds_
     assert fences["config_force"] == pytest.approx(expected["ensemble"])
     assert fences["atom_force"] == fences["config_force"]
     assert saved["ensemble"].threshold_source_.startswith("forces: FPR 0.05 on val.extxyz")
-    ltau_saved = LTAUEstimator.load(run_dir / "ltau")
+    ltau_saved = LTAUEstimator.load(run_dir / "methods" / "ltau")
     assert ltau_saved.calibration_["n_configs"] == len(val_frames)
 
     run = RunFolder.open(run_dir)
@@ -207,7 +208,7 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
 
     err0 = np.linalg.norm(ref - outs[0].forces, axis=1)
 
-    gamma = DOptimalityEstimator.load(run_dir / "doptimality.npz").predict_arrays(
+    gamma = DOptimalityEstimator.load(run_dir / "methods" / "doptimality").predict_arrays(
         outs[0].descriptors.astype(float), outs[0].species).atom_uncertainty
     dopt = metrics["methods"]["doptimality"]["metrics"]["cold"]
     np.testing.assert_allclose(dopt["spearman_atom"], spearmanr(gamma, err0).statistic,
@@ -220,8 +221,9 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     assert hot_ltau["spearman_atom"] is None and hot_ltau["ece"] is None
     assert metrics["test_sets"]["hot"]["has_forces"] is False
     assert -1.0 <= metrics["methods"]["ensemble"]["metrics"]["hot"]["spearman_config_energy"] <= 1
-    cal = metrics["calibration"]
+    cal = metrics["calibration"]["ltau"]
     assert cal["calibration_set"] == "calib" and cal["scale"] > 0
+    assert metrics["calibration"]["llpr"]["alpha"] > 0
     # the energy-only set has no atoms to calibrate; calib counts its held-out half only
     assert cal["ece_before"]["hot"] is None and cal["ece_before"]["cold"] is not None
     assert metrics["test_sets"]["calib"]["n_configs"] == 3
@@ -248,7 +250,8 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     assert status == 0
     out = capsys.readouterr().out
     assert "using saved doptimality" in out and "fitting ltau on" in out
-    assert json.loads((run_dir / "ltau" / "estimator.json").read_text())["params"]["k"] == 4
+    header = json.loads((run_dir / "methods" / "ltau" / "estimator.json").read_text())
+    assert header["params"]["k"] == 4
     # another member: D-optimality fitted in model_0's latent space is not reused
     status = main(["evaluate", str(run_dir), "--test", f"cold={test}", "--out",
                    str(tmp_path / "m1"), "--model-id", "model_1", "--methods", "doptimality"])
@@ -264,15 +267,18 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     assert own["thresholds"]["doptimality"]["source"] == "fitted"
     assert own["thresholds"]["doptimality"]["calibration_set"] == "validation"
     assert own["test_sets"]["validation"]["n_configs"] == 3  # the held-out half of 6
-    records = json.loads((run_dir / "methods.json").read_text())
-    assert records["doptimality"]["model_id"] == "model_1"
-    assert set(records["ensemble"]["models"]) == {"model_0", "model_1"}
+    def provenance(name):
+        header = json.loads((run_dir / "methods" / name / "estimator.json").read_text())
+        return header["provenance"]
+
+    assert provenance("doptimality")["member"] == "model_1"
+    assert set(provenance("ensemble")["models"]) == {"model_0", "model_1"}
     # simulate refuses the run's D-optimality for a member it was not fitted for
     from mlipuq.cli.simulate import uq_calculator
     from mlipuq.exceptions import InputError
 
-    with pytest.raises(InputError, match="fitted on the descriptors of 'model_1', not 'model_0'"):
-        uq_calculator(str(run_dir), "model_0", str(run_dir / "doptimality.npz"))
+    with pytest.raises(InputError, match="fitted with member 'model_1', not 'model_0'"):
+        uq_calculator(str(run_dir), "model_0")
 
 
 # ---------------------------------------------------------------------- calibration
@@ -282,11 +288,10 @@ def test_calibrate_ltau_and_thresholds_on_held_out_configurations(rng):
     from mlipuq.backends.base import ModelOutputs
     from mlipuq.ltau import LTAUEstimator
     from mlipuq.pipeline import (
-        calibrate_ltau,
         fit_thresholds,
+        for_evaluation,
         predict_methods,
         split_configurations,
-        subset_outputs,
     )
 
     n, epochs = 2000, 60
@@ -302,10 +307,11 @@ def test_calibrate_ltau_and_thresholds_on_held_out_configurations(rng):
     groups = np.array(["warm"] * (n // 10))
     is_cal = split_configurations(groups, "warm", 0.5, seed=1)
     assert is_cal.sum() == n // 20
-    cal_out, held_out = subset_outputs(outputs, is_cal), subset_outputs(outputs, ~is_cal)
+    cal_out, held_out = outputs.subset(is_cal), outputs.subset(~is_cal)
     assert np.array_equal(np.unique(cal_out.config_index), np.arange(n // 20))
     atoms = is_cal[outputs.config_index]
-    calibrated = calibrate_ltau(ltau, cal_out, errors[atoms], fpr=0.1)
+    calibrated = for_evaluation({"ltau": ltau}, cal_out, errors[atoms], fpr=0.1)[
+        "ltau_calibrated"]
     assert calibrated is not ltau and ltau.calibration_ is None  # the original is untouched
     assert calibrated.scale_ == pytest.approx(2.0, rel=0.2)  # p = CDF_train(atol / s)
     results, _ = predict_methods({"ltau": ltau, "ltau_calibrated": calibrated},

@@ -1,4 +1,4 @@
-"""``mlipuq fit RUN``: LTAU from a run folder, saved atomically as RUN/ltau."""
+"""``mlipuq fit RUN``: every method from a run folder, saved atomically in RUN/methods."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ pytest.importorskip("nequip")
 from mlipuq.cli import main  # noqa: E402
 from mlipuq.exceptions import InputError  # noqa: E402
 from mlipuq.run_folder import RunFolder  # noqa: E402
+from mlipuq.run_methods import method_dir  # noqa: E402
 from nequip_support import make_emt_copper_frames, make_tiny_run  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def test_fit_writes_loadable_estimator(fitted, train_outputs):
     from mlipuq.ltau import LTAUEstimator
 
     run, output = fitted
-    estimator = LTAUEstimator.load(run.ltau_dir)
+    estimator = LTAUEstimator.load(method_dir(run, "ltau"))
     assert estimator.k == 3
     assert estimator.n_train_atoms_ == run.atom_table.n_atoms
     # default atol: training MAE of the final epoch, averaged over both members
@@ -74,27 +75,32 @@ def test_fit_writes_loadable_estimator(fitted, train_outputs):
     assert f"{estimator.atol_:.4g} eV/Å" in output
     assert f"{run.atom_table.n_atoms} training atoms" in output
     assert "Cu=flat" in output
-    meta = json.loads((run.ltau_dir / "fit.json").read_text())
-    assert meta["model_id"] == "model_0"
+    assert estimator.provenance_["member"] == "model_0"
+    assert estimator.provenance_["backend"] == "nequip"
+    assert set(estimator.provenance_["models"]) == {"model_0"}
 
 
 def test_fitted_estimator_predicts_like_a_direct_fit(fitted, train_outputs):
     from mlipuq.ltau import LTAUEstimator
 
     run, _ = fitted
-    loaded = LTAUEstimator.load(run.ltau_dir)
-    direct = LTAUEstimator(k=3).fit_arrays(run.store, train_outputs.descriptors, train_outputs.species)
+    loaded = LTAUEstimator.load(method_dir(run, "ltau"))
+    direct = LTAUEstimator(k=3).fit_arrays(
+        run.store, train_outputs.descriptors, train_outputs.species
+    )
     # fit calibrated the estimator on the run's validation frames: same s and threshold
     from mlipuq.backends.nequip.features import NequIPBackend
     from mlipuq.io import read_structures
 
     val = read_structures(run.val_path)
     val_out = NequIPBackend(run.model_path("model_0")).outputs(val)
-    val_errors = np.linalg.norm(np.concatenate([a.get_forces() for a in val]) - val_out.forces,
-                                axis=1)
+    val_errors = np.linalg.norm(
+        np.concatenate([a.get_forces() for a in val]) - val_out.forces, axis=1
+    )
     with _no_check():
-        direct.calibrate_arrays(val_out.descriptors, val_out.species, val_errors,
-                         config_index=val_out.config_index)
+        direct.calibrate_arrays(
+            val_out.descriptors, val_out.species, val_errors, config_index=val_out.config_index
+        )
     assert loaded.calibration_["n_configs"] == len(val)
     assert loaded.scale_ == pytest.approx(direct.scale_)
     assert loaded.threshold_ == pytest.approx(direct.threshold_)
@@ -113,23 +119,25 @@ def test_calculator_from_run_attaches_fitted_ltau(fitted, train_outputs):
 
     run, _ = fitted
     calc = UQCalculator.from_run(run.path, keep_descriptors=True)
-    assert list(calc.estimators) == ["ltau"]
+    # every saved method one model's forward pass can drive (not the ensemble)
+    assert set(calc.estimators) == {"ltau", "doptimality", "clustered_doptimality", "llpr"}
     atoms = make_emt_copper_frames(1, seed=21)[0]
     atoms.calc = calc
     atoms.get_forces()
-    expected = LTAUEstimator.load(run.ltau_dir).predict_arrays(
+    expected = LTAUEstimator.load(method_dir(run, "ltau")).predict_arrays(
         calc.results["descriptors"], atoms.get_chemical_symbols()
     )
     np.testing.assert_allclose(calc.results["ltau_uncertainty"], expected.atom_uncertainty)
     # the stored calibration reaches the calculator: scale, threshold and the frame's flag
-    fitted_threshold = LTAUEstimator.load(run.ltau_dir).threshold_
+    fitted_threshold = LTAUEstimator.load(method_dir(run, "ltau")).threshold_
     assert calc.results["ltau_threshold"] == pytest.approx(fitted_threshold)
     assert calc.results["ltau_threshold_aggregate"] == "mean"
     assert calc.results["ltau_config_flag"] == bool(
-        expected.atom_uncertainty.mean() > fitted_threshold)
+        expected.atom_uncertainty.mean() > fitted_threshold
+    )
     assert "ltau_flag" not in calc.results  # the threshold is per configuration
     assert "ltau_knn_distance_normalised" in calc.results
-    with pytest.raises(InputError, match="fitted on the descriptors of 'model_0'"):
+    with pytest.raises(InputError, match="fitted with member 'model_0', not 'model_1'"):
         UQCalculator.from_run(run.path, model_id="model_1")
 
 
@@ -140,9 +148,9 @@ def test_refit_replaces_atomically(fitted, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run.path, copy)
     assert main(["fit", str(copy), "--k", "2", "--atol", "0.05"]) == 0
-    estimator = LTAUEstimator.load(copy / "ltau")
+    estimator = LTAUEstimator.load(copy / "methods" / "ltau")
     assert (estimator.k, estimator.atol_) == (2, 0.05)
-    leftovers = [p.name for p in copy.iterdir() if p.name.startswith(".ltau")]
+    leftovers = [p.name for p in (copy / "methods").iterdir() if p.name.startswith(".")]
     assert leftovers == []
     assert "(given)" in capsys.readouterr().out
 
@@ -158,14 +166,15 @@ def test_a_changed_model_file_makes_the_saved_ltau_stale(fitted, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run.path, copy)
     moved = RunFolder.open(copy)
-    assert set(load_methods(moved, ["ltau"], model_id="model_0")) == {"ltau"}
+    assert set(load_methods(moved, ["ltau"], model_id="model_0")[0]) == {"ltau"}
     model = moved.model_path("model_0")
-    meta = json.loads((copy / "ltau" / "fit.json").read_text())
-    assert meta["models"]["model_0"]["file"] == str(model.relative_to(copy))
+    meta = json.loads((copy / "methods" / "ltau" / "estimator.json").read_text())
+    assert meta["provenance"]["models"]["model_0"]["file"] == str(model.relative_to(copy))
     with open(model, "ab") as handle:  # same path, other bytes
         handle.write(b"\0")
-    assert load_methods(moved, ["ltau"], model_id="model_0") == {}
-    with pytest.raises(InputError, match=r"stale, fitted on another model file of 'model_0'"):
+    loaded, reasons = load_methods(moved, ["ltau"], model_id="model_0")
+    assert loaded == {} and "other model files" in reasons["ltau"]
+    with pytest.raises(InputError, match=r"fitted on other model files.*mlipuq fit"):
         UQCalculator.from_run(copy)
 
 

@@ -164,7 +164,7 @@ def test_bad_input_exits_2_with_one_line(files, capsys):
                    str(files / "test_desc.npy"), "--structures", str(files / "test.extxyz"),
                    "--out", str(files / "r.extxyz")])
     assert status == 2
-    assert "not an mlipuq LTAU estimator" in capsys.readouterr().err
+    assert "not an mlipuq estimator" in capsys.readouterr().err
 
 
 def test_calibrate_stores_scale_and_threshold_used_by_predict(files, capsys):
@@ -249,14 +249,16 @@ def test_io_failure_is_one_line_with_exit_1(files, capsys):
 
 
 def test_calibrate_keeps_the_run_provenance_file(files, capsys):
-    """``ltau calibrate`` on RUN/ltau must keep its fit.json (provenance)."""
+    """``ltau calibrate`` on a run's method directory must keep its provenance."""
     status = main([
         "ltau", "fit", "--errors", str(files / "errors_m0.npy"), "--descriptors",
         str(files / "train_desc.npy"), "--structures", str(files / "train.extxyz"),
         "--out", str(files / "est"),
     ])
     assert status == 0
-    (files / "est" / "fit.json").write_text('{"model_id": "model_0"}')
+    header = json.loads((files / "est" / "estimator.json").read_text())
+    header["provenance"] = {"member": "model_0"}
+    (files / "est" / "estimator.json").write_text(json.dumps(header))
     cal = emt_frames(6, 3, ["bulk"])
     write(files / "cal.extxyz", cal)
     rng = np.random.default_rng(5)
@@ -269,5 +271,5 @@ def test_calibrate_keeps_the_run_provenance_file(files, capsys):
         "--predicted-forces", str(files / "cal_forces.npy"),
     ])
     assert status == 0, capsys.readouterr().err
-    assert (files / "est" / "fit.json").read_text() == '{"model_id": "model_0"}'
+    assert LTAUEstimator.load(files / "est").provenance_ == {"member": "model_0"}
     assert LTAUEstimator.load(files / "est").calibration_ is not None

@@ -44,7 +44,9 @@ def test_point_between_clusters_is_flagged_only_by_clustered(rng):
 def test_labels_mode_gamma_is_min_over_groups_and_nearest_cluster(rng):
     features, labels = _two_arms(rng)
     species = ["W"] * len(features)
-    est = ClusteredDOptimalityEstimator(method="labels").fit_arrays(features, species, labels=labels)
+    est = ClusteredDOptimalityEstimator(method="labels").fit_arrays(
+        features, species, labels=labels
+    )
     assert est.cluster_names_ == ["a", "c"]
     test = np.array([[10.0, 0.5], [0.2, 9.0], [6.0, 4.0], [-3.0, 8.0]])
     per_group = np.stack([_direct_gamma(features[labels == g], test) for g in ("a", "c")], axis=1)
@@ -65,7 +67,9 @@ def test_one_cluster_equals_global(rng):
     test_species = np.array(["O"] * 25 + ["Cu"] * 25)
     glob = DOptimalityEstimator().fit_arrays(features, species).predict_arrays(test, test_species)
     for method in ("kmeans", "birch", "minibatch_kmeans"):
-        est = ClusteredDOptimalityEstimator(method=method, n_clusters=1).fit_arrays(features, species)
+        est = ClusteredDOptimalityEstimator(method=method, n_clusters=1).fit_arrays(
+            features, species
+        )
         result = est.predict_arrays(test, test_species)
         np.testing.assert_allclose(result.atom_uncertainty, glob.atom_uncertainty, rtol=1e-12)
         assert np.all(result.extras["nearest_cluster"] == 0)
@@ -115,7 +119,9 @@ def test_element_without_large_cluster_is_merged(rng):
     species = np.array(["Cu"] * 56 + ["H"] * 4)
     labels = np.r_[np.repeat(["g0", "g1", "g2", "g3"], 14), ["g0", "g1", "g2", "g3"]]
     with pytest.warns(UserWarning, match="no cluster has >= 3 H rows: merged into 0"):
-        est = ClusteredDOptimalityEstimator(method="labels").fit_arrays(features, species, labels=labels)
+        est = ClusteredDOptimalityEstimator(method="labels").fit_arrays(
+            features, species, labels=labels
+        )
     h_groups = {k: v for k, v in est.group_sizes_.items() if k.endswith("/H")}
     assert h_groups == {"0/H": 4}
     assert est.predict_arrays(features[56:], ["H"] * 4).atom_uncertainty.max() <= 1.01 + 1e-9
@@ -147,7 +153,9 @@ def test_bad_inputs(rng):
     with pytest.raises(InputError, match="labels: required by method='labels'"):
         ClusteredDOptimalityEstimator(method="labels").fit_arrays(features, species)
     with pytest.raises(InputError, match="labels: expected 80 labels"):
-        ClusteredDOptimalityEstimator(method="labels").fit_arrays(features, species, labels=labels[:5])
+        ClusteredDOptimalityEstimator(method="labels").fit_arrays(
+            features, species, labels=labels[:5]
+        )
     with pytest.raises(InputError, match="method: expected one of"):
         ClusteredDOptimalityEstimator(method="dbscan").fit_arrays(features, species)
     with pytest.raises(InputError, match="n_clusters: expected a positive integer"):

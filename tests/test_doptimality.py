@@ -87,7 +87,9 @@ def test_too_few_rows_are_projected(rng):
     assert est.active_sets_["H"].shape == (3, 6)
     assert est.active_inverse_["H"].shape == (6, 3)
     assert est.projections_["H"].shape == (6, 3)
-    np.testing.assert_allclose(est.predict_arrays(features, ["H"] * 3).atom_uncertainty, 1.0, atol=1e-10)
+    np.testing.assert_allclose(
+        est.predict_arrays(features, ["H"] * 3).atom_uncertainty, 1.0, atol=1e-10
+    )
     combo = 2.5 * features[1] - 0.5 * features[2]
     assert est.predict_arrays(combo[None], ["H"]).atom_uncertainty[0] == pytest.approx(2.5)
 
@@ -160,7 +162,9 @@ def test_agrees_with_pacemaker_when_available(rng):
     test = rng.normal(size=(30, 6)) * 3
     pace_gamma = activelearning.compute_extrapolation_grade({0: test}, pace_inv)[0]
     imported = DOptimalityEstimator.from_active_sets({"Al": pace_sets[0]})
-    np.testing.assert_allclose(imported.predict_arrays(test, ["Al"] * 30).atom_uncertainty, pace_gamma)
+    np.testing.assert_allclose(
+        imported.predict_arrays(test, ["Al"] * 30).atom_uncertainty, pace_gamma
+    )
     ours = DOptimalityEstimator().fit_arrays(features, ["Al"] * 400)
     ours_det = abs(np.linalg.det(ours.active_sets_["Al"]))
     pace_det = abs(np.linalg.det(pace_sets[0]))

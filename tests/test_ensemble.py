@@ -128,7 +128,9 @@ def test_bad_inputs(ensemble):
     with pytest.raises(InputError, match="ref_forces: required by threshold_on='error'"):
         EnsembleEstimator(threshold_on="error").fit_arrays(forces, energies, index)
     with pytest.raises(InputError, match="ref_energies: required by threshold_on='error'"):
-        EnsembleEstimator(threshold_on="error").fit_arrays(forces, energies, index, ref_forces=ref_forces)
+        EnsembleEstimator(threshold_on="error").fit_arrays(
+            forces, energies, index, ref_forces=ref_forces
+        )
     with pytest.raises(InputError, match="threshold_on: expected one of"):
         EnsembleEstimator(threshold_on="mean").fit_arrays(forces, energies, index)
     with pytest.raises(NotFittedError):

@@ -47,9 +47,9 @@ def exact_distributions(errors: list[np.ndarray], atol: float) -> ErrorDistribut
 def test_flat_prediction_equals_brute_force_knn(rng):
     errors, train, train_species, test, test_species = make_data(rng)
     dists = exact_distributions(errors, ATOL)
-    est = LTAUEstimator(k=4, atol=ATOL, per_element=False, index="flat", transfer="mean").fit_arrays(
-        dists, train, train_species
-    )
+    est = LTAUEstimator(
+        k=4, atol=ATOL, per_element=False, index="flat", transfer="mean"
+    ).fit_arrays(dists, train, train_species)
     result = est.predict_arrays(test, test_species, return_distribution=True)
 
     distance, neighbours = brute_neighbours(train, test, 4)
@@ -57,8 +57,9 @@ def test_flat_prediction_equals_brute_force_knn(rng):
     p_train = confidence(np.vstack(errors), ATOL)
     np.testing.assert_allclose(dists.cdf(ATOL), p_train, atol=1e-6)
     np.testing.assert_allclose(result.extras["p"], p_train[neighbours].mean(axis=1), atol=1e-6)
-    np.testing.assert_allclose(result.atom_uncertainty, 1 - p_train[neighbours].mean(axis=1),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        result.atom_uncertainty, 1 - p_train[neighbours].mean(axis=1), atol=1e-6
+    )
     np.testing.assert_allclose(result.extras["knn_distance"], distance.mean(axis=1), rtol=1e-5)
     midpoints = 0.5 * (dists.bin_edges[1:] + dists.bin_edges[:-1])
     expected = (dists.mass @ midpoints)[neighbours].mean(axis=1)
@@ -109,8 +110,9 @@ def test_repeated_species_cache_never_serves_stale_groups(rng):
         got = est.predict_arrays(test, species).extras["p"]
         fresh.__dict__.pop("_groups_cache", None)
         np.testing.assert_array_equal(got, fresh.predict_arrays(test, species).extras["p"])
-    assert not np.array_equal(est.predict_arrays(test, first).extras["p"],
-                              est.predict_arrays(test, second).extras["p"])
+    assert not np.array_equal(
+        est.predict_arrays(test, first).extras["p"], est.predict_arrays(test, second).extras["p"]
+    )
     with pytest.raises(InputError, match=r"element\(s\) C not in the training set"):
         est.predict_arrays(test[:2], ["C", "H"])
     with pytest.raises(InputError, match="species"):
@@ -147,7 +149,10 @@ def test_store_input_matches_arrays(tmp_path, rng):
             writer.append(row)
     from_store = LTAUEstimator(k=3, rtol=0.05).fit_arrays(store, train, train_species)
     from_arrays = LTAUEstimator(k=3, rtol=0.05).fit_arrays(
-        [a.astype(np.float32) for a in errors], train, train_species, force_norm=force_norm,
+        [a.astype(np.float32) for a in errors],
+        train,
+        train_species,
+        force_norm=force_norm,
         config_index=table.config_index,
     )
     assert from_store.reference_distance_ == pytest.approx(from_arrays.reference_distance_)
@@ -174,8 +179,7 @@ def test_scale_rtol_and_per_atom_scale(rng):
     for s in (1.0, 2.5):
         p_train = dists.cdf((ATOL + 0.02 * force_norm) / s)
         result = est.predict_arrays(test, test_species, scale=s)
-        np.testing.assert_allclose(result.extras["p"], p_train[neighbours].mean(axis=1),
-                                   atol=1e-6)
+        np.testing.assert_allclose(result.extras["p"], p_train[neighbours].mean(axis=1), atol=1e-6)
         expected = s * dists.expected_error()[neighbours].mean(axis=1)
         np.testing.assert_allclose(result.extras["expected_error"], expected, rtol=1e-5)
     scales = np.where(np.arange(len(test)) % 2 == 0, 1.0, 2.5)
@@ -189,7 +193,8 @@ def test_scale_rtol_and_per_atom_scale(rng):
     p_train = dists.cdf(0.2 + 0.02 * force_norm)
     np.testing.assert_allclose(
         est.predict_arrays(test, test_species, atol=0.2).extras["p"],
-        p_train[neighbours].mean(axis=1), atol=1e-6,
+        p_train[neighbours].mean(axis=1),
+        atol=1e-6,
     )
 
 
@@ -201,14 +206,21 @@ def test_config_aggregation_and_flags(rng):
     # the configuration uncertainty is the mean of 1 - p (the max saturates at 1)
     per_config = result.atom_uncertainty.reshape(6, 10).mean(axis=1)
     np.testing.assert_allclose(result.config_uncertainty, per_config)
-    np.testing.assert_allclose(result.extras["config_max_uncertainty"],
-                               result.atom_uncertainty.reshape(6, 10).max(axis=1))
+    np.testing.assert_allclose(
+        result.extras["config_max_uncertainty"], result.atom_uncertainty.reshape(6, 10).max(axis=1)
+    )
     assert result.config_aggregate == "mean"
     np.testing.assert_array_equal(result.atom_flags, result.atom_uncertainty > 0.6)
     np.testing.assert_array_equal(result.config_flags, per_config > 0.6)
     arrays = result.as_arrays()
-    assert set(arrays) == {"ltau_uncertainty", "ltau_flag", "ltau_p", "ltau_expected_error",
-                           "ltau_knn_distance", "ltau_knn_distance_normalised"}
+    assert set(arrays) == {
+        "ltau_uncertainty",
+        "ltau_flag",
+        "ltau_p",
+        "ltau_expected_error",
+        "ltau_knn_distance",
+        "ltau_knn_distance_normalised",
+    }
 
 
 def test_k_larger_than_an_element_is_clamped_with_warning(rng):
@@ -254,11 +266,15 @@ def test_bad_input(rng):
     errors, train, train_species, test, test_species = make_data(rng, n_train=50)
     with pytest.raises(NotFittedError, match="call fit"):
         LTAUEstimator().predict_arrays(test, test_species)
-    with pytest.raises(InputError, match=r"inconsistent numbers of atoms: errors=50, "
-                                         r"descriptors=49, species=50"):
+    with pytest.raises(
+        InputError,
+        match=r"inconsistent numbers of atoms: errors=50, "
+        r"descriptors=49, species=50",
+    ):
         LTAUEstimator(atol=0.1).fit_arrays(errors, train[:49], train_species)
-    with pytest.raises(InputError, match="inconsistent numbers of atoms: errors=50, "
-                                         "descriptors=50, species=48"):
+    with pytest.raises(
+        InputError, match="inconsistent numbers of atoms: errors=50, descriptors=50, species=48"
+    ):
         LTAUEstimator(atol=0.1).fit_arrays(errors, train, train_species[:48])
     bad = train.copy()
     bad[3, 1] = np.nan
@@ -281,11 +297,15 @@ def test_bad_input(rng):
     nan_test[0, 0] = np.nan
     with pytest.raises(InputError, match="descriptors: contains 1 NaN"):
         est.predict_arrays(nan_test, test_species)
-    with pytest.raises(InputError, match="inconsistent numbers of atoms: descriptors=60, "
-                                         "species=59"):
+    with pytest.raises(
+        InputError, match="inconsistent numbers of atoms: descriptors=60, species=59"
+    ):
         est.predict_arrays(test, test_species[:59])
-    with pytest.raises(InputError, match=r"species: element\(s\) Cu, N not in the training set "
-                                         r"\(trained on H, O\)"):
+    with pytest.raises(
+        InputError,
+        match=r"species: element\(s\) Cu, N not in the training set "
+        r"\(trained on H, O\)",
+    ):
         est.predict_arrays(test[:3], ["H", "Cu", "N"])
     with pytest.raises(InputError, match="descriptors: is empty"):
         est.predict_arrays(np.empty((0, 8)), [])
@@ -312,8 +332,9 @@ def test_refit_on_another_size_equals_a_fresh_fit(rng, second):
     fresh = LTAUEstimator(k=3, atol=ATOL).fit_arrays(new_errors, new_train, new_species)
     a, b = est.predict_arrays(test, test_species), fresh.predict_arrays(test, test_species)
     np.testing.assert_array_equal(a.extras["p"], b.extras["p"])
-    np.testing.assert_array_equal(a.extras["knn_distance_normalised"],
-                                  b.extras["knn_distance_normalised"])
+    np.testing.assert_array_equal(
+        a.extras["knn_distance_normalised"], b.extras["knn_distance_normalised"]
+    )
 
 
 def test_zero_atol_is_refused(rng):

@@ -56,8 +56,9 @@ def brute_reference(desc: np.ndarray, configs: np.ndarray, k: int) -> float:
 def test_distance_transfer_equals_numpy(rng, power, scope):
     errors, train, species, configs = make_data(rng)
     dists = distributions_from_errors(errors, n_bins=30)
-    est = LTAUEstimator(k=4, atol=ATOL, distance_power=power, index="flat",
-                        distance_scope=scope).fit_arrays(dists, train, species, config_index=configs)
+    est = LTAUEstimator(
+        k=4, atol=ATOL, distance_power=power, index="flat", distance_scope=scope
+    ).fit_arrays(dists, train, species, config_index=configs)
     d_ref = brute_reference(train, configs, 4)
     assert est.reference_distance_["Cu"] == pytest.approx(d_ref, rel=1e-5)
 
@@ -86,15 +87,20 @@ def test_distance_transfer_equals_numpy(rng, power, scope):
     plain = LTAUEstimator(k=4, atol=ATOL, transfer="mean", index="flat").fit_arrays(
         dists, train, species, config_index=configs
     )
-    p_plain = numpy_cdf(dists.mass, dists.bin_edges, order.ravel(),
-                        np.full(80, ATOL / 1.3)).reshape(20, 4).mean(1)
-    np.testing.assert_allclose(plain.predict_arrays(test, ["Cu"] * 20, scale=1.3).extras["p"],
-                               p_plain, atol=1e-6)
+    p_plain = (
+        numpy_cdf(dists.mass, dists.bin_edges, order.ravel(), np.full(80, ATOL / 1.3))
+        .reshape(20, 4)
+        .mean(1)
+    )
+    np.testing.assert_allclose(
+        plain.predict_arrays(test, ["Cu"] * 20, scale=1.3).extras["p"], p_plain, atol=1e-6
+    )
     # without config_index the atoms form one configuration
     if scope != "atom":
         alone = est.predict_arrays(test, ["Cu"] * 20, scale=1.3).extras["p"]
-        together = est.predict_arrays(test, ["Cu"] * 20, scale=1.3,
-                               config_index=np.zeros(20, int)).extras["p"]
+        together = est.predict_arrays(
+            test, ["Cu"] * 20, scale=1.3, config_index=np.zeros(20, int)
+        ).extras["p"]
         np.testing.assert_array_equal(alone, together)
 
 
@@ -130,10 +136,13 @@ def test_leave_one_configuration_out_reference(rng):
     train = np.repeat(centres, per_config, axis=0) + 0.01 * rng.normal(size=(240, 4))
     configs = np.repeat(np.arange(n_configs), per_config)
     errors = [rng.gamma(2.0, 0.05, size=(10, 240))]
-    loco = LTAUEstimator(k=3, atol=ATOL).fit_arrays(errors, train, ["W"] * 240, config_index=configs)
+    loco = LTAUEstimator(k=3, atol=ATOL).fit_arrays(
+        errors, train, ["W"] * 240, config_index=configs
+    )
     alone = LTAUEstimator(k=3, atol=ATOL).fit_arrays(errors, train, ["W"] * 240)
-    assert loco.reference_distance_["W"] == pytest.approx(brute_reference(train, configs, 3),
-                                                          rel=1e-5)
+    assert loco.reference_distance_["W"] == pytest.approx(
+        brute_reference(train, configs, 3), rel=1e-5
+    )
     assert loco.reference_distance_["W"] > 100 * alone.reference_distance_["W"]
 
 
@@ -178,8 +187,9 @@ def test_calibrate_chooses_the_distance_power_from_in_domain_data(rng, grows, al
     assert min(briers, key=briers.get) == str(est.distance_power_)
     assert est.calibration_["distance_power_at_grid_end"] == (est.distance_power_ == 2.0)
     # a fixed power is kept
-    fixed = LTAUEstimator(k=5, atol=ATOL, distance_power=0.5).fit_arrays(errors, train, species,
-                                                                  config_index=configs)
+    fixed = LTAUEstimator(k=5, atol=ATOL, distance_power=0.5).fit_arrays(
+        errors, train, species, config_index=configs
+    )
     fixed.calibrate_arrays(held, ["Cu"] * 600, held_errors, config_index=held_configs)
     assert fixed.distance_power_ == 0.5
     assert list(fixed.calibration_["brier_by_distance_power"]) == ["0.5"]
@@ -213,13 +223,17 @@ def test_fitted_threshold_flags_configurations_not_atoms(rng):
     est = LTAUEstimator(k=5, atol=ATOL).fit_arrays(errors, train, species, config_index=configs)
     held = rng.normal(size=(240, 5))
     held_configs = np.repeat(np.arange(40), 6)
-    est.calibrate_arrays(held, ["Cu"] * 240, rng.gamma(2.0, 0.06, size=240), config_index=held_configs)
+    est.calibrate_arrays(
+        held, ["Cu"] * 240, rng.gamma(2.0, 0.06, size=240), config_index=held_configs
+    )
     result = est.predict_arrays(held, ["Cu"] * 240, config_index=held_configs)
     assert result.atom_flags is None and result.threshold == est.threshold_
-    np.testing.assert_array_equal(result.config_flags,
-                                  result.config_uncertainty > est.threshold_)
+    np.testing.assert_array_equal(result.config_flags, result.config_uncertainty > est.threshold_)
     # another scale, atol or k: the fitted threshold does not apply
-    assert est.predict_arrays(held, ["Cu"] * 240, config_index=held_configs, scale=2.0).threshold is None
+    assert (
+        est.predict_arrays(held, ["Cu"] * 240, config_index=held_configs, scale=2.0).threshold
+        is None
+    )
     assert est.predict_arrays(held, ["Cu"] * 240, k=3).threshold is None
     # a number given by the user flags atoms and configurations
     given = est.predict_arrays(held, ["Cu"] * 240, config_index=held_configs, threshold=0.5)
@@ -236,8 +250,12 @@ def test_calibration_round_trips_and_refit_drops_it(tmp_path, rng):
     held = rng.normal(size=(120, 5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        est.calibrate_arrays(held, ["Cu"] * 120, 1.5 * rng.gamma(2.0, 0.055, size=120),
-                      config_index=np.repeat(np.arange(20), 6))
+        est.calibrate_arrays(
+            held,
+            ["Cu"] * 120,
+            1.5 * rng.gamma(2.0, 0.055, size=120),
+            config_index=np.repeat(np.arange(20), 6),
+        )
     est.save(tmp_path / "est")
     loaded = LTAUEstimator.load(tmp_path / "est")
     assert loaded.scale_ == est.scale_ and loaded.threshold_ == est.threshold_

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -193,3 +194,129 @@ def test_bad_inputs():
         maxvol(np.zeros((5, 2)))
     with pytest.raises(InputError, match=r"features: expected shape \(n, 2\)"):
         extrapolation_grade(np.ones((3, 3)), np.eye(2))
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def _reference_maxvol(x: np.ndarray, tol: float = 1.01) -> np.ndarray:
+    """Textbook MaxVol: LU-pivoted start on the column-scaled rows, then greedy swaps
+    with C = X A^{-1} recomputed from scratch after every swap (no rank-1 updates)."""
+    import scipy.linalg
+
+    scaled = x / np.sqrt(np.mean(x * x, axis=0))
+    d = x.shape[1]
+    perm, _, _ = scipy.linalg.lu(scaled, p_indices=True)
+    rows = np.array([int(np.flatnonzero(perm == k)[0]) for k in range(d)])
+    while True:
+        coef = np.abs(scaled @ np.linalg.inv(scaled[rows]))
+        p, q = np.unravel_index(coef.argmax(), coef.shape)
+        if coef[p, q] <= tol * (1 + 1e-12):
+            return rows
+        rows[q] = p
+
+
+@pytest.mark.parametrize("shape", [(50, 5), (400, 12), (3000, 24)])
+def test_maxvol_volume_at_least_the_reference_implementation(rng, shape):
+    for _ in range(3):
+        x = rng.normal(size=shape) @ rng.normal(size=(shape[1], shape[1]))
+        got = maxvol(x)
+        reference = _reference_maxvol(x)
+        assert got.projection is None and got.converged
+        assert _abs_det(x, got.indices) >= _abs_det(x, reference) * (1 - 1e-9)
+
+
+def test_swap_loop_chunking_does_not_change_the_result(rng, monkeypatch):
+    """The fused update + search runs over row chunks; tiny chunks give the same rows."""
+    import mlipuq.maxvol as module
+
+    x = rng.normal(size=(700, 9)) * rng.uniform(0.1, 10.0, size=9)
+    default = maxvol(x, tol=1.0)
+    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 9 * 7)  # 7-row chunks, ragged last one
+    chunked = maxvol(x, tol=1.0)
+    np.testing.assert_array_equal(chunked.indices, default.indices)
+    assert chunked.n_swaps == default.n_swaps > 0
+    np.testing.assert_allclose(chunked.max_coefficient, default.max_coefficient, rtol=1e-12)
+
+
+def test_fortran_ordered_input_gives_the_same_rows(rng):
+    x = rng.normal(size=(300, 7))
+    np.testing.assert_array_equal(maxvol(np.asfortranarray(x)).indices, maxvol(x).indices)
+
+
+def test_full_rank_without_certificate_is_not_projected(rng):
+    """sigma_min / sigma_max ~ 1.4e-3 > rank_rtol = 3e-4, but too close for the cheap
+    certificate: the rank is computed, found full, and the MaxVol rows are kept."""
+    import mlipuq.maxvol as module
+
+    q1, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    q2, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    x = rng.normal(size=(2000, 6)) @ (q1 * np.geomspace(1.0, 1e-3, 6)) @ q2
+    scale, frobenius = module._column_stats(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = maxvol(x, rank_rtol=3e-4)
+    assert not module._certified_full_rank(x[result.indices] / scale, 3e-4 * frobenius)
+    assert result.rank == 6 and result.projection is None and result.converged
+    np.testing.assert_array_equal(result.indices, maxvol(x).indices)
+    assert _grade(x, result.indices).max() <= 1.01 + SLACK
+
+
+def test_rank_deficient_batch_mode_is_projected(rng):
+    base = rng.normal(size=(1200, 4))
+    x = np.c_[base, base @ rng.normal(size=(4, 2))]  # rank 4 in 6 columns
+    with pytest.warns(UserWarning, match="numerical rank 4 < 6"):
+        result = maxvol(x, batch_size=256)
+    assert result.rank == 4 and result.projection.shape == (6, 4) and result.converged
+    assert _grade(x, result.indices, result.projection).max() <= 1.01 + SLACK
+
+
+def test_extrapolation_grade_equals_the_direct_formula(rng):
+    x = rng.normal(size=(5000, 12))
+    inverse = rng.normal(size=(12, 12))
+    direct = np.abs(x @ inverse).max(axis=1)
+    for batch_size in (1, 7, 4096, 10**6):
+        np.testing.assert_allclose(
+            extrapolation_grade(x, inverse, batch_size=batch_size), direct, rtol=1e-12
+        )
+    fortran = np.asfortranarray(x)
+    np.testing.assert_allclose(extrapolation_grade(fortran, inverse), direct, rtol=1e-12)
+    narrow = inverse[:, :5]  # rank-reduced active set: (D, r) with r < D
+    np.testing.assert_allclose(
+        extrapolation_grade(x, narrow), np.abs(x @ narrow).max(axis=1), rtol=1e-12
+    )
+    rows = rng.choice(5000, size=777, replace=False)
+    np.testing.assert_allclose(
+        extrapolation_grade(x, inverse, rows=rows, batch_size=100), direct[rows], rtol=1e-12
+    )
+    assert extrapolation_grade(x[:0], inverse).shape == (0,)
+    for bad in ([5000], [-1], [[0]]):
+        with pytest.raises(InputError, match=r"rows: expected a 1-d array of row indices"):
+            extrapolation_grade(x, inverse, rows=bad)
+
+
+def test_extrapolation_grade_by_group_equals_per_group_formula(rng):
+    from mlipuq.maxvol import extrapolation_grade_by_group
+
+    x = rng.normal(size=(3000, 8))
+    species = rng.choice(["Cu", "O", "H"], size=3000)
+    inverses = {el: rng.normal(size=(8, 8)) for el in ("Cu", "O", "H", "Zn")}
+    expected = np.empty(3000)
+    for el in ("Cu", "O", "H"):
+        mask = species == el
+        expected[mask] = np.abs(x[mask] @ inverses[el]).max(axis=1)
+    for batch_size in (5, 8192):
+        got = extrapolation_grade_by_group(x, species, inverses, batch_size=batch_size)
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+    single = extrapolation_grade_by_group(x, np.full(3000, "O"), inverses)
+    np.testing.assert_allclose(single, np.abs(x @ inverses["O"]).max(axis=1), rtol=1e-12)
+    numbers = np.where(species == "Cu", 29, 8)
+    got = extrapolation_grade_by_group(x, numbers, {29: inverses["Cu"], 8: inverses["O"]})
+    np.testing.assert_allclose(
+        got, np.where(species == "Cu", np.abs(x @ inverses["Cu"]).max(1),
+                      np.abs(x @ inverses["O"]).max(1)), rtol=1e-12
+    )
+    with pytest.raises(InputError, match=r"label\(s\) \['Fe'\] have no inverse"):
+        extrapolation_grade_by_group(x[:2], np.array(["Cu", "Fe"]), inverses)
+    with pytest.raises(InputError, match=r"groups: expected shape \(3000,\)"):
+        extrapolation_grade_by_group(x, species[:10], inverses)

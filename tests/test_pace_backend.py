@@ -131,7 +131,10 @@ def test_unequal_function_counts_roundtrip_through_pacemaker(tmp_path):
     np.testing.assert_allclose(calc.results["gamma"], ours, rtol=1e-8, atol=1e-8)
     back = pace.estimator_from_asi(path, elements=backend.elements, n_features=52)
     np.testing.assert_allclose(
-        back.predict_arrays(test_features, test_species).atom_uncertainty, ours, rtol=1e-8, atol=1e-8
+        back.predict_arrays(test_features, test_species).atom_uncertainty,
+        ours,
+        rtol=1e-8,
+        atol=1e-8,
     )
     with pytest.raises(InputError, match="rows beyond the element's 28 B-functions"):
         pace.asi_matrices({"Cu": np.ones((52, 28))}, n_functions={"Cu": 28})

@@ -13,15 +13,19 @@ pytest.importorskip("nequip")
 from mlipuq.backends.nequip.calculator import UQCalculator  # noqa: E402
 from mlipuq.backends.nequip.features import NequIPBackend  # noqa: E402
 from mlipuq.exceptions import InputError  # noqa: E402
+from mlipuq.method import UQMethod  # noqa: E402
 from mlipuq.result import UQResult  # noqa: E402
 from mlipuq.run_folder import RunFolder  # noqa: E402
 from nequip_support import make_emt_copper_frames, make_tiny_run  # noqa: E402
 
 
-class NormEstimator:
+class NormEstimator(UQMethod):
     """A stand-in for any other method: uncertainty = |descriptor|."""
 
-    def predict(self, descriptors, species):
+    name = "norm"
+
+    def predict(self, X):
+        descriptors = X.descriptors
         return UQResult(
             method="norm",
             atom_uncertainty=np.linalg.norm(descriptors.astype(np.float64), axis=1),
@@ -149,7 +153,7 @@ def test_from_run_auto_without_fit_has_no_estimator(run, test_frames):
 
 
 def test_bad_estimators(model_path):
-    with pytest.raises(InputError, match="estimators: 'ltau' is a str without a predict"):
+    with pytest.raises(InputError, match="estimators: 'ltau' is a str, not a UQMethod"):
         UQCalculator.from_model(model_path, estimators={"ltau": "x"})
     with pytest.raises(InputError, match="estimators: expected a dict"):
         UQCalculator.from_model(model_path, estimators=[NormEstimator()])

@@ -1,4 +1,4 @@
-"""Automatic calibration of LTAU's scale factor s (METHODS.md §1.5).
+"""Automatic calibration of LTAU's scale factor s (docs/methods.md).
 
 LTAU predicts p_j, the probability that atom j's force error is at most a
 threshold. The paper (ltau-ff, Fig. 1c and App. D) assumes test errors look

@@ -2,7 +2,7 @@
 
 Backend-free: it takes :class:`~mlipuq.result.UQResult` objects and true errors
 (arrays), not models. One public function, :func:`evaluate`, built from the
-pure functions of :mod:`mlipuq.metrics` (METHODS.md §5).
+pure functions of :mod:`mlipuq.metrics` (docs/methods.md).
 
 Test sets without reference forces (e.g. acac ``test_H_transfer``, energies
 only) are supported: give ``force_errors`` as NaN for their atoms (or None for
@@ -238,6 +238,7 @@ class _MethodArrays:
             config_flags=None if config_flags is None else np.asarray(config_flags, bool),
             threshold=None if threshold is None else float(threshold),
             p=p,
+            atol=result.atol,
         )
 
 
@@ -306,9 +307,10 @@ def _calibration_metrics(m: _MethodArrays, data: _TestSet, am: np.ndarray, n_bin
         return out
     out["sharpness"] = metrics.sharpness(m.p[am])
     keep = am & np.isfinite(data.force_errors)
-    if data.atol is None or not np.any(keep):
+    atol = m.atol if m.atol is not None else data.atol
+    if atol is None or not np.any(keep):
         return out
-    threshold = data.atol * (data.scale[keep] if data.scale.ndim else float(data.scale))
+    threshold = atol * (data.scale[keep] if data.scale.ndim else float(data.scale))
     curve = metrics.calibration_curve(m.p[keep], data.force_errors[keep], threshold, n_bins=n_bins)
     out["ece"] = metrics.expected_calibration_error(curve)
     out["calibration_curve"] = curve.as_dict()

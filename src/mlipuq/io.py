@@ -40,12 +40,14 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
     The file gets the mode a plain ``open`` would give it (0o666 less the umask), not
     the 0o600 of the temporary file. On any exception the temporary file is removed
-    and ``target`` is untouched.
+    and ``target`` is untouched; temporaries of killed processes are removed by the next
+    call (:func:`clean_stale_temporaries`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(target)
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent
+        prefix=f".{target.name}.tmp-{os.getpid()}-", suffix=suffix or ".tmp", dir=target.parent
     )
     os.close(fd)
     tmp_path = Path(tmp)
@@ -63,21 +65,31 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; swap it onto ``target`` on success.
 
-    An existing ``target`` is moved aside, the new directory renamed into place, then
-    the old one removed: a reader sees the old or the new directory, never a mix. On
-    any exception the temporary directory is removed and ``target`` is untouched.
+    The swap is one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux (the old directory
+    then lies in the temporary name and is removed): a reader, or a kill at any moment,
+    sees the old or the new directory, never a mix and never none. Elsewhere the old
+    directory is moved aside first and, if the process dies between the two renames,
+    put back by the next call. On any exception the temporary directory is removed and
+    ``target`` is untouched. Temporaries left by killed processes (``.NAME.tmp-PID-*``
+    with PID no longer running) are removed by the next call.
     """
     import shutil
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    clean_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-",
+                                dir=target.parent))
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; follow the umask instead
         yield tmp
+        if target.exists() and _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old directory
+            return
         old = None
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-old-",
+                                        dir=target.parent))
             os.replace(target, old / target.name)
         os.replace(tmp, target)
         if old is not None:
@@ -85,6 +97,65 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where
+    the call is not available."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if result != 0:
+        errno = ctypes.get_errno()
+        import errno as errnos
+
+        if errno in (errnos.ENOSYS, errnos.EINVAL, errnos.ENOTSUP):
+            return False
+        raise OSError(errno, os.strerror(errno), str(b))
+    return True
+
+
+def clean_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of ``target`` left by processes that no longer run; put
+    back a directory a killed two-step swap left aside. Returns what was removed."""
+    import re
+    import shutil
+
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.tmp-(\d+)-")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for path in target.parent.iterdir():
+        found = pattern.match(path.name)
+        if found is None or _alive(int(found.group(1))):
+            continue
+        aside = path / target.name
+        if "-old-" in path.name and aside.is_dir() and not target.exists():
+            os.replace(aside, target)  # the swap died between its two renames
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(
+            missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_file(path: Path) -> None:

@@ -357,6 +357,7 @@ class LLPREstimator(UQMethod):
             threshold=threshold,
             unit="" if self.calibration_ is None else "eV/Å",
             config_aggregate="max",
+            atol=self.atol_,
             extras=extras,
         )
 

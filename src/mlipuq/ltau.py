@@ -11,7 +11,7 @@ k nearest training atoms N_j (same element) at mean distance d_j::
     s_j = s                             (transfer="mean", the paper)
     p_j = (1/k) * sum_{i in N_j} CDF_i((atol + rtol * |F_ref,i|) / s_j)
 
-and the uncertainty is ``1 - p_j`` (METHODS.md §1.4). ``p_j`` is the probability
+and the uncertainty is ``1 - p_j`` (docs/methods.md). ``p_j`` is the probability
 that atom j's force error is at most ``atol`` (eV/Å) under the model "test errors
 are ``s_j`` times the neighbours' training errors".
 
@@ -533,6 +533,22 @@ class LTAUEstimator(UQMethod):
         return self.predict_arrays(X.descriptors, X.species, config_index=X.config_index,
                                    **options)
 
+    def summary(self) -> str:
+        """atol and its source, the indices, the training size, calibration, threshold."""
+        check_is_fitted(self, "indices_")
+        source = "given" if self.atol is not None else (
+            "mean force-error norm |F_ref - F_pred| of the final models on the training atoms")
+        kinds = ", ".join(f"{name}={kind}" for name, kind in self.index_kinds_.items())
+        text = (f"atol {self.atol_:.4g} eV/Å ({source}); index {kinds} (k={self.k}); "
+                f"{self.n_train_atoms_} training atoms, D={self.n_features_in_}")
+        if self.calibration_ is not None:
+            cal = self.calibration_
+            bound = " (at the search bound: see docs/ltau.md)" if cal["at_bound"] else ""
+            text += (f"; calibrated on {cal['n_configs']} configurations: s = "
+                     f"{cal['scale']:.4g}{bound}, beta {cal['distance_power']:g}, ECE "
+                     f"{cal['ece_before']:.3f} -> {cal['ece_after']:.3f}")
+        return f"{text}; {super().summary()}"
+
     def derived_results(self, result: UQResult) -> dict[str, UQResult]:
         """The normalised k-NN distance z as a score of its own (``"knn_distance"``)."""
         distance = distance_result(result)
@@ -617,7 +633,7 @@ class LTAUEstimator(UQMethod):
             for _, rows, neighbours, _ in found:
                 mass[rows] = self.distributions_.mean_over(neighbours).mass
         return _result(p, expected, distance, normalised, mass, configs, threshold,
-                       atom_level=not fitted)
+                       atom_level=not fitted, atol=float(atol))
 
     def _distances(self, found: list, n_atoms: int) -> tuple[np.ndarray, np.ndarray]:
         """Mean k-NN distance d_j and z_j = d_j / d_ref of every atom, shapes (n,)."""
@@ -1147,6 +1163,7 @@ def _result(
     threshold: float | None,
     *,
     atom_level: bool,
+    atol: float | None = None,
 ) -> UQResult:
     """The UQResult; ``atom_level=False``: the threshold is a configuration threshold
     (fitted on the mean of 1 - p), so only configurations are flagged."""
@@ -1175,6 +1192,7 @@ def _result(
         unit="",
         config_aggregate=CONFIG_AGGREGATE,
         bounds=(0.0, 1.0),
+        atol=None if atol is None else float(atol),
         extras=extras,
     )
 

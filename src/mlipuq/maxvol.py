@@ -63,10 +63,10 @@ _ROUNDING = 1e-12
 """Relative slack on ``tol``: coefficients within rounding of ``tol`` do not trigger swaps."""
 
 DEFAULT_BATCH_SIZE = 8192
-"""Rows per chunk in :func:`extrapolation_grade` (an 8192 x 64 float64 chunk is 4 MiB)."""
+"""Upper bound on the rows per chunk in :func:`extrapolation_grade` (8192 x 64 floats: 4 MiB)."""
 
 _CHUNK_ELEMENTS = 1 << 17
-"""Floats per chunk of the swap loop's fused update + search (1 MiB: stays in cache)."""
+"""Floats per chunk of the swap loop and of the grade (1 MiB: stays in cache)."""
 
 _RANK_CHUNK_ROWS = 2048
 """Rows per TSQR step of the rank computation (small panels factor fastest)."""
@@ -243,10 +243,11 @@ def extrapolation_grade(
     active_inverse : ndarray of float, shape (D, r)
         From :func:`active_set_inverse` (or pacemaker's pinv of the active set).
     batch_size : int
-        Rows per chunk (bounds the temporary memory to batch_size x (D + r) floats).
+        At most this many rows per chunk (bounds the temporary memory to
+        batch_size x (D + r) floats; chunks of about 1 MiB are used below that).
     rows : ndarray of int, shape (m,), optional
-        Grade only these rows of ``features`` (gathered chunk by chunk, without
-        copying ``features[rows]`` as a whole).
+        Grade only these rows of ``features`` (indices in [0, n); gathered chunk by
+        chunk, without copying ``features[rows]`` as a whole).
 
     Returns
     -------
@@ -268,6 +269,12 @@ def extrapolation_grade(
         )
     if rows is not None:
         rows = np.asarray(rows, dtype=np.intp)
+        if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= len(features))):
+            raise InputError(
+                f"rows: expected a 1-d array of row indices in [0, {len(features)}), "
+                f"got shape {rows.shape}"
+                + (f" with values in [{rows.min()}, {rows.max()}]" if rows.size else "")
+            )
     n_out = features.shape[0] if rows is None else rows.shape[0]
     gamma = np.empty(n_out)
     _grade_into(features, active_inverse, rows, gamma, max(1, int(batch_size)))
@@ -373,7 +380,8 @@ def _grade_into(
     if width == 0:
         gamma.fill(0.0)
         return
-    step = min(step, n_out)
+    # chunks of ~1 MiB of features stay in cache between the gather, the GEMM and the max
+    step = min(step, n_out, max(256, _CHUNK_ELEMENTS // max(1, features.shape[1])))
     product = np.empty((step, width))
     gathered = None if rows is None else np.empty((step, features.shape[1]))
     for start in range(0, n_out, step):
@@ -382,7 +390,8 @@ def _grade_into(
             block = features[start:stop]
         else:
             block = gathered[: stop - start]
-            np.take(features, rows[start:stop], axis=0, out=block)
+            # indices checked by the caller; mode="clip" lets take write ``out`` unbuffered
+            np.take(features, rows[start:stop], axis=0, out=block, mode="clip")
         out = product[: stop - start]
         np.matmul(block, inverse, out=out)
         np.abs(out, out=out)

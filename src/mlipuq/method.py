@@ -125,6 +125,13 @@ class UQMethod(BaseEstimator):
         """A copy predicting as before :meth:`calibrate` (self when nothing changes)."""
         return self
 
+    def summary(self) -> str:
+        """One line on what was fitted (the flag threshold and where it came from)."""
+        threshold = getattr(self, "threshold_", None)
+        if threshold is None:
+            return "no flag threshold"
+        return f"threshold {threshold:.4g} ({getattr(self, 'threshold_source_', None)})"
+
     def derived_results(self, result: UQResult) -> dict[str, UQResult]:
         """Further scores that come free with ``result`` (name -> result); none here."""
         return {}

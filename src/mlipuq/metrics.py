@@ -228,7 +228,7 @@ def calibration_curve(
     """Bin atoms by predicted p and measure the observed fraction within threshold.
 
     A calibrated p lies on y = x: among atoms with p ~ 0.7, 70 % have an error
-    at most ``threshold`` (LTAU: threshold = atol * s, METHODS.md §1.5).
+    at most ``threshold`` (LTAU: threshold = atol * s, docs/methods.md).
 
     Parameters
     ----------
@@ -505,7 +505,7 @@ def relative_cost(method_seconds: float, forward_seconds: float) -> float:
 
     Both times in the same unit (total seconds, or seconds per atom). An
     ensemble of M models scores about M; LTAU's k-NN step a few per cent
-    (METHODS.md §1.8).
+    (docs/methods.md).
 
     Examples
     --------

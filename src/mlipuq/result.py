@@ -43,6 +43,9 @@ class UQResult:
     bounds : (float or None, float or None)
         Range of ``atom_uncertainty`` (None: unbounded), e.g. (0, 1) for LTAU's 1 - p.
         Larger values are always less trusted.
+    atol : float or None
+        Tolerance in eV/Å at which ``extras["p"]`` is the probability that the force
+        error is at most atol (None: no probability, or the evaluation's atol).
     extras : dict of str -> ndarray
         Method-specific per-atom (N,) or per-configuration (C,) arrays, e.g.
         ``"p"``, ``"expected_error"``, ``"knn_distance"``, ``"gamma"``,
@@ -60,6 +63,7 @@ class UQResult:
     unit: str = ""
     config_aggregate: str = "max"
     bounds: tuple[float | None, float | None] = (0.0, None)
+    atol: float | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property

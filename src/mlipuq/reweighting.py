@@ -1,4 +1,4 @@
-"""Per-atom loss weights from LTAU confidence (METHODS.md §1.6), and weight files.
+"""Per-atom loss weights from LTAU confidence (docs/methods.md), and weight files.
 
 With ``mu = mu_M(p_i)`` and ``sigma = sigma_M(p_i)`` (mean and spread over M models
 of the fraction of epochs an atom was within tolerance, see

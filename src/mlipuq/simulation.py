@@ -1,4 +1,4 @@
-"""MD and relaxations with per-step uncertainty logging and stop rules (METHODS.md §1.7).
+"""MD and relaxations with per-step uncertainty logging and stop rules (docs/methods.md).
 
 :func:`run_simulation` drives an ASE dynamics (Langevin or velocity Verlet MD, BFGS
 or FIRE relaxation) with ANY ASE calculator whose ``results`` hold per-atom arrays

@@ -2,7 +2,7 @@
 
 An ACE potential is linear in its B-basis functions (before the embedding), so
 the per-atom *B-projections* are exactly the features D-optimality needs
-(METHODS.md section 3). This module turns ASE frames into those projections in
+(docs/methods.md). This module turns ASE frames into those projections in
 atom-table order, and reads/writes pacemaker's active-set files so that an
 active set built with :class:`mlipuq.doptimality.DOptimalityEstimator` can be
 used by pacemaker's ``PyACECalculator.set_active_set`` (and LAMMPS ``pair_style

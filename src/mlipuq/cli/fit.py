@@ -94,9 +94,6 @@ def run_fit(args: argparse.Namespace) -> int:
                               calibrate=not args.no_calibrate, fpr=args.fpr or DEFAULT_FPR,
                               threads=args.threads, seed=args.seed, progress=_say)
     for name, method in methods.items():
-        threshold = getattr(method, "threshold_", None)
-        source = getattr(method, "threshold_source_", None)
-        text = "no threshold" if threshold is None else f"threshold {threshold:.4g} ({source})"
-        _say(f"{name}: {text} -> {method_dir(run, name)}")
+        _say(f"{name} -> {method_dir(run, name)}: {method.summary()}")
     _say(f"done in {time.perf_counter() - started:.1f} s")
     return 0

@@ -613,7 +613,7 @@ def train_reweighted(
     overwrite: bool = False,
     progress: bool = True,
 ) -> RunFolder:
-    """Retrain on a run's training set with LTAU per-atom loss weights (METHODS.md §1.6).
+    """Retrain on a run's training set with LTAU per-atom loss weights (docs/methods.md).
 
     From the source run's error trajectories (all models, all logged epochs) at the
     source's default tolerance (:func:`mlipuq.confidence.default_atol`, its final
