@@ -54,8 +54,10 @@ def data_dir(path: str | os.PathLike | None, sub: str, files: Sequence[str]) -> 
     folder = root / sub
     missing = [name for name in files if not (folder / name).is_file()]
     if missing:
-        sys.exit(f"data: {folder} lacks {', '.join(missing)} (give the shared data directory "
-                 f"as the first argument; default {DEFAULT_DATA})")
+        sys.exit(
+            f"data: {folder} lacks {', '.join(missing)} (give the data directory, laid out "
+            f"as in docs/benchmarks.md, as the first argument; default {DEFAULT_DATA})"
+        )
     return folder
 
 
@@ -97,19 +99,24 @@ def force_energy_mae(run, sets: Mapping[str, list], *, threads: int) -> dict:
         outputs, _ = model_outputs(run, frames, threads=threads)
         forces = np.stack([o.forces for o in outputs.values()])
         energies = np.stack([o.energies for o in outputs.values()])
-        ref_e = np.array([reference_energy(a) if reference_energy(a) is not None else np.nan
-                          for a in frames], float)
+        ref_e = np.array(
+            [reference_energy(a) if reference_energy(a) is not None else np.nan for a in frames],
+            float,
+        )
         n = np.array([len(a) for a in frames], float)
         row = {}
         refs = [reference_forces(a) for a in frames]
-        has_f = all(r is not None and np.shape(r) == (len(a), 3) for r, a in zip(refs, frames,
-                                                                                strict=True))
-        for label, f, e in (("model_0", forces[0], energies[0]),
-                            ("ensemble_mean", forces.mean(0), energies.mean(0))):
-            row[f"force_mae_{label}"] = (float(np.mean(np.abs(np.concatenate(refs) - f)))
-                                         if has_f else None)
-            row[f"energy_mae_meV_per_atom_{label}"] = float(np.nanmean(np.abs(ref_e - e) / n)
-                                                            * 1e3)
+        has_f = all(
+            r is not None and np.shape(r) == (len(a), 3) for r, a in zip(refs, frames, strict=True)
+        )
+        for label, f, e in (
+            ("model_0", forces[0], energies[0]),
+            ("ensemble_mean", forces.mean(0), energies.mean(0)),
+        ):
+            row[f"force_mae_{label}"] = (
+                float(np.mean(np.abs(np.concatenate(refs) - f))) if has_f else None
+            )
+            row[f"energy_mae_meV_per_atom_{label}"] = float(np.nanmean(np.abs(ref_e - e) / n) * 1e3)
         out[name] = row
     return out
 
@@ -131,9 +138,11 @@ def cost_table(metrics: dict) -> str:
     lines = ["| method | s / atom | x forward pass | threshold |", "|---|---|---|---|"]
     for name, entry in metrics["methods"].items():
         cost = entry["cost"]
-        lines.append(f"| {name} | {fmt(cost['seconds_per_atom'], '{:.2e}')} | "
-                     f"{fmt(cost['relative_to_forward'], '{:.3f}')} | "
-                     f"{fmt(entry['threshold'], '{:.3g}')} |")
+        lines.append(
+            f"| {name} | {fmt(cost['seconds_per_atom'], '{:.2e}')} | "
+            f"{fmt(cost['relative_to_forward'], '{:.3f}')} | "
+            f"{fmt(entry['threshold'], '{:.3g}')} |"
+        )
     return "\n".join(lines)
 
 
@@ -158,17 +167,29 @@ def train(args, folder: Path, start: float):
     if args.train_subset is not None:
         from mlipuq.io import read_structures
 
-        frames = subsample(read_structures(train_file, require_forces=True),
-                           args.train_subset, args.seed)
+        frames = subsample(
+            read_structures(train_file, require_forces=True), args.train_subset, args.seed
+        )
         train_file = write_subset(frames, Path(args.out) / "train_subset.extxyz")
-    note(f"training {args.models} model(s), preset {args.preset}, {args.epochs} epochs, "
-         f"{args.threads} thread(s) on {train_file}", start)
+    note(
+        f"training {args.models} model(s), preset {args.preset}, {args.epochs} epochs, "
+        f"{args.threads} thread(s) on {train_file}",
+        start,
+    )
     t0 = time.perf_counter()
     run = train_ensemble(
-        train_file, Path(args.out) / "run", preset=args.preset, epochs=args.epochs,
-        n_models=args.models, seed=args.seed, val_fraction=0.1,
-        isolated_energies=folder / ISOLATED, threads=args.threads, package=False,
-        overwrite=True, progress=args.verbose,
+        train_file,
+        Path(args.out) / "run",
+        preset=args.preset,
+        epochs=args.epochs,
+        n_models=args.models,
+        seed=args.seed,
+        val_fraction=0.1,
+        isolated_energies=folder / ISOLATED,
+        threads=args.threads,
+        package=False,
+        overwrite=True,
+        progress=args.verbose,
     )
     return run, time.perf_counter() - t0
 
@@ -186,14 +207,19 @@ def fit_windowed_ltau(run, start: int, *, threads: int, seed: int) -> None:
     estimators = fit_methods(run, train_outputs=train, threads=threads, seed=seed, save=False)
     base = train["model_0"]
     estimators["ltau"] = LTAUEstimator(k=5, n_threads=threads, window=(start, None)).fit_arrays(
-        run.store, base.descriptors, base.species)
+        run.store, base.descriptors, base.species
+    )
     save_methods(run, estimators, model_id="model_0")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", default=None,
-                        help=f"shared data directory (default {DEFAULT_DATA})")
+    parser.add_argument(
+        "data",
+        nargs="?",
+        default=None,
+        help=f"data directory (layout: docs/benchmarks.md) (default {DEFAULT_DATA})",
+    )
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--preset", default="small", choices=("tiny", "small", "paper"))
@@ -201,13 +227,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="/tmp/mlipuq_bench_acac")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", default=None, help="existing run folder: skip training")
-    parser.add_argument("--train-subset", type=int, default=None,
-                        help="train on this many seeded configurations (smoke runs)")
-    parser.add_argument("--test-subset", type=int, default=None,
-                        help="at most this many configurations per test set (smoke runs)")
-    parser.add_argument("--ltau-window", type=int, default=None, metavar="START",
-                        help="LTAU uses logged epochs START.. only (negative: the last "
-                             "-START epochs); default all epochs")
+    parser.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="train on this many seeded configurations (smoke runs)",
+    )
+    parser.add_argument(
+        "--test-subset",
+        type=int,
+        default=None,
+        help="at most this many configurations per test set (smoke runs)",
+    )
+    parser.add_argument(
+        "--ltau-window",
+        type=int,
+        default=None,
+        metavar="START",
+        help="LTAU uses logged epochs START.. only (negative: the last "
+        "-START epochs); default all epochs",
+    )
     parser.add_argument("--verbose", action="store_true", help="per-epoch training lines")
     args = parser.parse_args(argv)
 
@@ -221,15 +260,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     run, train_seconds = train_or_reuse(args, folder, start, train)
 
-    sets = {name: subsample(read_structures(folder / file), args.test_subset, args.seed)
-            for name, file in TESTS.items()}
+    sets = {
+        name: subsample(read_structures(folder / file), args.test_subset, args.seed)
+        for name, file in TESTS.items()
+    }
     t0 = time.perf_counter()
     if args.ltau_window is not None:
         note(f"fitting LTAU on the epoch window ({args.ltau_window}, None)", start)
         fit_windowed_ltau(run, args.ltau_window, threads=args.threads, seed=args.seed)
     metrics = evaluate_run(
-        run, sets, out_dir=out / "report", calibration_set=(IN_DOMAIN, 0.5),
-        in_domain=[IN_DOMAIN], threads=args.threads, seed=args.seed,
+        run,
+        sets,
+        out_dir=out / "report",
+        calibration_set=(IN_DOMAIN, 0.5),
+        in_domain=[IN_DOMAIN],
+        threads=args.threads,
+        seed=args.seed,
         refit=args.ltau_window is None,  # else the windowed LTAU saved above is used
         title="mlipuq benchmark: acac (NequIP ensemble)",
         progress=lambda message: note(message, start),
@@ -239,11 +285,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     mae = force_energy_mae(run, sets, threads=args.threads)
 
     settings = {
-        "preset": run.meta.get("preset"), "epochs": run.meta.get("epochs"),
-        "n_models": len(run.model_ids), "seed": args.seed, "threads": args.threads,
-        "n_train_atoms": int(run.atom_table.n_atoms), "ltau_window": args.ltau_window,
+        "preset": run.meta.get("preset"),
+        "epochs": run.meta.get("epochs"),
+        "n_models": len(run.model_ids),
+        "seed": args.seed,
+        "threads": args.threads,
+        "n_train_atoms": int(run.atom_table.n_atoms),
+        "ltau_window": args.ltau_window,
         "test_configs": {name: len(frames) for name, frames in sets.items()},
-        "train_seconds": train_seconds, "evaluate_seconds": eval_seconds,
+        "train_seconds": train_seconds,
+        "evaluate_seconds": eval_seconds,
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
     }
     text = summary(metrics, mae, settings)
@@ -267,35 +318,46 @@ def summary(metrics: dict, mae: dict, settings: dict) -> str:
     ]
     for name in sets:
         row = mae[name]
-        lines.append(f"| {name} | {fmt(row['force_mae_model_0'], '{:.4f}')} | "
-                     f"{fmt(row['force_mae_ensemble_mean'], '{:.4f}')} | "
-                     f"{fmt(row['energy_mae_meV_per_atom_model_0'], '{:.2f}')} | "
-                     f"{fmt(row['energy_mae_meV_per_atom_ensemble_mean'], '{:.2f}')} |")
+        lines.append(
+            f"| {name} | {fmt(row['force_mae_model_0'], '{:.4f}')} | "
+            f"{fmt(row['force_mae_ensemble_mean'], '{:.4f}')} | "
+            f"{fmt(row['energy_mae_meV_per_atom_model_0'], '{:.2f}')} | "
+            f"{fmt(row['energy_mae_meV_per_atom_ensemble_mean'], '{:.2f}')} |"
+        )
     lines += [
         f"\nLTAU calibration: s = {cal['scale']:.3f} fitted on {cal['n_calibration_atoms']} "
         f"atoms of {cal['calibration_set']} ({cal['fraction']:.0%} of configurations, seed "
         f"{cal['seed']}); ECE on the held-out {cal['n_held_out_atoms']} atoms of it and on all "
         "of every other set. Per-set s: fitted on half of that set, ECE on the other half.",
-        "\n| set | ECE s=1 | ECE s=fitted | s per set | ECE (s per set) |", "|---|---|---|---|---|",
+        "\n| set | ECE s=1 | ECE s=fitted | s per set | ECE (s per set) |",
+        "|---|---|---|---|---|",
     ]
     for name in cal["ece_before"]:
-        lines.append(f"| {name} | {fmt(cal['ece_before'][name])} | "
-                     f"{fmt(cal['ece_after'][name])} | "
-                     f"{fmt(cal['group_scales'].get(name), '{:.2f}')} | "
-                     f"{fmt(cal['group_ece_after'].get(name))} |")
-    for title, key in (("Spearman, atom level (force error)", "spearman_atom"),
-                       ("Spearman, configuration level (max force error)",
-                        "spearman_config_force"),
-                       ("Spearman, configuration level (energy error)", "spearman_config_energy"),
-                       ("Detection rate, configurations", "detection_rate_config"),
-                       ("Detection rate, atoms", "detection_rate_atom")):
+        lines.append(
+            f"| {name} | {fmt(cal['ece_before'][name])} | "
+            f"{fmt(cal['ece_after'][name])} | "
+            f"{fmt(cal['group_scales'].get(name), '{:.2f}')} | "
+            f"{fmt(cal['group_ece_after'].get(name))} |"
+        )
+    for title, key in (
+        ("Spearman, atom level (force error)", "spearman_atom"),
+        ("Spearman, configuration level (max force error)", "spearman_config_force"),
+        ("Spearman, configuration level (energy error)", "spearman_config_energy"),
+        ("Detection rate, configurations", "detection_rate_config"),
+        ("Detection rate, atoms", "detection_rate_atom"),
+    ):
         lines += [f"\n{title}:\n", metric_table(metrics, key, ["all", *sets])]
-    lines += ["\nROC-AUC (configuration uncertainty; in domain = test_MD_300K, all other sets "
-              "out of domain):\n", metric_table(metrics, "roc_auc", ["all"])]
-    lines += ["\nCost of the UQ step per test atom (ensemble: + the other members' forward "
-              "passes), ratio to one forward pass of model_0 measured in the same run:\n",
-              cost_table(metrics),
-              f"\nforward pass: {metrics['forward_seconds_per_atom']} s/atom"]
+    lines += [
+        "\nROC-AUC (configuration uncertainty; in domain = test_MD_300K, all other sets "
+        "out of domain):\n",
+        metric_table(metrics, "roc_auc", ["all"]),
+    ]
+    lines += [
+        "\nCost of the UQ step per test atom (ensemble: + the other members' forward "
+        "passes), ratio to one forward pass of model_0 measured in the same run:\n",
+        cost_table(metrics),
+        f"\nforward pass: {metrics['forward_seconds_per_atom']} s/atom",
+    ]
     return "\n".join(lines)
 
 

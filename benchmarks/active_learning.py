@@ -30,7 +30,7 @@ Start: NequIP models (``mlipuq train``, ``--models`` seeds) on bulk fcc copper a
 4. **retrain** both from scratch with identical settings (preset, epochs, seeds),
    validated on one fixed set (``--val-split fixed``, default: the ``--val-fraction``
    split of the starting 300 K set, held out once), so that every labelled pick is
-   trained on; ``--val-split resplit`` (before the sixth session) splits every training
+   trained on; ``--val-split resplit`` splits every training
    set anew, and a pick that lands in validation is never trained on.
 
 Figures: component force MAE (eV/Å) on the hot-bulk, surface and nanoparticle test
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--val-split", choices=("fixed", "resplit"), default="fixed",
         help="fixed: hold out --val-fraction of the starting set once, train on every "
-        "pick (default); resplit: split every training set anew (before the sixth session)",
+        "pick (default); resplit: split every training set anew",
     )
     parser.add_argument("--md-steps", type=int, default=30)
     parser.add_argument("--timestep", type=float, default=2.0, help="fs")

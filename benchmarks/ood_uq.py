@@ -243,7 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("system", choices=sorted(SYSTEMS))
     parser.add_argument(
-        "data", nargs="?", default=None, help=f"shared data directory (default {DEFAULT_DATA})"
+        "data",
+        nargs="?",
+        default=None,
+        help=f"data directory (layout: docs/benchmarks.md) (default {DEFAULT_DATA})",
     )
     parser.add_argument("--reuse", default=None, help="existing run folder: skip training")
     parser.add_argument("--epochs", type=int, default=40)

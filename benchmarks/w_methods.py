@@ -162,16 +162,19 @@ def force_mae(data, outputs) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="?", default=None,
-                        help=f"shared data directory (default {DEFAULT_DATA})")
+                        help=f"data directory, laid out as in docs/benchmarks.md "
+                        f"(default {DEFAULT_DATA})")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--preset", default="small", choices=("tiny", "small", "paper"))
     parser.add_argument("--r-max", type=float, default=5.0, help="cutoff in Å")
     parser.add_argument("--clusters", type=int, default=4, help="k-means clusters")
-    parser.add_argument("--ltau-threshold", type=float, default=0.5,
-                        help="LTAU flags atoms with 1 - p above this")
-    parser.add_argument("--max-configs", type=int, default=100,
-                        help="seeded subsample of each test set (0: all)")
+    parser.add_argument(
+        "--ltau-threshold", type=float, default=0.5, help="LTAU flags atoms with 1 - p above this"
+    )
+    parser.add_argument(
+        "--max-configs", type=int, default=100, help="seeded subsample of each test set (0: all)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="/tmp/mlipuq_bench_w")
     parser.add_argument("--seed", type=int, default=0)
@@ -198,65 +201,95 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch_threads(args.threads):
         note("fitting the methods on the training set", start)
         train_outputs, _ = model_outputs(run, run.train_frames(), threads=args.threads)
-        estimators = fit_methods(run, train_outputs=train_outputs,
-                                 params={"clustered_doptimality": {"n_clusters": args.clusters}},
-                                 threads=args.threads, seed=args.seed)
+        estimators = fit_methods(
+            run,
+            train_outputs=train_outputs,
+            params={"clustered_doptimality": {"n_clusters": args.clusters}},
+            threads=args.threads,
+            seed=args.seed,
+        )
         estimators[LABELS] = fit_labels(run, train_outputs)
         train_rates = train_detection(estimators, train_outputs, args.ltau_threshold)
-        note(f"predicting {len(data.frames)} test configurations ({len(data.config_index)} "
-             f"atoms) with {len(run.model_ids)} models", start)
+        note(
+            f"predicting {len(data.frames)} test configurations ({len(data.config_index)} "
+            f"atoms) with {len(run.model_ids)} models",
+            start,
+        )
         outputs, forward = model_outputs(run, data.frames, threads=args.threads)
     metrics = evaluate_sets(estimators, outputs, forward, data, args.ltau_threshold)
     eval_seconds = time.perf_counter() - t0
     mae = force_mae(data, outputs)
 
     settings = {
-        "preset": run.meta.get("preset"), "epochs": run.meta.get("epochs"),
-        "n_models": len(run.model_ids), "seed": args.seed, "threads": args.threads,
-        "r_max": args.r_max, "k_means_clusters": args.clusters,
+        "preset": run.meta.get("preset"),
+        "epochs": run.meta.get("epochs"),
+        "n_models": len(run.model_ids),
+        "seed": args.seed,
+        "threads": args.threads,
+        "r_max": args.r_max,
+        "k_means_clusters": args.clusters,
         "n_train_configs": int(run.atom_table.n_configs),
         "n_train_atoms": int(run.atom_table.n_atoms),
         "test_configs": {n: f"{len(sets[n])} of {len(full[n])}" for n in TEST_SETS},
         "test_atoms": {n: int(sum(len(a) for a in sets[n])) for n in TEST_SETS},
-        "train_seconds": train_seconds, "evaluate_seconds": eval_seconds,
+        "train_seconds": train_seconds,
+        "evaluate_seconds": eval_seconds,
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
     }
     text = summary(metrics, mae, settings, args.ltau_threshold, train_rates)
     print(text)
     (out / "summary.md").write_text(text + "\n")
-    write_json(out / "summary.json", {"settings": settings, "mae": mae, "metrics": metrics,
-                                      "train_detection": train_rates})
+    write_json(
+        out / "summary.json",
+        {"settings": settings, "mae": mae, "metrics": metrics, "train_detection": train_rates},
+    )
     note(f"summary {out / 'summary.md'}", start)
     return 0
 
 
-def summary(metrics: dict, mae: dict, settings: dict, ltau_threshold: float,
-            train_rates: dict) -> str:
+def summary(
+    metrics: dict, mae: dict, settings: dict, ltau_threshold: float, train_rates: dict
+) -> str:
     import json
 
     sets = ["all", *TEST_SETS]
-    lines = ["Settings: " + json.dumps(settings),
-             "\n| set | force MAE model_0 (eV/Å) | force MAE ensemble mean |", "|---|---|---|"]
+    lines = [
+        "Settings: " + json.dumps(settings),
+        "\n| set | force MAE model_0 (eV/Å) | force MAE ensemble mean |",
+        "|---|---|---|",
+    ]
     lines += [f"| {n} | {m['model_0']:.4f} | {m['ensemble_mean']:.4f} |" for n, m in mae.items()]
-    lines += ["\nDetection rate, configurations (fraction flagged):\n",
-              metric_table(metrics, "detection_rate_config", sets, "{:.3f}"),
-              "\nDetection rate, atoms (fraction flagged):\n",
-              metric_table(metrics, "detection_rate_atom", sets, "{:.4f}")]
-    lines += ["\nSame thresholds on the training set (elastic + sphere; LTAU's neighbours "
-              "include the atom itself):\n", "| method | configurations | atoms |",
-              "|---|---|---|"]
-    lines += [f"| {n} | {train_rates[n]['config']:.3f} | {train_rates[n]['atom']:.4f} |"
-              for n in metrics["methods"] if n in train_rates]
-    lines += ["\nPaper (uq-ace, pace ACE, elastic + sphere training): "
-              + "; ".join(f"{m}: {c} of configurations, {a} of atoms"
-                          for m, (c, a) in PAPER.items())]
-    lines += ["\nSpearman, atom level (force error; ensemble vs the ensemble-mean error):\n",
-              metric_table(metrics, "spearman_atom", sets),
-              "\nSpearman, configuration level (max force error):\n",
-              metric_table(metrics, "spearman_config_force", sets),
-              f"\nThresholds (LTAU: 1 - p > {ltau_threshold}; atol = "
-              f"{fmt(metrics.get('atol'), '{:.4f}')} eV/Å) and cost per test atom, ratio to "
-              "one forward pass of model_0:\n", cost_table(metrics)]
+    lines += [
+        "\nDetection rate, configurations (fraction flagged):\n",
+        metric_table(metrics, "detection_rate_config", sets, "{:.3f}"),
+        "\nDetection rate, atoms (fraction flagged):\n",
+        metric_table(metrics, "detection_rate_atom", sets, "{:.4f}"),
+    ]
+    lines += [
+        "\nSame thresholds on the training set (elastic + sphere; LTAU's neighbours "
+        "include the atom itself):\n",
+        "| method | configurations | atoms |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {n} | {train_rates[n]['config']:.3f} | {train_rates[n]['atom']:.4f} |"
+        for n in metrics["methods"]
+        if n in train_rates
+    ]
+    lines += [
+        "\nPaper (uq-ace, pace ACE, elastic + sphere training): "
+        + "; ".join(f"{m}: {c} of configurations, {a} of atoms" for m, (c, a) in PAPER.items())
+    ]
+    lines += [
+        "\nSpearman, atom level (force error; ensemble vs the ensemble-mean error):\n",
+        metric_table(metrics, "spearman_atom", sets),
+        "\nSpearman, configuration level (max force error):\n",
+        metric_table(metrics, "spearman_config_force", sets),
+        f"\nThresholds (LTAU: 1 - p > {ltau_threshold}; atol = "
+        f"{fmt(metrics.get('atol'), '{:.4f}')} eV/Å) and cost per test atom, ratio to "
+        "one forward pass of model_0:\n",
+        cost_table(metrics),
+    ]
     return "\n".join(lines)
 
 

@@ -218,3 +218,16 @@ def test_pace_backend_conforms():
 
     out = backend.outputs(bulk("Cu", cubic=True))
     assert out.descriptors.shape[0] == 4 and out.forces.shape == (4, 3)
+
+
+@pytest.mark.parametrize(("backend", "message"), [
+    ("arrays", "backend 'arrays' cannot train models (backends that can: nequip)"),
+    ("mace", "backend: unknown backend 'mace' (registered: arrays, nequip, pace"),
+])
+def test_train_goes_through_the_registry(tmp_path, capsys, backend, message):
+    from mlipuq.cli import main
+
+    status = main(["train", str(tmp_path / "train.extxyz"), "-o", str(tmp_path / "run"),
+                   "--backend", backend])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and message in err[0]

@@ -16,7 +16,8 @@ pytest.importorskip("nequip")
 from mlipuq.cli import main  # noqa: E402
 
 METHODS = {"ltau", "ltau_calibrated", "knn_distance", "ensemble", "doptimality",
-           "clustered_doptimality"}
+           "clustered_doptimality", "llpr",
+           "llpr_calibrated"}
 SETS = {"bulk_300K", "bulk_1200K", "vacancy", "surface", "nanoparticle"}
 
 
@@ -83,7 +84,7 @@ def test_metrics_cover_every_method_and_group(demo):
 
 def test_calibration_section(demo):
     _, _, metrics = demo
-    cal = metrics["calibration"]
+    cal = metrics["calibration"]["ltau"]
     assert cal["calibration_set"] == "bulk_300K" and cal["fraction"] == 0.5
     assert 0.1 <= cal["scale"] <= 20.0
     assert set(cal["ece_before"]) == set(cal["ece_after"]) == SETS
@@ -115,7 +116,7 @@ def test_numbers_match_the_saved_estimators(demo):
     run = RunFolder.open(out / "run")
     frames = read(out / "data" / "surface.extxyz", ":")
     outs = [NequIPBackend(run.model_path(m)).outputs(frames) for m in run.model_ids]
-    gamma = DOptimalityEstimator.load(out / "run" / "doptimality.npz").gamma(
+    gamma = DOptimalityEstimator.load(out / "run" / "methods" / "doptimality").gamma(
         outs[0].descriptors.astype(float), outs[0].species)
     entry = metrics["methods"]["doptimality"]["metrics"]["surface"]
     assert entry["mean_uncertainty"] == pytest.approx(gamma.mean(), rel=1e-6)

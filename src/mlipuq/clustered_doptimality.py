@@ -25,7 +25,7 @@ Choices made here
   ``"skip"`` drops it. With ``"merge"`` or ``"skip"``, an element that has no
   large-enough cluster at all gets all its rows merged into its largest cluster.
   One warning lists what was done.
-- A clustered gamma is NOT always <= the global gamma (BACKENDS.md).
+- A clustered gamma is NOT always <= the global gamma (docs/doptimality.md).
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class ClusteredDOptimalityEstimator(UQMethod):
     """
 
     name = "clustered_doptimality"
+    display_name = "Clustered D-optimality"
     requires = ("descriptors",)
 
     def __init__(

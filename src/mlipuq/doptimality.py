@@ -214,6 +214,7 @@ class DOptimalityEstimator(UQMethod):
     """
 
     name = "doptimality"
+    display_name = "D-optimality"
     requires = ("descriptors",)
 
     def __init__(

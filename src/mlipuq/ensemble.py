@@ -106,6 +106,7 @@ class EnsembleEstimator(UQMethod):
     """
 
     name = "ensemble"
+    display_name = "Ensemble"
     requires = ("committee_forces",)
     min_members = 2
     errors_from = "committee mean"

@@ -222,6 +222,7 @@ class LLPREstimator(UQMethod):
     """
 
     name: ClassVar[str] = "llpr"
+    display_name: ClassVar[str] = "LLPR"
     requires: ClassVar[tuple[str, ...]] = ("descriptors",)
     calibrates: ClassVar[bool] = True
 

@@ -194,6 +194,7 @@ class LTAUEstimator(UQMethod):
     """
 
     name = "ltau"
+    display_name = "LTAU"
     requires = ("descriptors",)
     needs_store = True
     calibrates = True

@@ -78,6 +78,8 @@ class UQMethod(BaseEstimator):
         Names of the scores :meth:`derived_results` adds.
     bounds : (float or None, float or None)
         Range of the atom uncertainty (None: unbounded).
+    display_name : str
+        How reports name the method.
     """
 
     name: ClassVar[str] = ""
@@ -88,6 +90,7 @@ class UQMethod(BaseEstimator):
     calibrates: ClassVar[bool] = False
     derived_names: ClassVar[tuple[str, ...]] = ()
     bounds: ClassVar[tuple[float | None, float | None]] = (0.0, None)
+    display_name: ClassVar[str] = ""
 
     # ------------------------------------------------------------------ contract
     def fit(self, X: ModelOutputs, store: Any = None) -> UQMethod:

@@ -148,8 +148,6 @@ def evaluate_run(
         ``"run"``, ``"errors_from"``, ``"forward_seconds_per_atom"`` (as written to
         ``out_dir/metrics.json``).
     """
-    from mlipuq.backends.nequip.features import torch_threads
-
     run = run if isinstance(run, RunFolder) else RunFolder.open(run)
     check_member(run, model_id)
     methods = available_methods(run, methods)
@@ -161,13 +159,12 @@ def evaluate_run(
     cal_name, fraction = _check_calibration(calibration_set, names)
     in_domain = _check_in_domain(in_domain, cal_name, names)
     user_thresholds = _check_thresholds(thresholds, methods, cal_name is not None)
-    with torch_threads(threads):
-        fitted = _fitted(run, methods, params or {}, model_id=model_id, refit=refit,
-                         fpr=fpr, threads=threads, seed=seed, progress=progress)
-        members = members_needed(run, methods, model_id)
-        progress(f"predicting {len(data.frames)} test configurations "
-                 f"({len(data.config_index)} atoms) with {len(members)} model(s)")
-        outputs, forward = model_outputs(run, data.frames, model_ids=members, threads=threads)
+    fitted = _fitted(run, methods, params or {}, model_id=model_id, refit=refit,
+                     fpr=fpr, threads=threads, seed=seed, progress=progress)
+    members = members_needed(run, methods, model_id)
+    progress(f"predicting {len(data.frames)} test configurations "
+             f"({len(data.config_index)} atoms) with {len(members)} model(s)")
+    outputs, forward = model_outputs(run, data.frames, model_ids=members, threads=threads)
 
     is_cal = (np.zeros(len(data.frames), bool) if cal_name is None
               else split_configurations(data.groups, cal_name, fraction, seed))
@@ -369,7 +366,7 @@ def _run_info(run: RunFolder, model_id: str, methods: Mapping[str, UQMethod]) ->
 
     info = {
         "path": str(run.path),
-        "backend": run.meta.get("backend", "nequip"),
+        "backend": run.backend,
         "model_id": model_id,
         "model_ids": run.model_ids,
         "elements": run.elements,

@@ -320,7 +320,7 @@ def _name(key: str) -> str:
     from mlipuq.registry import method_class
 
     try:
-        return getattr(method_class(key), "display_name", key)
+        return method_class(key).display_name or key
     except InputError:
         return key
 
@@ -634,7 +634,18 @@ def _one_calibration(name: str, cal: Mapping) -> str:
         table = ("<p>ECE on the held-out configurations of every set with forces:</p>"
                  f"{bound}<table><tr><th class='l'>test set</th><th>ECE before</th>"
                  f"<th>ECE after</th></tr>{rows}</table>")
-    return f"<h2>{html.escape(_name(name))} calibration</h2><p>{how}{atol}</p>{table or bound}"
+    return (f"<h2>{html.escape(_method_name(name))} calibration</h2><p>{how}{atol}</p>"
+            f"{table or bound}")
+
+
+def _method_name(name: str) -> str:
+    """The method class's display name (the key for unregistered names)."""
+    from mlipuq.registry import method_class
+
+    try:
+        return method_class(name).display_name or name
+    except InputError:
+        return name
 
 
 SECTIONS: list = [_test_set_section, _detection_section, _calibration_section]

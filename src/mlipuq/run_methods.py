@@ -293,7 +293,7 @@ def method_provenance(run: RunFolder, method: UQMethod, model_id: str) -> dict:
     from mlipuq.provenance import run_provenance
 
     members = run.model_ids if method.min_members > 1 else [model_id]
-    return {"backend": run.meta.get("backend", "nequip"),
+    return {"backend": run.backend,
             "member": model_id if method.min_members <= 1 else None,
             **run_provenance(run, members)}
 
@@ -395,3 +395,40 @@ def predict_methods(
                 results[derived] = value
                 seconds[derived] = seconds[name]
     return results, seconds
+
+
+SINGLE_PASS_FIELDS = frozenset({"descriptors", "energies", "forces"})
+"""What one forward pass of one model gives a UQ method in a calculator."""
+
+
+def calculator_methods(run: RunFolder, model_id: str) -> dict[str, UQMethod]:
+    """The methods ``mlipuq fit`` saved in ``RUN/methods`` that one model's forward pass
+    can drive (``requires`` within descriptors, energies, forces; one member).
+
+    Raises
+    ------
+    InputError
+        A saved method was fitted on another member's descriptors (they are not
+        comparable), on another model file or training set than the run has now, or
+        the run holds only estimators written by mlipuq 0.1 (the message says how to
+        refit).
+    """
+    from mlipuq.registry import method_class
+
+    directory = Path(run.path) / METHODS_DIR
+    names = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    if not names:
+        legacy = [f for f in LEGACY_FILES if (Path(run.path) / f).exists()]
+        if legacy:
+            raise InputError(f"{run.path}: estimators written by mlipuq 0.1 "
+                             f"({', '.join(legacy)}); run 'mlipuq fit {run.path}' to refit "
+                             "them in the current format")
+        return {}
+    out = {}
+    for name in names:
+        if name.startswith("."):
+            continue  # a temporary directory of an interrupted write
+        cls = method_class(name)
+        if set(cls.requires) <= SINGLE_PASS_FIELDS and cls.min_members <= 1:
+            out[name] = load_run_method(run, name, model_id=model_id)
+    return out

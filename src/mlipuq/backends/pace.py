@@ -21,7 +21,7 @@ What an ``.asi`` file holds (checked against python-ace 0.4.0rc1,
 python-ace is an optional dependency: it is imported only inside the functions
 that need it, and a clear :class:`~mlipuq.exceptions.InputError` says how to
 install it when it is missing. The nonlinear ("full") projections of
-python-ace 0.4.0rc1 come back as zeros (BACKENDS.md), so only the linear
+python-ace 0.4.0rc1 come back as zeros (docs/pace.md), so only the linear
 projections are offered.
 """
 

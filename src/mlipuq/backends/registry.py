@@ -205,7 +205,7 @@ def calculator(
 ) -> Any:
     """ASE calculator of member ``model_id`` of ``run``, with uncertainty attached.
 
-    ``estimators="auto"`` attaches what the run has fitted (``RUN/ltau``); a dict
+    ``estimators="auto"`` attaches what the run has fitted (``RUN/methods``); a dict
     attaches those estimators; None none. Other keyword arguments go to the backend's
     calculator (e.g. ``threads``, ``keep_descriptors``, ``store_arrays`` for NequIP).
 

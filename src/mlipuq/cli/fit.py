@@ -72,7 +72,6 @@ def _say(message: str) -> None:
 
 def run_fit(args: argparse.Namespace) -> int:
     """Execute ``mlipuq fit``; returns the exit status."""
-    from mlipuq.backends.nequip.features import torch_threads
     from mlipuq.exceptions import InputError
     from mlipuq.run_folder import RunFolder
     from mlipuq.run_methods import DEFAULT_FPR, fit_methods, method_dir
@@ -89,10 +88,9 @@ def run_fit(args: argparse.Namespace) -> int:
         from mlipuq.run_methods import available_methods
 
         params = {m: p for m, p in params.items() if m in available_methods(run)}
-    with torch_threads(args.threads):
-        methods = fit_methods(run, model_id=args.model_id, methods=args.methods, params=params,
-                              calibrate=not args.no_calibrate, fpr=args.fpr or DEFAULT_FPR,
-                              threads=args.threads, seed=args.seed, progress=_say)
+    methods = fit_methods(run, model_id=args.model_id, methods=args.methods, params=params,
+                          calibrate=not args.no_calibrate, fpr=args.fpr or DEFAULT_FPR,
+                          threads=args.threads, seed=args.seed, progress=_say)
     for name, method in methods.items():
         _say(f"{name} -> {method_dir(run, name)}: {method.summary()}")
     _say(f"done in {time.perf_counter() - started:.1f} s")

@@ -75,17 +75,19 @@ def uq_calculator(run_dir: str, model_id: str, methods: list[str] | str | None =
                   ) -> object:
     """The calculator of member ``model_id`` with the run's own fitted methods plus the
     saved method directories ``methods`` (each attached under its method name)."""
-    from mlipuq.backends.nequip.calculator import UQCalculator, auto_estimators
+    from mlipuq.backends.registry import calculator
     from mlipuq.method import load_method
     from mlipuq.run_folder import RunFolder
+    from mlipuq.run_methods import calculator_methods
 
+    run = RunFolder.open(run_dir)
     if not methods:
-        return UQCalculator.from_run(run_dir, model_id=model_id)
-    estimators = dict(auto_estimators(RunFolder.open(run_dir), model_id))
+        return calculator(run, model_id)
+    estimators = dict(calculator_methods(run, model_id))
     for directory in [methods] if isinstance(methods, str) else methods:
         method = load_method(directory)
         estimators[method.name] = method
-    return UQCalculator.from_run(run_dir, model_id=model_id, estimators=estimators)
+    return calculator(run, model_id, estimators=estimators)
 
 
 def _check_elements(atoms: object, args: argparse.Namespace) -> None:

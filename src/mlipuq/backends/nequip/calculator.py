@@ -43,8 +43,6 @@ except ImportError as _error:  # pragma: no cover - exercised only without nequi
     ) from _error
 
 DESCRIPTORS_KEY = "descriptors"
-SINGLE_PASS_FIELDS = frozenset({"descriptors", "energies", "forces"})
-"""What one forward pass of one model gives a UQ method in the calculator."""
 
 
 def _check_estimators(estimators: Any) -> dict[str, Any]:
@@ -55,6 +53,7 @@ def _check_estimators(estimators: Any) -> dict[str, Any]:
             f"estimators: expected a dict name -> estimator, got {type(estimators).__name__}"
         )
     from mlipuq.method import UQMethod
+    from mlipuq.run_methods import SINGLE_PASS_FIELDS
 
     for name, estimator in estimators.items():
         if not isinstance(name, str) or not name.isidentifier():
@@ -265,34 +264,8 @@ def uncertainty_results(name: str, result: Any) -> dict[str, Any]:
 
 
 def auto_estimators(run: Any, model_id: str) -> dict[str, Any]:
-    """The methods ``mlipuq fit`` saved in ``RUN/methods`` that one model's forward pass
-    can drive (``requires`` within descriptors, energies, forces; one member).
+    """:func:`mlipuq.run_methods.calculator_methods` (the run's saved methods one
+    forward pass can drive)."""
+    from mlipuq.run_methods import calculator_methods
 
-    Raises
-    ------
-    InputError
-        A saved method was fitted on another member's descriptors (they are not
-        comparable), on another model file or training set than the run has now, or
-        the run holds only estimators written by mlipuq 0.1 (the message says how to
-        refit).
-    """
-    from mlipuq.registry import method_class
-    from mlipuq.run_methods import LEGACY_FILES, METHODS_DIR, load_run_method
-
-    directory = Path(run.path) / METHODS_DIR
-    names = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-    if not names:
-        legacy = [f for f in LEGACY_FILES if (Path(run.path) / f).exists()]
-        if legacy:
-            raise InputError(f"{run.path}: estimators written by mlipuq 0.1 "
-                             f"({', '.join(legacy)}); run 'mlipuq fit {run.path}' to refit "
-                             "them in the current format")
-        return {}
-    out = {}
-    for name in names:
-        if name.startswith("."):
-            continue  # a temporary directory of an interrupted write
-        cls = method_class(name)
-        if set(cls.requires) <= SINGLE_PASS_FIELDS and cls.min_members <= 1:
-            out[name] = load_run_method(run, name, model_id=model_id)
-    return out
+    return calculator_methods(run, model_id)
