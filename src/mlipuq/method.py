@@ -140,9 +140,10 @@ class UQMethod(BaseEstimator):
         return {}
 
     @classmethod
-    def check_inputs(cls, X: ModelOutputs) -> None:
+    def check_inputs(cls, X: ModelOutputs, known_species: Any = None) -> None:
         """Raise :class:`InputError` unless ``X`` is a ModelOutputs with the fields the
-        method needs, all finite."""
+        method needs, all finite, and (given ``known_species``, the training elements)
+        no element outside them."""
         if not isinstance(X, ModelOutputs):
             raise InputError(f"{cls.name}: expected ModelOutputs as X, got {type(X).__name__}")
         X.require(*cls.requires, method=cls.name)
@@ -151,6 +152,15 @@ class UQMethod(BaseEstimator):
             if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
                 raise InputError(f"{cls.name}: the model outputs' {field} hold NaN or "
                                  "infinite values")
+        if known_species is not None:
+            from mlipuq.validation import as_species
+
+            unknown = sorted(set(as_species(X.species).tolist())
+                             - {str(s) for s in known_species})
+            if unknown:
+                raise InputError(f"{cls.name}: element(s) {', '.join(unknown)} not in the "
+                                 f"training set (trained on "
+                                 f"{', '.join(sorted(map(str, known_species)))})")
 
     # ------------------------------------------------------------------ persistence
     def _get_state(self) -> tuple[dict, dict[str, np.ndarray]]:
