@@ -316,6 +316,11 @@ def test_extrapolation_grade_by_group_equals_per_group_formula(rng):
         got, np.where(species == "Cu", np.abs(x @ inverses["Cu"]).max(1),
                       np.abs(x @ inverses["O"]).max(1)), rtol=1e-12
     )
+    many = rng.integers(0, 90, size=3000)  # more labels than the per-label scans
+    scaled = {k: np.eye(8) * (k + 1) for k in range(90)}
+    np.testing.assert_allclose(
+        extrapolation_grade_by_group(x, many, scaled), np.abs(x).max(axis=1) * (many + 1)
+    )
     with pytest.raises(InputError, match=r"label\(s\) \['Fe'\] have no inverse"):
         extrapolation_grade_by_group(x[:2], np.array(["Cu", "Fe"]), inverses)
     with pytest.raises(InputError, match=r"groups: expected shape \(3000,\)"):

@@ -305,22 +305,24 @@ class ClusteredDOptimalityEstimator(UQMethod):
         gamma = np.empty(len(species))
         nearest = np.empty(len(species), dtype=np.int64)
         for element in np.unique(species):
-            mask = species == element
+            index = np.flatnonzero(species == element)
+            rows = None if len(index) == len(species) else index  # gathered chunk by chunk
             clusters = sorted(c for c, el in self.active_inverse_ if el == element)
             grades = np.stack(
                 [
                     extrapolation_grade(
-                        features[mask],
+                        features,
                         self.active_inverse_[(c, str(element))],
                         batch_size=self.grade_batch_size,
+                        rows=rows,
                     )
                     for c in clusters
                 ],
                 axis=1,
             )
             best = grades.argmin(axis=1)
-            gamma[mask] = grades[np.arange(len(best)), best]
-            nearest[mask] = np.asarray(clusters)[best]
+            gamma[index] = grades[np.arange(len(best)), best]
+            nearest[index] = np.asarray(clusters)[best]
         return gamma, nearest
 
     def predict_arrays(

@@ -28,7 +28,7 @@ from mlipuq.exceptions import InputError
 from mlipuq.maxvol import (
     DEFAULT_BATCH_SIZE,
     active_set_inverse,
-    extrapolation_grade,
+    extrapolation_grade_by_group,
     maxvol,
 )
 from mlipuq.method import UQMethod
@@ -152,7 +152,7 @@ def check_predict_inputs(
     species = as_species(species)
     check_consistent_length(features=features, species=species)
     check_feature_dim(features, n_features, "features")
-    unknown = sorted(set(species.tolist()) - set(elements))
+    unknown = sorted(set(np.unique(species).tolist()) - set(elements))
     if unknown:
         raise InputError(f"species: element(s) {unknown} have no active set (fitted: {elements})")
     return features, species
@@ -330,13 +330,9 @@ class DOptimalityEstimator(UQMethod):
         features, species = check_predict_inputs(
             features, species, self.n_features_in_, self.elements_
         )
-        gamma = np.empty(len(species))
-        for element in np.unique(species):
-            mask = species == element
-            gamma[mask] = extrapolation_grade(
-                features[mask], self.active_inverse_[str(element)], batch_size=self.grade_batch_size
-            )
-        return gamma
+        return extrapolation_grade_by_group(
+            features, species, self.active_inverse_, batch_size=self.grade_batch_size
+        )
 
     def predict_arrays(
         self, features: np.ndarray, species: np.ndarray, *, config_index: np.ndarray | None = None

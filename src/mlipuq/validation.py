@@ -120,7 +120,7 @@ def as_species(species: Sequence | np.ndarray, name: str = "species") -> np.ndar
             raise InputError(f"{name}: atomic numbers out of range [1, {len(chemical_symbols)})")
         return np.asarray([chemical_symbols[z] for z in array], dtype=str)
     symbols = array.astype(str)
-    unknown = sorted(set(symbols.tolist()) - set(chemical_symbols[1:]))
+    unknown = sorted(set(np.unique(symbols).tolist()) - set(chemical_symbols[1:]))
     if unknown:
         raise InputError(f"{name}: unknown element symbol(s) {unknown}")
     return symbols
