@@ -104,7 +104,7 @@ def test_run_with_an_unknown_backend(tmp_path, capsys):
     with pytest.raises(InputError, match=r"run.json: backend: unknown backend 'mace' "
                                          r"\(registered: arrays, nequip, pace"):
         RunFolder.open(path)
-    assert main(["fit", str(path)]) == 2
+    assert main(["fit", "--run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown backend 'mace'" in err[0] and "nequip" in err[0]
 
@@ -227,7 +227,7 @@ def test_pace_backend_conforms():
 def test_train_goes_through_the_registry(tmp_path, capsys, backend, message):
     from mlipuq.cli import main
 
-    status = main(["train", str(tmp_path / "train.extxyz"), "-o", str(tmp_path / "run"),
+    status = main(["train", str(tmp_path / "train.extxyz"), "--run", str(tmp_path / "run"),
                    "--backend", backend])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and message in err[0]

@@ -44,7 +44,7 @@ def fake_run(tmp_path):
 
 
 def _evaluate(capsys, run, *args):
-    status = main(["evaluate", run, "--out", "unused_report", *args])
+    status = main(["evaluate", "--run", run, "--out", "unused_report", *args])
     captured = capsys.readouterr()
     return status, captured.err.strip().splitlines()
 
@@ -160,12 +160,14 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
         energy_only.append(copy)  # no calculator, no forces: energies only
     hot = _write(tmp_path / "hot.extxyz", energy_only)
     out = tmp_path / "report"
-    status = main(["evaluate", str(run_dir), "--test", f"cold={test}", "--test", f"hot={hot}",
+    status = main(["evaluate", "--run", str(run_dir), "--test", f"cold={test}", "--test",
+                   f"hot={hot}",
                    "--test", f"calib={calib}", "--out", str(out), "--calibrate-on", "calib",
                    "--in-domain", "calib", "cold", "--k", "3"])
     captured = capsys.readouterr()
     assert status == 0, captured.err
-    assert captured.out.strip().splitlines()[-1] == f"report: {out / 'index.html'}"
+    assert captured.out.strip().splitlines() == [f"report: {out / 'index.html'}"]
+    assert "fitting ltau, " in captured.err  # progress: stderr only
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"ltau", "ltau_calibrated", "knn_distance", "ensemble",
                                        "doptimality", "clustered_doptimality", "llpr",
@@ -237,30 +239,30 @@ def test_evaluate_tiny_run_matches_direct_formulas(tmp_path, capsys):
     assert metrics["methods"]["ensemble"]["metrics"]["cold"]["in_domain"] is True
 
     # a second call reuses the saved estimators: identical LTAU numbers
-    status = main(["evaluate", str(run_dir), "--test", f"cold={test}", "--out",
+    status = main(["evaluate", "--run", str(run_dir), "--test", f"cold={test}", "--out",
                    str(tmp_path / "again"), "--k", "3"])
     assert status == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
-    assert "using saved" in capsys.readouterr().out
+    assert "using saved" in capsys.readouterr().err
     assert again["methods"]["ltau"]["metrics"]["cold"]["mean_uncertainty"] == pytest.approx(
         metrics["methods"]["ltau"]["metrics"]["cold"]["mean_uncertainty"], rel=1e-9)
     # another k refits LTAU only (and saves it with the new k)
-    status = main(["evaluate", str(run_dir), "--test", f"cold={test}", "--out",
+    status = main(["evaluate", "--run", str(run_dir), "--test", f"cold={test}", "--out",
                    str(tmp_path / "k4"), "--k", "4", "--methods", "ltau", "doptimality"])
     assert status == 0
-    out = capsys.readouterr().out
-    assert "using saved doptimality" in out and "fitting ltau on" in out
+    err = capsys.readouterr().err
+    assert "using saved doptimality" in err and "fitting ltau on" in err
     header = json.loads((run_dir / "methods" / "ltau" / "estimator.json").read_text())
     assert header["params"]["k"] == 4
     # another member: D-optimality fitted in model_0's latent space is not reused
-    status = main(["evaluate", str(run_dir), "--test", f"cold={test}", "--out",
+    status = main(["evaluate", "--run", str(run_dir), "--test", f"cold={test}", "--out",
                    str(tmp_path / "m1"), "--model-id", "model_1", "--methods", "doptimality"])
     assert status == 0
-    out = capsys.readouterr().out
-    assert "using saved" not in out and "fitting doptimality on" in out
+    err = capsys.readouterr().err
+    assert "using saved" not in err and "fitting doptimality on" in err
     # a test set the user calls "validation" is the calibration set (not judged with
     # thresholds fitted on the run's own validation frames)
-    status = main(["evaluate", str(run_dir), "--test", f"validation={test}", "--out",
+    status = main(["evaluate", "--run", str(run_dir), "--test", f"validation={test}", "--out",
                    str(tmp_path / "v"), "--model-id", "model_1", "--methods", "doptimality"])
     assert status == 0
     own = json.loads((tmp_path / "v" / "metrics.json").read_text())

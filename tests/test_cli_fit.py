@@ -1,4 +1,4 @@
-"""``mlipuq fit RUN``: every method from a run folder, saved atomically in RUN/methods."""
+"""``mlipuq fit --run RUN``: every method from a run folder, saved atomically in RUN/methods."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from nequip_support import make_emt_copper_frames, make_tiny_run  # noqa: E402
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """A tiny 2-member run after ``mlipuq fit RUN --k 3``; returns (run, stdout)."""
+    """A tiny 2-member run after ``mlipuq fit --run RUN --k 3``; returns (run, stdout)."""
     run_dir = make_tiny_run(tmp_path_factory.mktemp("fit"), n_models=2, epochs=3)
     capture = pytest.MonkeyPatch()
     import io
@@ -28,7 +28,7 @@ def fitted(tmp_path_factory):
     buffer = io.StringIO()
     capture.setattr(sys, "stdout", buffer)
     try:
-        status = main(["fit", str(run_dir), "--k", "3"])
+        status = main(["fit", "--run", str(run_dir), "--k", "3"])
     finally:
         capture.undo()
     assert status == 0
@@ -147,12 +147,16 @@ def test_refit_replaces_atomically(fitted, tmp_path, capsys):
     run, _ = fitted
     copy = tmp_path / "run"
     shutil.copytree(run.path, copy)
-    assert main(["fit", str(copy), "--k", "2", "--atol", "0.05"]) == 0
+    assert main(["fit", "--run", str(copy), "--k", "2", "--atol", "0.05"]) == 0
     estimator = LTAUEstimator.load(copy / "methods" / "ltau")
     assert (estimator.k, estimator.atol_) == (2, 0.05)
     leftovers = [p.name for p in (copy / "methods").iterdir() if p.name.startswith(".")]
     assert leftovers == []
-    assert "(given)" in capsys.readouterr().out
+    captured = capsys.readouterr()  # one line per method written on stdout, progress on stderr
+    ltau_line = f"ltau: {copy / 'methods' / 'ltau'} ("
+    assert any(line.startswith(ltau_line) for line in captured.out.splitlines())
+    assert "(given)" in captured.out and "(given)" not in captured.err
+    assert "fitting ltau on" in captured.err and "fitting" not in captured.out
 
 
 def test_a_changed_model_file_makes_the_saved_ltau_stale(fitted, tmp_path):
@@ -185,12 +189,12 @@ def one_error_line(capsys) -> str:
 
 
 def test_missing_run_folder(tmp_path, capsys):
-    assert main(["fit", str(tmp_path / "nope")]) == 2
+    assert main(["fit", "--run", str(tmp_path / "nope")]) == 2
     assert "run folder not found" in one_error_line(capsys)
 
 
 def test_not_a_run_folder(tmp_path, capsys):
-    assert main(["fit", str(tmp_path)]) == 2
+    assert main(["fit", "--run", str(tmp_path)]) == 2
     assert "not an mlipuq run folder (no run.json)" in one_error_line(capsys)
 
 
@@ -200,14 +204,14 @@ def test_run_folder_from_another_version(fitted, tmp_path, capsys):
     folder.mkdir()
     meta = dict(run.meta, format_version=99)
     (folder / "run.json").write_text(json.dumps(meta))
-    assert main(["fit", str(folder)]) == 2
+    assert main(["fit", "--run", str(folder)]) == 2
     line = one_error_line(capsys)
     assert "format_version 99" in line and "supports format_version 1" in line
 
 
 def test_unknown_model_id(fitted, capsys):
     run, _ = fitted
-    assert main(["fit", str(run.path), "--model-id", "model_7"]) == 2
+    assert main(["fit", "--run", str(run.path), "--model-id", "model_7"]) == 2
     assert "--model-id: 'model_7' is not a member" in one_error_line(capsys)
 
 
@@ -241,7 +245,7 @@ def test_fit_never_unpickles_a_foreign_or_broken_checkpoint(fitted, tmp_path, ca
     else:
         data = model.read_bytes()
         model.write_bytes(data[: len(data) // 2])
-    assert main(["fit", str(copy)]) == 2
+    assert main(["fit", "--run", str(copy)]) == 2
     err = one_error_line(capsys)
     expected = "not a plain checkpoint" if kind == "foreign" else "truncated or corrupt"
     assert str(model) in err and expected in err

@@ -59,7 +59,9 @@ def test_fit_predict_writes_arrays_and_summary(files, capsys):
         str(files / "train.extxyz"), "--out", str(files / "est"), "--k", "3", "--rtol", "0.01",
     ])
     assert status == 0
-    assert "atol = " in capsys.readouterr().err
+    captured = capsys.readouterr()  # the result on stdout, progress on stderr
+    assert captured.out.startswith(f"estimator: {files / 'est'} (atol = ")
+    assert "atol = " not in captured.err and "mlipuq: [" in captured.err
     status = main([
         "ltau", "predict", "--estimator", str(files / "est"), "--descriptors",
         str(files / "test_desc.npy"), "--structures", str(files / "test.extxyz"),
@@ -67,6 +69,8 @@ def test_fit_predict_writes_arrays_and_summary(files, capsys):
         "--scale", "2.0", "--threshold", "0.5",
     ])
     assert status == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"results: {files / 'results.extxyz'}", f"summary: {files / 'summary.json'}"]
 
     # the same computation through the API
     train = read(files / "train.extxyz", ":")
@@ -175,6 +179,7 @@ def test_calibrate_stores_scale_and_threshold_used_by_predict(files, capsys):
         "--out", str(files / "est"), "--k", "3",
     ])
     assert status == 0
+    capsys.readouterr()
     cal = emt_frames(10, 3, ["bulk"])
     write(files / "cal.extxyz", cal)
     rng = np.random.default_rng(4)
@@ -188,8 +193,10 @@ def test_calibrate_stores_scale_and_threshold_used_by_predict(files, capsys):
         str(files / "cal_desc.npy"), "--structures", str(files / "cal.extxyz"),
         "--predicted-forces", str(files / "cal_forces.npy"), "--fpr", "0.1",
     ])
-    assert status == 0, capsys.readouterr().err
-    assert "threshold" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert captured.out.startswith(f"estimator: {files / 'est'} (s = ")
+    assert "threshold" in captured.out
     stored = LTAUEstimator.load(files / "est")
     # the same calibration through the API
     table = AtomTable.from_atoms(cal)

@@ -23,25 +23,27 @@ SETS = {"bulk_300K", "bulk_1200K", "vacancy", "surface", "nanoparticle"}
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """Run the quick demo once in-process; returns (folder, stdout, metrics)."""
+    """Run the quick demo once in-process; returns (folder, (stdout, stderr), metrics)."""
     out = tmp_path_factory.mktemp("demo") / "mlipuq-demo"
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         status = main(["demo", "--quick", "--out", str(out), "--threads", "1", "--seed", "0"])
     assert status == 0, stderr.getvalue()[-2000:]
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    return out, stdout.getvalue(), metrics
+    return out, (stdout.getvalue(), stderr.getvalue()), metrics
 
 
 pytestmark = pytest.mark.slow
 
 
 def test_progress_lines_and_report_path(demo):
-    out, stdout, _ = demo
-    lines = stdout.strip().splitlines()
-    assert lines[-1] == f"report: {out / 'report' / 'index.html'}"
-    stamps = [float(m.group(1)) for m in re.finditer(r"\[\s*([\d.]+) s\]", stdout)]
+    out, (stdout, stderr), _ = demo
+    assert stdout.splitlines() == [f"report: {out / 'report' / 'index.html'}"]  # the result
+    progress = [line for line in stderr.splitlines() if line.startswith("mlipuq: [")]
+    stamps = [float(re.match(r"mlipuq: \[\s*([\d.]+) s\]", line).group(1))
+              for line in progress]
     assert len(stamps) >= 5 and stamps == sorted(stamps)  # elapsed time per stage
+    assert any("training 2 NequIP model(s)" in line for line in progress)
     for name in SETS | {"train"}:
         assert (out / "data" / f"{name}.extxyz").is_file()
 

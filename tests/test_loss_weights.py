@@ -86,7 +86,7 @@ def test_bad_weights_are_refused(overrides, message):
 def test_cli_energy_weight_reaches_the_trained_config(tmp_path, capsys):
     data = write_frames(tmp_path / "cu.extxyz", make_emt_copper_frames(6, seed=2))
     run_dir = tmp_path / "run"
-    argv = ["train", str(data), "-o", str(run_dir), "--preset", "tiny", "--epochs", "1",
+    argv = ["train", str(data), "--run", str(run_dir), "--preset", "tiny", "--epochs", "1",
             "--energy-weight", "0.2", "--no-package", "-q", "--val-fraction", "0.34"]
     assert main(argv) == 0
     folder = RunFolder.open(run_dir)
@@ -101,13 +101,13 @@ def test_cli_energy_weight_reaches_the_trained_config(tmp_path, capsys):
 def test_cli_bad_weights_exit_2_and_leave_no_run(tmp_path, capsys):
     data = write_frames(tmp_path / "cu.extxyz", make_emt_copper_frames(3, seed=1))
     run_dir = tmp_path / "run"
-    err = cli_error(capsys, ["train", str(data), "-o", str(run_dir), "--energy-weight", "-1"])
+    err = cli_error(capsys, ["train", str(data), "--run", str(run_dir), "--energy-weight", "-1"])
     assert "energy_weight" in err and "-1" in err
     assert not run_dir.exists()
     yaml = cfg.write_yaml(tmp_path / "user.yaml", _config())
-    err = cli_error(capsys, ["train", str(data), "-o", str(run_dir), "--config", str(yaml),
+    err = cli_error(capsys, ["train", str(data), "--run", str(run_dir), "--config", str(yaml),
                               "--force-weight", "2"])
     assert "presets only" in err and "user.yaml" in err
-    err = cli_error(capsys, ["train", "-o", str(run_dir), "--reweight", "easy", "--from",
+    err = cli_error(capsys, ["train", "--run", str(run_dir), "--reweight", "easy", "--from",
                               str(tmp_path), "--energy-weight", "0.1"])
     assert "--energy-weight" in err

@@ -189,7 +189,7 @@ def test_cli_resume_continues_store_without_duplicates(tmp_path, capsys):
     data = write_frames(tmp_path / "cu.extxyz", make_emt_copper_frames(8, seed=3))
     run_dir = tmp_path / "run"
     common = [
-        "train", str(data), "-o", str(run_dir), "--preset", "tiny", "--r-max", str(TINY_R_MAX),
+        "train", str(data), "--run", str(run_dir), "--preset", "tiny", "--r-max", str(TINY_R_MAX),
         "--val-fraction", "0.25", "--no-package", "--threads", "1",
     ]
     assert main([*common, "--epochs", "2"]) == 0
@@ -233,7 +233,7 @@ def test_extxyz_without_forces_is_refused(tmp_path, capsys):
     for atoms in frames:
         atoms.calc = None
     path = write_frames(tmp_path / "noforces.extxyz", frames)
-    err = cli_error(capsys, ["train", str(path), "-o", str(tmp_path / "run"), "--no-package"])
+    err = cli_error(capsys, ["train", str(path), "--run", str(tmp_path / "run"), "--no-package"])
     assert "noforces.extxyz" in err and "configuration 0" in err and "forces" in err
     assert not (tmp_path / "run").exists()
 
@@ -245,7 +245,7 @@ def test_unknown_element_is_refused(tmp_path, capsys):
     second = int(lines[0]) + 4
     lines[second] = lines[second].replace("Cu", "Qq", 1)
     path.write_text("\n".join(lines) + "\n")
-    err = cli_error(capsys, ["train", str(path), "-o", str(tmp_path / "run")])
+    err = cli_error(capsys, ["train", str(path), "--run", str(tmp_path / "run")])
     assert "configuration 1" in err and "'Qq'" in err
 
 
@@ -253,7 +253,7 @@ def test_config_that_is_not_nequip_is_refused(tmp_path, capsys):
     data = write_frames(tmp_path / "cu.extxyz", make_emt_copper_frames(3, seed=1))
     config = tmp_path / "other.yaml"
     config.write_text("model:\n  layers: 3\nlearning_rate: 0.01\n")
-    argv = ["train", str(data), "-o", str(tmp_path / "run"), "--config", str(config)]
+    argv = ["train", str(data), "--run", str(tmp_path / "run"), "--config", str(config)]
     err = cli_error(capsys, argv)
     assert "other.yaml" in err and "not a NequIP config" in err and "run" in err
     config.write_text("- just\n- a list\n")
@@ -278,7 +278,7 @@ def test_run_folder_from_another_version_is_refused(tmp_path, capsys):
         RunFolder.open(tmp_path)
     (folder / "run.json").write_text(json.dumps({"format": "mlipuq-run", "format_version": 99}))
     data = write_frames(tmp_path / "cu.extxyz", make_emt_copper_frames(3, seed=1))
-    err = cli_error(capsys, ["train", str(data), "-o", str(folder), "--resume", "--no-package"])
+    err = cli_error(capsys, ["train", str(data), "--run", str(folder), "--resume", "--no-package"])
     assert "format_version" in err
 
 
@@ -312,6 +312,6 @@ def test_nan_energy_is_refused_before_training(tmp_path, capsys):
     frames[2].calc = SinglePointCalculator(frames[2], energy=float("nan"),
                                            forces=frames[2].get_forces())
     path = write_frames(tmp_path / "nan.extxyz", frames)
-    err = cli_error(capsys, ["train", str(path), "-o", str(tmp_path / "run"), "--no-package"])
+    err = cli_error(capsys, ["train", str(path), "--run", str(tmp_path / "run"), "--no-package"])
     assert "nan.extxyz: configuration 2 has a NaN or infinite reference energy" in err
     assert not (tmp_path / "run").exists()

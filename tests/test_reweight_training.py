@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
     source = make_tiny_run(directory, n_models=2, epochs=3)
     target = directory / "hard"
     status = main([
-        "train", "--reweight", "hard", "--from", str(source), "-o", str(target),
+        "train", "--reweight", "hard", "--from", str(source), "--run", str(target),
         "--lam", str(LAM), "--epochs", "2", "-M", "1", "--no-package", "-q",
     ])
     assert status == 0
@@ -190,7 +190,7 @@ def test_weighted_loss_equals_nequip_force_mse_for_unit_weights(rng):
 # ---------------------------------------------------------------- bad input
 def test_from_not_a_run_folder_exit_2(tmp_path, capsys):
     status = main([
-        "train", "--reweight", "easy", "--from", str(tmp_path), "-o", str(tmp_path / "new"),
+        "train", "--reweight", "easy", "--from", str(tmp_path), "--run", str(tmp_path / "new"),
     ])
     err = capsys.readouterr().err.strip()
     assert status == 2
@@ -200,7 +200,7 @@ def test_from_not_a_run_folder_exit_2(tmp_path, capsys):
 
 def test_invalid_scheme_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["train", "--reweight", "medium", "--from", str(tmp_path), "-o", str(tmp_path)])
+        main(["train", "--reweight", "medium", "--from", str(tmp_path), "--run", str(tmp_path)])
     assert exc.value.code == 2
     assert "invalid choice: 'medium'" in capsys.readouterr().err
     from mlipuq.backends.nequip.training import train_reweighted
@@ -212,7 +212,7 @@ def test_invalid_scheme_rejected(tmp_path, capsys):
 @pytest.mark.parametrize("lam", ["0", "-1", "nan"])
 def test_non_positive_lambda_rejected(tmp_path, capsys, lam):
     status = main([
-        "train", "--reweight", "hard", "--from", str(tmp_path), "-o", str(tmp_path / "x"),
+        "train", "--reweight", "hard", "--from", str(tmp_path), "--run", str(tmp_path / "x"),
         "--lam", lam,
     ])
     assert status == 2
@@ -224,12 +224,12 @@ def test_non_positive_lambda_rejected(tmp_path, capsys, lam):
 
 
 def test_reweight_needs_from_and_no_train_file(tmp_path, capsys):
-    assert main(["train", "--reweight", "hard", "-o", str(tmp_path / "x")]) == 2
+    assert main(["train", "--reweight", "hard", "--run", str(tmp_path / "x")]) == 2
     assert "--reweight and --from: both are needed" in capsys.readouterr().err
     assert main(["train", "data.xyz", "--reweight", "hard", "--from", str(tmp_path),
-                 "-o", str(tmp_path / "x")]) == 2
+                 "--run", str(tmp_path / "x")]) == 2
     assert "do not give train_file" in capsys.readouterr().err
-    assert main(["train", "-o", str(tmp_path / "x")]) == 2
+    assert main(["train", "--run", str(tmp_path / "x")]) == 2
     assert "train_file: expected an extxyz training set" in capsys.readouterr().err
 
 
@@ -245,6 +245,6 @@ def test_reweight_into_source_folder_refused(runs):
 def test_existing_target_refused_without_overwrite(runs):
     source, target = runs
     status = main(["train", "--reweight", "easy", "--from", str(source.path),
-                   "-o", str(target.path)])
+                   "--run", str(target.path)])
     assert status == 2
     assert target.meta["reweight"]["scheme"] == "hard"  # untouched

@@ -26,7 +26,7 @@ def test_cli_val_file_trains_on_every_frame_and_validates_on_the_file(tmp_path, 
     train = write_frames(tmp_path / "cu.extxyz", make_emt_copper_frames(5, seed=2))
     val = write_frames(tmp_path / "held_out.extxyz", make_emt_copper_frames(3, seed=7))
     run_dir = tmp_path / "run"
-    argv = ["train", str(train), "-o", str(run_dir), "--preset", "tiny", "--epochs", "1",
+    argv = ["train", str(train), "--run", str(run_dir), "--preset", "tiny", "--epochs", "1",
             "--val-file", str(val), "--no-package", "-q"]
     assert main(argv) == 0
     folder = RunFolder.open(run_dir)
@@ -53,7 +53,7 @@ def test_val_file_with_a_foreign_element_is_refused_before_the_run(tmp_path, cap
     frames[1].symbols[0] = "Ag"
     val = write_frames(tmp_path / "with_ag.extxyz", frames)
     run_dir = tmp_path / "run"
-    err = cli_error(capsys, ["train", str(train), "-o", str(run_dir), "--val-file", str(val)])
+    err = cli_error(capsys, ["train", str(train), "--run", str(run_dir), "--val-file", str(val)])
     assert "with_ag.extxyz" in err and "['Ag']" in err and "['Cu']" in err
     assert not run_dir.exists()
 
@@ -64,10 +64,10 @@ def test_val_file_without_forces_or_missing_is_refused(tmp_path, capsys):
     train = write_frames(tmp_path / "cu.extxyz", make_emt_copper_frames(4, seed=2))
     bare = tmp_path / "bare.extxyz"
     write(bare, [a.copy() for a in make_emt_copper_frames(2, seed=3)], format="extxyz")
-    err = cli_error(capsys, ["train", str(train), "-o", str(tmp_path / "r1"),
+    err = cli_error(capsys, ["train", str(train), "--run", str(tmp_path / "r1"),
                               "--val-file", str(bare)])
     assert "bare.extxyz" in err and "forces" in err
-    err = cli_error(capsys, ["train", str(train), "-o", str(tmp_path / "r2"),
+    err = cli_error(capsys, ["train", str(train), "--run", str(tmp_path / "r2"),
                               "--val-file", str(tmp_path / "absent.extxyz")])
     assert "absent.extxyz" in err
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
@@ -76,10 +76,10 @@ def test_val_file_without_forces_or_missing_is_refused(tmp_path, capsys):
 def test_val_file_conflicts_are_refused(tmp_path, capsys):
     train = write_frames(tmp_path / "cu.extxyz", make_emt_copper_frames(4, seed=2))
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", str(train), "-o", str(tmp_path / "r"), "--val-file", str(train),
+        main(["train", str(train), "--run", str(tmp_path / "r"), "--val-file", str(train),
               "--val-fraction", "0.2"])
     assert exit_info.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
-    err = cli_error(capsys, ["train", "-o", str(tmp_path / "r"), "--reweight", "easy",
+    err = cli_error(capsys, ["train", "--run", str(tmp_path / "r"), "--reweight", "easy",
                               "--from", str(tmp_path), "--val-file", str(train)])
     assert "--val-file" in err

@@ -15,7 +15,6 @@ Everything is generated locally (ASE's EMT calculator, no network). Stages:
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +91,7 @@ def _busy_warning(threads: int) -> str | None:
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load + threads <= cores + 0.5:
         return None
-    return (f"note: the machine is busy (load {load:.1f} on {cores} cores); "
+    return (f"the machine is busy (load {load:.1f} on {cores} cores); "
             f"--threads {threads} may run much slower than --threads 1")
 
 
@@ -136,7 +135,9 @@ def run_demo(
     threads : int
         torch / FAISS threads (training processes and evaluation).
     progress : bool
-        Print one line per stage with the elapsed time.
+        Log one line per stage to the ``mlipuq`` logger (:mod:`mlipuq.log`; on stderr
+        with the elapsed time under the ``mlipuq`` command, or after
+        ``logging.basicConfig(level=logging.INFO)``) and show NequIP's per-epoch lines.
 
     Returns
     -------
@@ -146,21 +147,21 @@ def run_demo(
     """
     from mlipuq.backends.registry import capability
     from mlipuq.io import write_json
-    from mlipuq.pipeline import evaluate_run, say
+    from mlipuq.log import logger
+    from mlipuq.pipeline import evaluate_run
 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InputError(f"--threads: expected a positive integer, got {threads!r}")
     out = Path(out)
     _check_out(out)
-    start = time.perf_counter()
 
     def note(message: str) -> None:
         if progress:
-            say(message, start=start)
+            logger.info(message)
 
     busy = _busy_warning(threads)
     if busy and progress:
-        note(busy)
+        logger.warning(busy)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / DEMO_FILE, {"seed": seed, "threads": threads, **settings.__dict__})
     note(f"generating EMT copper data (seed {seed}{', quick sizes' if settings.quick else ''})")

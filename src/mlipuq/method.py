@@ -241,7 +241,7 @@ def read_method_header(directory: str | os.PathLike) -> dict:
         raise InputError(f"{directory}: not found")
     if not (directory / HEADER_FILE).is_file() and directory.is_file():
         raise InputError(f"{directory}: a file written by mlipuq 0.1 (single-file estimator); "
-                         "refit the method (mlipuq fit RUN --refit) to write the current format")
+                         "refit the method ('mlipuq fit --run RUN') to write the current format")
     return read_header(directory / HEADER_FILE, what="estimator",
                        format_name=FORMAT_NAME, format_version=(FORMAT_VERSION,))
 

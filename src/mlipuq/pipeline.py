@@ -391,6 +391,16 @@ def _write(metrics, out_dir, results, force_errors, energy_errors, data, title) 
 
 
 def say(message: str, *, start: float | None = None, stream=None) -> None:
-    """Print one progress line ``mlipuq: [12.3 s] message`` (elapsed since ``start``)."""
+    """One progress message: logged at INFO on the ``mlipuq`` logger (:mod:`mlipuq.log`,
+    which stamps the time since the command started; ``start`` is then unused).
+
+    With ``stream``, printed there instead as ``mlipuq: [12.3 s] message`` (elapsed
+    since ``start``, a :func:`time.perf_counter` value), as before logging existed.
+    """
+    if stream is None:
+        from mlipuq.log import logger
+
+        logger.info(message)
+        return
     stamp = "" if start is None else f"[{time.perf_counter() - start:6.1f} s] "
     print(f"mlipuq: {stamp}{message}", file=stream or sys.stdout, flush=True)

@@ -82,10 +82,13 @@ def model_outputs(
         Wall time of each member's forward passes per atom (model loading excluded).
     """
     from mlipuq.backends.registry import load
+    from mlipuq.log import progress_bar
 
     outputs, seconds = {}, {}
     n_atoms = sum(len(atoms) for atoms in frames)
-    for model_id in model_ids or run.model_ids:
+    members = list(model_ids or run.model_ids)
+    for model_id in progress_bar(members, desc=f"forward passes, {len(frames)} frames",
+                                 unit="model"):
         # the run's backend (run.json "backend"), model loaded outside the timed pass
         backend = load(run, model_id, device=device, batch_size=batch_size, threads=threads)
         start = time.perf_counter()
@@ -348,7 +351,7 @@ def load_run_method(run: RunFolder, name: str, *, model_id: str) -> UQMethod:
     loaded, reasons = load_methods(run, [name], model_id=model_id)
     if name not in loaded:
         raise InputError(f"{method_dir(run, name)}: {reasons[name]}; run "
-                         f"'mlipuq fit {run.path} --model-id {model_id}' to (re)fit it")
+                         f"'mlipuq fit --run {run.path} --model-id {model_id}' to (re)fit it")
     return loaded[name]
 
 
@@ -421,7 +424,7 @@ def calculator_methods(run: RunFolder, model_id: str) -> dict[str, UQMethod]:
         legacy = [f for f in LEGACY_FILES if (Path(run.path) / f).exists()]
         if legacy:
             raise InputError(f"{run.path}: estimators written by mlipuq 0.1 "
-                             f"({', '.join(legacy)}); run 'mlipuq fit {run.path}' to refit "
+                             f"({', '.join(legacy)}); run 'mlipuq fit --run {run.path}' to refit "
                              "them in the current format")
         return {}
     out = {}

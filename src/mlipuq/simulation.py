@@ -359,8 +359,11 @@ def run_simulation(
         snapshot_path=Path(snapshot_path) if snapshot_path and stop_mode == "snapshot" else None,
     )
     run = dyn.irun(fmax=fmax, steps=int(steps)) if kind == "relax" else dyn.irun(steps=int(steps))
+    from mlipuq.log import progress_bar
+
+    bar = progress_bar(run, total=int(steps) + 1, desc=kind, unit="step")
     try:
-        for converged in run:
+        for converged in bar:
             row = logger.record(work, int(dyn.nsteps))
             log.converged = bool(converged) and kind == "relax"
             if stop_on is None or dyn.nsteps < min_steps:
@@ -380,6 +383,7 @@ def run_simulation(
                     log.stopped, log.stop_step = True, int(dyn.nsteps)
                     break
     finally:
+        bar.close()
         logger.close()
     logger.fill(log)
     return log
@@ -398,7 +402,7 @@ def _fitted_threshold(calculator: object, key: str, aggregate: str | None) -> tu
     if value is None:
         raise InputError(
             f"stop_threshold: required with stop_on={key!r}: the {name} estimator has no "
-            "fitted threshold (calibrate it: 'mlipuq fit RUN' with validation frames, or "
+            "fitted threshold (calibrate it: 'mlipuq fit --run RUN' with validation frames, or "
             "'mlipuq ltau calibrate')"
         )
     fitted_on = str(results.get(f"{name}_threshold_aggregate", "max"))

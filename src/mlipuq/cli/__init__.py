@@ -6,6 +6,12 @@ Each verb lives in its own module ``mlipuq.cli.<verb>`` exposing
 nequip, faiss) happen inside ``func``, never at module import, so
 ``mlipuq --help`` stays fast.
 
+Every parser is a :class:`mlipuq.cli._parser.Parser`: the shared vocabulary
+(``--run``, ``--out``, ``--threads``, ``--seed``, ``--model-id``, ``--per-element``),
+defaults written once by the help formatter, and ``-q``/``-v`` before or after the
+verb. While a verb runs, progress goes through :mod:`mlipuq.log` to stderr; results
+(``report: PATH``, summary tables) are printed on stdout.
+
 User mistakes (:class:`~mlipuq.exceptions.InputError`) are printed as one line
 ``mlipuq: error: ...`` with exit status 2 and no traceback; I/O failures (an output
 location that is read-only, full or not a directory) as one line naming the path, with
@@ -19,6 +25,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from mlipuq.cli._parser import Parser, verbosity
 from mlipuq.exceptions import MlipuqError
 
 # One entry per verb module, in the order shown by --help.
@@ -38,10 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered verb."""
     from mlipuq import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mlipuq",
-        description="Uncertainty for machine-learning interatomic potentials.",
+        description="Uncertainty for machine-learning interatomic potentials. Progress "
+        "messages go to stderr, results to stdout; 'mlipuq COMMAND --help' lists the "
+        "options of a command.",
     )
+    parser.set_defaults(quiet=False, verbose=False)
     parser.add_argument("--version", action="version", version=f"mlipuq {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -56,8 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    from mlipuq.log import logging_to_stderr
+
     try:
-        return int(args.func(args) or 0)
+        with logging_to_stderr(verbosity(args)):
+            return int(args.func(args) or 0)
     except MlipuqError as exc:
         print(f"mlipuq: error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mlipuq.cli._parser import add_threads_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` verb."""
@@ -19,23 +21,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("-o", "--out", default="mlipuq-demo",
-                        help="demo folder (default ./mlipuq-demo)")
+                        help="demo folder: new, empty, or an earlier demo folder (reused)")
     parser.add_argument("--quick", action="store_true",
                         help="much smaller data and models (a smoke test, ~1-2 min)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data, the training and the calibration split")
+    add_threads_option(parser, "torch and FAISS threads", default=2)
     parser.add_argument("--models", type=int, default=None,
-                        help="ensemble size (default 3; 2 with --quick)")
+                        help="ensemble size (default: 3; 2 with --quick)")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs per model (default 40; 6 with --quick)")
+                        help="epochs per model (default: 40; 6 with --quick)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``mlipuq demo``."""
     from mlipuq.demo import run_demo, settings_for
+    from mlipuq.log import progress_enabled
 
     settings = settings_for(quick=args.quick, models=args.models, epochs=args.epochs)
-    metrics = run_demo(args.out, settings=settings, seed=args.seed, threads=args.threads)
+    metrics = run_demo(args.out, settings=settings, seed=args.seed, threads=args.threads,
+                       progress=progress_enabled())
     print(f"report: {metrics['report']}")
     return 0

@@ -1,15 +1,18 @@
-"""``mlipuq evaluate RUN --test NAME=PATH ... --out DIR``: compare every UQ method."""
+"""``mlipuq evaluate --run RUN --test NAME=PATH ... --out DIR``: compare every UQ method."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from mlipuq.cli._parser import add_per_element_option, add_run_option, add_threads_option
+
 PARAM_ALIASES = {
     "k": ("ltau", "k"),
     "transfer": ("ltau", "transfer"),
     "window": ("ltau", "window"),
     "clusters": ("clustered_doptimality", "n_clusters"),
+    "per_element": ("ltau", "per_element"),
 }
 """Short options that set one method parameter (``--k 8`` = ``--param ltau.k=8``)."""
 
@@ -22,10 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Fit (or reuse the saved) UQ methods of a run folder made by 'mlipuq train', "
             "predict every test set, and write a report (index.html, metrics.json, PNGs): "
-            "Spearman correlations, detection rates, ROC-AUC, LTAU calibration, cost."
+            "Spearman correlations, detection rates, ROC-AUC, LTAU calibration, cost. "
+            "Prints 'report: PATH' at the end."
         ),
     )
-    parser.add_argument("run", metavar="RUN", help="run folder written by 'mlipuq train'")
+    add_run_option(parser, "run folder written by 'mlipuq train'")
     parser.add_argument(
         "--test", action="append", required=True, metavar="NAME=PATH",
         help="a test set (extxyz; repeat the option); without forces: energies only",
@@ -33,14 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--out", required=True, help="report directory to write")
     parser.add_argument(
         "--calibrate-on", metavar="NAME[:FRACTION]",
-        help="in-domain set whose FRACTION (default 0.5) of configurations fits LTAU's scale "
+        help="in-domain set whose FRACTION (default: 0.5) of configurations fits LTAU's scale "
         "factor and every method's threshold; metrics use the rest (default: the run's "
         "validation frames, as the set 'validation')",
     )
     parser.add_argument(
         "--fpr", type=float, default=0.05,
-        help="in-domain false-positive rate (per configuration) of the fitted thresholds "
-        "(default 0.05)",
+        help="in-domain false-positive rate (per configuration) of the fitted thresholds",
     )
     parser.add_argument(
         "--threshold", action="append", metavar="METHOD=VALUE",
@@ -57,11 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_method_options(parser)
     parser.add_argument("--model-id", default="model_0",
-                        help="member for LTAU and D-optimality (default: model_0)")
+                        help="member for LTAU and D-optimality (and whose errors they are "
+                        "judged on)")
     parser.add_argument("--refit", action="store_true",
                         help="refit the methods even if saved ones are in the run")
     parser.add_argument("--k", type=int, default=None,
                         help="LTAU neighbours (default: the saved estimator's, else 5)")
+    add_per_element_option(parser, "LTAU: one k-NN index per element, or one for all "
+                           "(default: the saved estimator's, else per element)", default=None)
     parser.add_argument(
         "--window", nargs=2, metavar=("START", "SIZE"),
         help="LTAU epoch window: start position and size (SIZE 'all': to the end); "
@@ -71,9 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--clusters", type=int, default=None,
                         help="clusters of clustered D-optimality (default: the saved "
                         "estimator's, else 4)")
-    parser.add_argument("--threads", type=int, default=1, help="torch/FAISS threads (default 1)")
+    add_threads_option(parser, "torch and FAISS threads")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the calibration split and clustering (default 0)")
+                        help="seed of the calibration split and clustering")
     parser.set_defaults(func=run_evaluate)
 
 
@@ -186,11 +192,9 @@ def parse_window(values: list[str] | None) -> tuple[int, int | None] | None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Execute ``mlipuq evaluate``."""
-    import time
+    from mlipuq.log import logger
+    from mlipuq.pipeline import evaluate_run
 
-    from mlipuq.pipeline import evaluate_run, say
-
-    start = time.perf_counter()
     args.window = parse_window(args.window)
     metrics = evaluate_run(
         args.run, parse_tests(args.test), out_dir=args.out, methods=args.methods,
@@ -198,7 +202,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model_id=args.model_id, refit=args.refit, fpr=args.fpr,
         params=parse_params(args.param, args), thresholds=parse_thresholds(args.threshold),
         threads=args.threads, seed=args.seed,
-        progress=lambda message: say(message, start=start),
+        progress=logger.info,
     )
     print(f"report: {metrics['report']}")
     return 0

@@ -1,4 +1,4 @@
-"""``mlipuq fit RUN``: fit the UQ methods of a training run and save them in
+"""``mlipuq fit --run RUN``: fit the UQ methods of a training run and save them in
 ``RUN/methods/<name>/``.
 
 Descriptors of the training set come from one member's model (``--model-id``); the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from mlipuq.cli._parser import add_per_element_option, add_run_option, add_threads_option
 from mlipuq.cli.evaluate import add_method_options, parse_params
 
 
@@ -31,33 +32,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Fit the UQ methods on a run folder made by 'mlipuq train' (descriptors of "
             "the training set from one member's final model; LTAU's error distributions "
             "from all members' trajectories), calibrate them on the validation frames and "
-            "write RUN/methods/<method>/."
+            "write RUN/methods/<method>/. Prints one line per method written."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("run", metavar="RUN", help="run folder written by 'mlipuq train'")
+    add_run_option(parser, "run folder written by 'mlipuq train'")
     parser.add_argument("--model-id", default="model_0",
                         help="member whose descriptors the single-model methods use")
     add_method_options(parser)
     parser.add_argument("--k", type=int, default=None,
-                        help="LTAU neighbours per atom (ltau.k; default 5)")
+                        help="LTAU neighbours per atom (ltau.k; default: 5)")
     parser.add_argument("--index", choices=("auto", *INDEX_KINDS), default=None,
-                        help="LTAU FAISS index kind (ltau.index; default auto, by size)")
+                        help="LTAU FAISS index kind (ltau.index; default: auto, by size)")
     parser.add_argument("--atol", type=float, default=None,
                         help="LTAU tolerance in eV/Å (ltau.atol; default: mean force-error "
                         "norm |F_ref - F_pred| of the final models on the training atoms)")
     parser.add_argument("--transfer", choices=("distance", "mean"), default=None,
                         help="LTAU transfer: distance-aware, or the paper's plain mean "
-                        "(ltau.transfer; default distance)")
+                        "(ltau.transfer; default: distance)")
     parser.add_argument("--clusters", type=int, default=None,
                         help="clusters of clustered D-optimality "
-                        "(clustered_doptimality.n_clusters; default 4)")
+                        "(clustered_doptimality.n_clusters; default: 4)")
+    add_per_element_option(parser, "LTAU: one k-NN index per element, or one for all "
+                           "(ltau.per_element; default: per element)", default=None)
     parser.add_argument("--fpr", type=float, default=0.05,
                         help="in-domain false-positive rate (per configuration) of the "
                         "thresholds fitted on the validation frames")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="do not calibrate on the validation frames")
-    parser.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")
+    add_threads_option(parser, "torch and FAISS threads")
     parser.add_argument("--seed", type=int, default=0, help="seed of the methods")
     parser.set_defaults(func=run_fit)
 
@@ -66,13 +68,10 @@ FIT_ALIASES = {"index": ("ltau", "index"), "atol": ("ltau", "atol")}
 """``mlipuq fit``'s short options beyond those of ``evaluate``."""
 
 
-def _say(message: str) -> None:
-    print(f"mlipuq fit: {message}", flush=True)
-
-
 def run_fit(args: argparse.Namespace) -> int:
     """Execute ``mlipuq fit``; returns the exit status."""
     from mlipuq.exceptions import InputError
+    from mlipuq.log import logger
     from mlipuq.run_folder import RunFolder
     from mlipuq.run_methods import DEFAULT_FPR, fit_methods, method_dir
 
@@ -90,8 +89,8 @@ def run_fit(args: argparse.Namespace) -> int:
         params = {m: p for m, p in params.items() if m in available_methods(run)}
     methods = fit_methods(run, model_id=args.model_id, methods=args.methods, params=params,
                           calibrate=not args.no_calibrate, fpr=args.fpr or DEFAULT_FPR,
-                          threads=args.threads, seed=args.seed, progress=_say)
-    for name, method in methods.items():
-        _say(f"{name} -> {method_dir(run, name)}: {method.summary()}")
-    _say(f"done in {time.perf_counter() - started:.1f} s")
+                          threads=args.threads, seed=args.seed, progress=logger.info)
+    logger.info(f"fitted {len(methods)} method(s) in {time.perf_counter() - started:.1f} s")
+    for name, method in methods.items():  # the result: what was written where
+        print(f"{name}: {method_dir(run, name)} ({method.summary()})")
     return 0

@@ -1,4 +1,4 @@
-"""``mlipuq ltau fit`` / ``mlipuq ltau predict``: LTAU from files, over the Python API.
+"""``mlipuq ltau fit`` / ``calibrate`` / ``predict``: LTAU from files, over the Python API.
 
 Examples
 --------
@@ -19,22 +19,26 @@ extxyz arrays ``ltau_uncertainty``, ``ltau_p``, ``ltau_expected_error`` (eV/Å),
 ``--threshold``); per configuration into ``info``: ``ltau_config_uncertainty`` (the
 mean of 1 - p over its atoms, what a threshold fitted by ``ltau calibrate`` applies
 to), ``ltau_config_max_uncertainty`` and ``ltau_config_flag``.
+
+Progress goes to stderr (:mod:`mlipuq.log`); what was written, with the fitted numbers,
+is printed on stdout (``estimator: DIR (...)``, ``results: FILE``, ``summary: FILE``).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mlipuq.cli._parser import add_per_element_option, add_threads_option
 from mlipuq.exceptions import InputError
+from mlipuq.log import logger
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``ltau fit`` and ``ltau predict`` to the ``mlipuq`` parser."""
+    """Add ``ltau fit``, ``ltau calibrate`` and ``ltau predict`` to the ``mlipuq`` parser."""
     parser = subparsers.add_parser(
         "ltau",
         help="LTAU uncertainty: fit on training error trajectories, predict new atoms",
@@ -52,7 +56,10 @@ def _register_fit(verbs: argparse._SubParsersAction) -> None:
     from mlipuq.knn_index import INDEX_KINDS
 
     fit = verbs.add_parser(
-        "fit", help="build an LTAU estimator from error trajectories and descriptors"
+        "fit", help="build an LTAU estimator from error trajectories and descriptors",
+        description="Build an LTAU estimator (per-atom error distributions and k-NN "
+        "indices) from error trajectories (a trajectory store, or one .npy per model) and "
+        "the training descriptors, and write it to --out.",
     )
     source = fit.add_mutually_exclusive_group(required=True)
     source.add_argument("--store", type=Path, help="trajectory store directory")
@@ -64,38 +71,45 @@ def _register_fit(verbs: argparse._SubParsersAction) -> None:
                      help="training descriptors .npy (N, D), rows in structure-file order")
     fit.add_argument("--structures", type=Path, required=True,
                      help="training structures (extxyz): species and atom order")
-    fit.add_argument("--out", type=Path, required=True, help="estimator directory to write")
-    fit.add_argument("--k", type=int, default=5, help="neighbours per atom (default 5)")
+    fit.add_argument("-o", "--out", type=Path, required=True,
+                     help="estimator directory to write")
+    fit.add_argument("--k", type=int, default=5, help="neighbours per atom")
     fit.add_argument("--atol", type=float, default=None,
                      help="tolerance in eV/Å (default: mean force-error norm |F_ref - F_pred| "
                           "at the last logged epoch)")
     fit.add_argument("--rtol", type=float, default=0.0,
-                     help="relative tolerance on |F_ref| of each neighbour (default 0)")
-    fit.add_argument("--scale", type=float, default=1.0, help="default scale factor s")
+                     help="relative tolerance on |F_ref| of each neighbour")
+    fit.add_argument("--scale", type=float, default=1.0,
+                     help="scale factor s until 'ltau calibrate' fits one")
     fit.add_argument("--index", choices=("auto", *INDEX_KINDS),
                      default="auto",
                      help="FAISS index (auto: flat < 1k rows <= ivfflat < 50k <= hnsw < 5M "
                           "<= ivfpq)")
-    fit.add_argument("--no-per-element", dest="per_element", action="store_false",
-                     help="one index for all elements instead of one per element")
-    fit.add_argument("--hnsw-m", type=int, default=32)
-    fit.add_argument("--ef-construction", type=int, default=40)
-    fit.add_argument("--ef-search", type=int, default=16)
-    fit.add_argument("--ivf-nlist", type=int, default=None)
-    fit.add_argument("--pq-m", type=int, default=None)
+    add_per_element_option(fit, "one k-NN index per element, or one for all")
+    fit.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node")
+    fit.add_argument("--ef-construction", type=int, default=40,
+                     help="HNSW candidate list size while building")
+    fit.add_argument("--ef-search", type=int, default=16,
+                     help="HNSW candidate list size while searching")
+    fit.add_argument("--ivf-nlist", type=int, default=None,
+                     help="IVF lists (default: by size)")
+    fit.add_argument("--pq-m", type=int, default=None,
+                     help="IVF-PQ sub-quantisers (default: by size)")
     fit.add_argument("--nprobe", type=int, default=None,
                      help="IVF lists scanned per query (default: 16 ivfpq, nlist/16 ivfflat)")
     fit.add_argument("--n-bins", type=int, default=100, help="histogram bins (log-spaced)")
     fit.add_argument("--window", nargs=2, metavar=("START", "SIZE"), default=None,
-                     help="epoch window: start position and size (SIZE 'all': to the end)")
+                     help="epoch window: start position and size (SIZE 'all': to the end; "
+                     "default: every epoch)")
     fit.add_argument("--transfer", choices=("distance", "mean"), default="distance",
                      help="distance-aware transfer, or the paper's plain mean of the "
-                          "neighbours (default distance)")
+                          "neighbours")
     fit.add_argument("--distance-power", type=_power, default="auto",
                      help="beta: assumed errors grow as (normalised k-NN distance)^beta; "
-                          "'auto' (default): 1, chosen by 'ltau calibrate' on in-domain atoms")
-    fit.add_argument("--n-threads", type=int, default=1, help="FAISS threads (default 1)")
-    fit.add_argument("--seed", type=int, default=0)
+                          "'auto': 1, chosen by 'ltau calibrate' on in-domain atoms")
+    add_threads_option(fit, "FAISS threads")
+    fit.add_argument("--seed", type=int, default=0,
+                     help="seed of the index training and the reference-distance sample")
     fit.set_defaults(func=run_fit)
 
 
@@ -116,18 +130,23 @@ def _register_calibrate(verbs: argparse._SubParsersAction) -> None:
     cal.add_argument("--predicted-forces", type=Path, required=True,
                      help="the model's forces .npy (n, 3) in eV/Å, rows in structure order")
     cal.add_argument("--fpr", type=float, default=0.05,
-                     help="in-domain false-positive rate of the threshold (default 0.05)")
+                     help="in-domain false-positive rate (per configuration) of the "
+                     "threshold")
     cal.set_defaults(func=run_calibrate)
 
 
 def _register_predict(verbs: argparse._SubParsersAction) -> None:
-    predict = verbs.add_parser("predict", help="LTAU uncertainty of new structures")
+    predict = verbs.add_parser(
+        "predict", help="LTAU uncertainty of new structures",
+        description="Per-atom and per-configuration LTAU uncertainty of new structures, "
+        "written as extxyz arrays (ltau_uncertainty, ltau_p, ltau_expected_error, ...).",
+    )
     predict.add_argument("--estimator", type=Path, required=True,
                          help="directory written by 'mlipuq ltau fit'")
     predict.add_argument("--descriptors", type=Path, required=True,
                          help="test descriptors .npy (n, D), rows in structure-file order")
     predict.add_argument("--structures", type=Path, required=True, help="test structures")
-    predict.add_argument("--out", type=Path, required=True,
+    predict.add_argument("-o", "--out", type=Path, required=True,
                          help="extxyz to write, with the per-atom ltau_* arrays")
     predict.add_argument("--summary", type=Path, default=None, help="JSON summary to write")
     predict.add_argument("--scale", type=float, default=None,
@@ -136,13 +155,10 @@ def _register_predict(verbs: argparse._SubParsersAction) -> None:
                          help="tolerance in eV/Å (default: the estimator's)")
     predict.add_argument("--k", type=int, default=None, help="neighbours (default: fitted k)")
     predict.add_argument("--threshold", type=float, default=None,
-                         help="flag atoms/configurations with uncertainty above this")
-    predict.add_argument("--n-threads", type=int, default=None, help="FAISS threads")
+                         help="flag atoms/configurations with uncertainty above this "
+                         "(default: the calibrated threshold, at the calibrated s, atol, k)")
+    add_threads_option(predict, "FAISS threads (default: the estimator's)", default=None)
     predict.set_defaults(func=run_predict)
-
-
-def _stage(message: str) -> None:
-    print(f"mlipuq ltau: {message}", file=sys.stderr, flush=True)
 
 
 def load_npy(path: Path, name: str) -> np.ndarray:
@@ -179,7 +195,7 @@ def _structures_and_descriptors(args: argparse.Namespace) -> tuple[list, Any, np
     from mlipuq.atom_table import AtomTable
     from mlipuq.io import read_structures
 
-    _stage(f"reading {args.structures}")
+    logger.info(f"reading {args.structures}")
     frames = read_structures(args.structures)
     table = AtomTable.from_atoms(frames)
     descriptors = load_npy(args.descriptors, "descriptors")
@@ -201,7 +217,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
     _, table, descriptors = _structures_and_descriptors(args)
     if args.store is not None:
-        _stage(f"opening trajectory store {args.store}")
+        logger.info(f"opening trajectory store {args.store}")
         errors: Any = TrajectoryStore.open(args.store)
         if errors.atom_table.fingerprint() != table.fingerprint():
             raise InputError(
@@ -221,16 +237,16 @@ def run_fit(args: argparse.Namespace) -> int:
         per_element=args.per_element, hnsw_m=args.hnsw_m,
         ef_construction=args.ef_construction, ef_search=args.ef_search,
         ivf_nlist=args.ivf_nlist, pq_m=args.pq_m, nprobe=args.nprobe, n_bins=args.n_bins,
-        window=_window(args.window), n_threads=args.n_threads, seed=args.seed,
+        window=_window(args.window), n_threads=args.threads, seed=args.seed,
     )
-    _stage(f"building error distributions and indices for {table.n_atoms} atoms")
+    logger.info(f"building error distributions and indices for {table.n_atoms} atoms")
     estimator.fit_arrays(errors, descriptors, table.species, force_norm=force_norm,
                   config_index=table.config_index)
     kinds = ", ".join(f"{name}: {kind}" for name, kind in estimator.index_kinds_.items())
-    _stage(f"atol = {estimator.atol_:.6g} eV/Å (mean force-error norm at the last logged "
-           f"epoch, unless --atol); indices {kinds}")
     _save(estimator, args.out)
-    _stage(f"wrote {args.out}")
+    source = "given" if args.atol is not None else "mean force-error norm at the last logged epoch"
+    print(f"estimator: {args.out} (atol = {estimator.atol_:.6g} eV/Å, {source}; indices "
+          f"{kinds})")
     return 0
 
 
@@ -246,7 +262,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     from mlipuq.ltau import LTAUEstimator
 
-    _stage(f"loading estimator {args.estimator}")
+    logger.info(f"loading estimator {args.estimator}")
     estimator = LTAUEstimator.load(args.estimator)
     frames, table, descriptors = _structures_and_descriptors(args)
     from mlipuq.io import reference_forces
@@ -263,7 +279,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise InputError(f"--predicted-forces: expected shape ({table.n_atoms}, 3), got "
                          f"{predicted.shape} in {args.predicted_forces}")
     errors = np.linalg.norm(np.concatenate(reference) - predicted, axis=1)
-    _stage(f"calibrating on {table.n_atoms} atoms ({table.n_configs} configurations)")
+    logger.info(f"calibrating on {table.n_atoms} atoms ({table.n_configs} configurations)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         estimator.calibrate_arrays(descriptors, table.species, errors,
@@ -271,9 +287,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     cal = estimator.calibration_
     _save(estimator, args.estimator)
     bound = " (at the search bound: are these atoms in domain?)" if cal["at_bound"] else ""
-    _stage(f"s = {cal['scale']:.4g}{bound}; ECE {cal['ece_before']:.3f} -> "
-           f"{cal['ece_after']:.3f}; threshold {cal['threshold']:.4g} on the mean of 1 - p "
-           f"(flags {cal['fpr']:.0%} of these configurations); wrote {args.estimator}")
+    print(f"estimator: {args.estimator} (s = {cal['scale']:.4g}{bound}; ECE "
+          f"{cal['ece_before']:.3f} -> {cal['ece_after']:.3f}; threshold "
+          f"{cal['threshold']:.4g} on the mean of 1 - p, flags {cal['fpr']:.0%} of these "
+          "configurations)")
     return 0
 
 
@@ -281,24 +298,24 @@ def run_predict(args: argparse.Namespace) -> int:
     """``mlipuq ltau predict``."""
     from mlipuq.ltau import LTAUEstimator
 
-    _stage(f"loading estimator {args.estimator}")
+    logger.info(f"loading estimator {args.estimator}")
     estimator = LTAUEstimator.load(args.estimator)
-    if args.n_threads is not None:
-        estimator.n_threads = args.n_threads
+    if args.threads is not None:
+        estimator.n_threads = args.threads
     frames, table, descriptors = _structures_and_descriptors(args)
-    _stage(f"searching {estimator.k if args.k is None else args.k} neighbours of "
-           f"{table.n_atoms} atoms")
+    logger.info(f"searching {estimator.k if args.k is None else args.k} neighbours of "
+                f"{table.n_atoms} atoms")
     result = estimator.predict_arrays(
         descriptors, table.species, k=args.k, scale=args.scale, atol=args.atol,
         config_index=table.config_index, threshold=args.threshold,
     )
     _write_results(frames, table, result, args.out)
-    _stage(f"wrote {args.out}")
+    print(f"results: {args.out}")
     if args.summary is not None:
         from mlipuq.io import write_json
 
         write_json(args.summary, summarise(table, result, estimator, args))
-        _stage(f"wrote {args.summary}")
+        print(f"summary: {args.summary}")
     return 0
 
 

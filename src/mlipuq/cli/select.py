@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 
+from mlipuq.cli._parser import add_run_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``select`` sub-command."""
@@ -29,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--candidates", required=True, help="candidate structures (extxyz)")
     parser.add_argument("--uncertainty-key", required=True,
                         help="per-atom array, e.g. doptimality_uncertainty or ltau_uncertainty")
-    parser.add_argument("--level", choices=["config", "atom"], default="config")
+    parser.add_argument("--level", choices=["config", "atom"], default="config",
+                        help="select whole configurations or cut-out atomic environments")
     parser.add_argument("--threshold", type=float, default=None,
                         help="select above this uncertainty (default: the threshold the "
                         "estimator fitted on in-domain data, read from the candidates' "
@@ -40,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "default: the one the fitted threshold was fitted on, else max)")
     parser.add_argument("--radius", type=float, default=5.0,
                         help="environment cut radius in Å (atom level)")
-    parser.add_argument("--diversity", choices=["none", "maxvol", "cluster"], default="maxvol")
+    parser.add_argument("--diversity", choices=["none", "maxvol", "cluster"], default="maxvol",
+                        help="diversity among the picks")
     parser.add_argument("--min-distance", type=float, default=None,
                         help="drop candidates closer than this in feature space")
     parser.add_argument("--features-key", default=None,
@@ -54,14 +58,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--per-group", default=None, metavar="INFO_KEY",
                         help="share the budget over the groups of this info key, e.g. the "
                              "MD run each frame came from (config level)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--run", default=None, help="compute uncertainties with this run")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the k-means clustering (--diversity cluster)")
+    add_run_option(parser, "compute the uncertainties with the calculator of this run "
+                   "(run folder written by 'mlipuq train') instead of reading them from "
+                   "the candidates", required=False)
     parser.add_argument("--method", action="append", default=None, metavar="DIR",
                         help="a saved UQ method directory to attach besides the run's own "
                         "(repeat the option)")
-    parser.add_argument("--model-id", default="model_0")
-    parser.add_argument("--out", required=True, help="selected structures (extxyz)")
-    parser.add_argument("--table", default=None, help="reasons table (default <out>.csv)")
+    parser.add_argument("--model-id", default="model_0", help="member of --run to use")
+    parser.add_argument("-o", "--out", required=True,
+                        help="selected structures (extxyz) to write")
+    parser.add_argument("--table", default=None, help="reasons table (default: <out>.csv)")
     parser.set_defaults(func=run)
 
 
@@ -82,16 +90,20 @@ def _atom_uncertainty(frames: list, key: str, args: argparse.Namespace) -> objec
     from mlipuq.exceptions import InputError
 
     if args.run is not None:
+        from mlipuq.log import logger, progress_bar
+
+        logger.info(f"computing {key} with member {args.model_id} of {args.run}")
         calculator = make_calculator(args)
         values = []
-        for number, atoms in enumerate(frames):
-            work = atoms.copy()
-            work.calc = calculator
-            work.get_forces()
-            if key not in calculator.results:
-                raise InputError(f"--uncertainty-key: the calculator gives no {key!r} "
-                                 f"(configuration {number})")
-            values.append(np.asarray(calculator.results[key], dtype=float))
+        with progress_bar(frames, desc=key, unit="config") as bar:
+            for number, atoms in enumerate(bar):
+                work = atoms.copy()
+                work.calc = calculator
+                work.get_forces()
+                if key not in calculator.results:
+                    raise InputError(f"--uncertainty-key: the calculator gives no {key!r} "
+                                     f"(configuration {number})")
+                values.append(np.asarray(calculator.results[key], dtype=float))
         return np.concatenate(values)
     values = []
     for number, atoms in enumerate(frames):

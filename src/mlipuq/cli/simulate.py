@@ -10,13 +10,16 @@ in-domain held-out data (``mlipuq fit`` calibrates LTAU on the validation frames
 
 Writes ``traj.extxyz`` (every frame with its per-atom uncertainty arrays, OVITO-ready),
 ``traj.csv`` (one row per frame) and ``traj.summary.json`` (initial / final / max /
-mean per uncertainty key); in snapshot mode also ``traj_snapshots.extxyz``.
+mean per uncertainty key); in snapshot mode also ``traj_snapshots.extxyz``. Progress
+(and a progress bar on a terminal) goes to stderr; the summary table to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from mlipuq.cli._parser import add_run_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,26 +29,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run MD / a relaxation with a trained model, logging uncertainty every step",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--run", required=True, help="run folder made by `mlipuq train`")
+    add_run_option(parser, "run folder written by 'mlipuq train'")
     parser.add_argument("--method", action="append", default=None, metavar="DIR",
                         help="a saved UQ method directory to attach besides the run's own "
                         "(e.g. D-optimality built from an ACE .asi; repeat the option)")
     parser.add_argument("--model-id", default="model_0", help="ensemble member to run")
     parser.add_argument("--structure", required=True, help="start structure (any ASE format)")
-    parser.add_argument("--index", type=int, default=0, help="frame of --structure (default 0)")
-    parser.add_argument("--kind", choices=["md", "relax"], default="md")
+    parser.add_argument("--index", type=int, default=0, help="frame of --structure")
+    parser.add_argument("--kind", choices=["md", "relax"], default="md",
+                        help="molecular dynamics or a relaxation")
     parser.add_argument("--steps", type=int, default=100, help="MD steps / max relax steps")
     parser.add_argument("--temperature", type=float, default=300.0, help="MD temperature in K")
     parser.add_argument("--timestep", type=float, default=0.5, help="MD time step in fs")
-    parser.add_argument("--thermostat", choices=["langevin", "nve"], default="langevin")
+    parser.add_argument("--thermostat", choices=["langevin", "nve"], default="langevin",
+                        help="MD thermostat (nve: velocity Verlet)")
     parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
-    parser.add_argument("--optimizer", choices=["bfgs", "fire"], default="bfgs")
+    parser.add_argument("--optimizer", choices=["bfgs", "fire"], default="bfgs",
+                        help="relaxation optimizer")
     parser.add_argument("--fmax", type=float, default=0.05, help="relax convergence, eV/Å")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the MD velocities "
+                        "and thermostat")
     parser.add_argument("--stop-on", default=None,
                         help="uncertainty key of the stop rule, e.g. ltau_uncertainty")
-    parser.add_argument("--stop-threshold", type=float, default=None)
-    parser.add_argument("--stop-mode", choices=["stop", "snapshot"], default="stop")
+    parser.add_argument("--stop-threshold", type=float, default=None,
+                        help="threshold of the stop rule (default: the one the estimator "
+                        "fitted on in-domain data)")
+    parser.add_argument("--stop-mode", choices=["stop", "snapshot"], default="stop",
+                        help="stop at the first frame above the threshold, or keep going "
+                        "and save those frames")
     parser.add_argument("--break-threshold", type=float, default=None,
                         help="snapshot mode: also stop above this (> --stop-threshold), "
                              "MLIP-3's threshold-break / pacemaker's halt level")
@@ -56,11 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="per-frame aggregate over atoms for the stop rule and summary "
                         "(default: the one the fitted threshold was fitted on, else max)")
     parser.add_argument("--atoms", default=None,
-                        help="comma-separated atom indices to aggregate over (default all)")
-    parser.add_argument("--out", required=True, help="trajectory extxyz")
-    parser.add_argument("--table", default=None, help="per-frame CSV (default <out>.csv)")
+                        help="comma-separated atom indices to aggregate over (default: all)")
+    parser.add_argument("-o", "--out", required=True, help="trajectory extxyz to write")
+    parser.add_argument("--table", default=None, help="per-frame CSV (default: <out>.csv)")
     parser.add_argument("--summary", default=None,
-                        help="summary JSON (default <out>.summary.json)")
+                        help="summary JSON (default: <out>.summary.json)")
     parser.set_defaults(func=run)
 
 
@@ -110,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``mlipuq simulate``."""
     from mlipuq.exceptions import InputError
     from mlipuq.io import read_structures, write_json
+    from mlipuq.log import logger
     from mlipuq.simulation import (
         check_break_threshold,
         check_min_steps,
@@ -142,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
     table = Path(args.table) if args.table else out.with_suffix(".csv")
     summary_path = Path(args.summary) if args.summary else out.with_suffix(".summary.json")
     calculator = make_calculator(args)
+    what = (f"{args.steps} MD steps at {args.temperature:g} K" if args.kind == "md"
+            else f"a relaxation (at most {args.steps} steps, fmax {args.fmax:g} eV/Å)")
+    logger.info(f"running {what} with member {args.model_id} of {args.run}")
     log = run_simulation(
         frames[args.index], calculator, kind=args.kind, steps=args.steps,
         temperature_K=args.temperature, timestep_fs=args.timestep, thermostat=args.thermostat,
@@ -153,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = summarise(log)
     write_json(summary_path, summary)
+    logger.info(f"{log.n_frames} frames simulated")
     print(f"{log.n_frames} frames -> {out} (table {table}, summary {summary_path})")
     if log.stopped:
         level = log.break_threshold if log.break_threshold is not None else log.stop_threshold

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from mlipuq.cli._parser import add_run_option, add_threads_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` verb."""
@@ -27,28 +29,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train_file", nargs="?",
         help="extxyz training set with energies and forces (not with --reweight)",
     )
-    parser.add_argument("-o", "--run", required=True, help="run folder to create")
+    add_run_option(parser, "run folder to create")
     parser.add_argument(
         "--backend", default="nequip",
-        help="model backend that trains (default: nequip; --reweight uses the source run's)",
+        help="model backend that trains; --reweight uses the source run's",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
         "--preset", default="small", choices=("tiny", "small", "paper"),
-        help="model size (default: small = 2 layers x 16 features)",
+        help="model size (tiny 1x8, small 2x16, paper 3x32 layers x features)",
     )
     size.add_argument("--config", help="your own NequIP YAML instead of a preset")
     parser.add_argument(
         "--epochs", type=int, default=None,
-        help="epochs per model (default 100; with --reweight the source run's)",
+        help="epochs per model (default: 100; with --reweight: the source run's)",
     )
     parser.add_argument(
         "-M", "--models", type=int, default=None,
-        help="ensemble size (default 1; with --reweight the source run's)",
+        help="ensemble size (default: 1; with --reweight: the source run's)",
     )
     parser.add_argument(
         "--seed", type=int, default=None,
-        help="first seed (default 0; with --reweight the source run's)",
+        help="first seed; also seeds the train/validation split (default: 0; with "
+        "--reweight: the source run's)",
     )
     parser.add_argument(
         "--reweight", choices=("easy", "hard"),
@@ -62,12 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--lam", type=float, default=None,
-        help="re-weighting strength lambda > 0 (default 4.5 hard, 2.0 easy)",
+        help="re-weighting strength lambda > 0 (default: 4.5 hard, 2.0 easy)",
     )
     split = parser.add_mutually_exclusive_group()
     split.add_argument(
         "--val-fraction", type=float, default=0.1,
-        help="fraction of frames held out for validation (default 0.1)",
+        help="fraction of frames held out for validation",
     )
     split.add_argument(
         "--val-file",
@@ -76,28 +79,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--isolated",
-        help="extxyz of isolated atoms with energies (default: least-squares fit per element)",
+        help="extxyz of isolated atoms with energies (default: least-squares fit per "
+        "element)",
     )
     parser.add_argument(
         "--log-mode", default="epoch_end", choices=("epoch_end", "in_batch"),
-        help="epoch_end: extra pass over the training set after each epoch (default); "
+        help="epoch_end: extra pass over the training set after each epoch; "
         "in_batch: errors of the training forward pass itself",
     )
     parser.add_argument(
         "--weights", default="ema", choices=("ema", "raw"),
-        help="weights of the epoch_end pass (default ema)",
+        help="weights of the epoch_end pass",
     )
-    parser.add_argument("--every-n-epochs", type=int, default=1, help="logging period")
-    parser.add_argument("--threads", type=int, default=1, help="threads per training process")
+    parser.add_argument("--every-n-epochs", type=int, default=1,
+                        help="logging period of the error trajectories, in epochs")
+    add_threads_option(parser, "threads per training process")
     parser.add_argument("--r-max", type=float, default=5.0, help="cutoff in Å (presets)")
     parser.add_argument(
         "--energy-weight", type=float, default=None,
-        help="loss weight of the per-atom energy MSE (presets; default 1.0; e.g. 0.1 for a "
-        "force-dominated loss)",
+        help="loss weight of the per-atom energy MSE (presets; default: 1.0; e.g. 0.1 for "
+        "a force-dominated loss)",
     )
     parser.add_argument(
         "--force-weight", type=float, default=None,
-        help="loss weight of the force-component MSE (presets; default 1.0)",
+        help="loss weight of the force-component MSE (presets; default: 1.0)",
     )
     parser.add_argument(
         "--no-package", action="store_true", help="skip nequip-package build (~10 s per model)"
@@ -108,7 +113,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--resume", action="store_true",
         help="continue an existing run folder from the members' last.ckpt",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no per-epoch progress")
     parser.set_defaults(func=run)
 
 
@@ -126,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.config}"
         )
     from mlipuq.backends.registry import capability
+    from mlipuq.log import progress_enabled
 
     train_ensemble = capability(args.backend, "train", "train models")
     folder = train_ensemble(
@@ -148,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         package=not args.no_package,
         overwrite=args.overwrite,
         resume=args.resume,
-        progress=not args.quiet,
+        progress=progress_enabled(),
     )
     print(f"run folder: {folder.path} (models: {', '.join(folder.model_ids)})")
     return 0
@@ -161,7 +166,7 @@ def _loss_overrides(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _run_reweight(args: argparse.Namespace) -> int:
-    """``mlipuq train --reweight {easy,hard} --from RUN -o NEW [--lam L]``."""
+    """``mlipuq train --reweight {easy,hard} --from RUN --run NEW [--lam L]``."""
     from mlipuq.exceptions import InputError
 
     if args.reweight is None or args.source_run is None:
@@ -180,6 +185,7 @@ def _run_reweight(args: argparse.Namespace) -> int:
     if args.lam is not None and not args.lam > 0:
         raise InputError(f"--lam: expected a number > 0, got {args.lam}")
     from mlipuq.backends.registry import capability
+    from mlipuq.log import progress_enabled
     from mlipuq.run_folder import RunFolder
 
     backend = RunFolder.open(args.source_run).backend
@@ -197,7 +203,7 @@ def _run_reweight(args: argparse.Namespace) -> int:
         every_n_epochs=args.every_n_epochs,
         package=not args.no_package,
         overwrite=args.overwrite,
-        progress=not args.quiet,
+        progress=progress_enabled(),
     )
     info = folder.meta["reweight"]
     print(
