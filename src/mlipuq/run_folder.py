@@ -6,7 +6,8 @@ Layout::
       run.json              format "mlipuq-run", format_version, backend, versions,
                             elements, preset or user_config, epochs, n_models, seeds,
                             model_ids, train_file, train_sha256, isolated_energies,
-                            threads, log_mode, weights, val_fraction, created
+                            threads, log_mode, weights, val_fraction, created,
+                            trained_epochs (member -> epochs, set when it finished)
       train.extxyz          the training frames exactly as used (order = atom-table order)
       val.extxyz            the validation frames
       atom_table.npz        AtomTable of train.extxyz
@@ -70,17 +71,26 @@ class RunFolder:
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def open(cls, path: str | os.PathLike) -> RunFolder:
+    def open(cls, path: str | os.PathLike, *, unfinished: bool = False) -> RunFolder:
         """Open a run folder, checking its format and version.
 
         A ``run.json`` without ``"backend"`` (written before the field existed) is a
         NequIP run.
 
+        Parameters
+        ----------
+        path : path-like
+        unfinished : bool
+            Also open a run whose training has not finished (``train --resume``);
+            otherwise such a run is refused (:meth:`check_trained`), so nothing fits
+            or predicts with a half-trained model.
+
         Raises
         ------
         InputError
-            No ``run.json``, a foreign file, another ``format_version``, or a backend
-            that is not registered (the message lists those that are).
+            No ``run.json``, a foreign file, another ``format_version``, a backend
+            that is not registered (the message lists those that are), or a member
+            whose training was interrupted (unless ``unfinished``).
         """
         from mlipuq.backends import registry
 
@@ -98,7 +108,31 @@ class RunFolder:
             registry.check(meta.get("backend", registry.DEFAULT))
         except InputError as exc:
             raise InputError(f"{run_file}: {exc}") from None
-        return cls(path, meta)
+        folder = cls(path, meta)
+        if not unfinished:
+            folder.check_trained()
+        return folder
+
+    def unfinished_members(self) -> list[str]:
+        """Members whose training has not finished (``run.json["trained_epochs"]``
+        below ``epochs``): interrupted, or still training. Runs written before the
+        field existed, and runs of backends that do not train, have none."""
+        trained = self.meta.get("trained_epochs")
+        if not isinstance(trained, dict):
+            return []
+        epochs = int(self.meta.get("epochs") or 0)
+        return [m for m in self.model_ids if int(trained.get(m) or 0) < max(epochs, 1)]
+
+    def check_trained(self) -> None:
+        """InputError naming the members whose training did not finish, and how to
+        continue it."""
+        missing = self.unfinished_members()
+        if missing:
+            raise InputError(
+                f"{self.path}: training of {', '.join(missing)} did not finish (interrupted, "
+                "or still running); continue it with 'mlipuq train ... --resume' (same "
+                "training file and options), or start again with --overwrite"
+            )
 
     @classmethod
     def create(
@@ -120,6 +154,27 @@ class RunFolder:
 
         backend = registry.check(meta.get("backend", registry.DEFAULT))
         path = Path(path)
+        if cls.check_target(path, overwrite=overwrite):
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta,
+                "backend": backend}
+        folder = cls(path, meta)
+        folder.save_meta()
+        return folder
+
+    @staticmethod
+    def check_target(path: str | os.PathLike, *, overwrite: bool = False) -> bool:
+        """Check that a run folder may be created at ``path``; True when a run folder
+        is there to be replaced (``overwrite``).
+
+        Raises
+        ------
+        InputError
+            ``path`` is a file, a non-empty directory and ``overwrite`` is False, or a
+            non-empty directory that is not a run folder.
+        """
+        path = Path(path)
         if path.exists() and not path.is_dir():
             raise InputError(f"{path}: exists and is not a directory")
         if path.is_dir() and any(path.iterdir()):
@@ -133,13 +188,8 @@ class RunFolder:
                     f"{path}: refusing to overwrite a non-empty folder that is not an mlipuq "
                     "run folder"
                 )
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta,
-                "backend": backend}
-        folder = cls(path, meta)
-        folder.save_meta()
-        return folder
+            return True
+        return False
 
     def save_meta(self) -> None:
         """Write ``run.json`` (atomically)."""

@@ -21,7 +21,13 @@ import numpy as np
 from ase import Atoms
 
 from mlipuq.exceptions import InputError
-from mlipuq.io import atomic_path, read_structures, reference_energy, reference_forces
+from mlipuq.io import (
+    atomic_directory,
+    atomic_path,
+    read_structures,
+    reference_energy,
+    reference_forces,
+)
 from mlipuq.run_folder import RunFolder
 
 __all__ = [
@@ -248,6 +254,11 @@ def create_run(
 ) -> RunFolder:
     """Start a run folder from checked frames: ``run.json``, train/val extxyz, atom table.
 
+    The folder is written in a temporary directory beside ``run_dir`` and swapped in
+    (:func:`mlipuq.io.atomic_directory`): a kill at any moment leaves no run folder (or
+    the one it was to replace) or the complete new one, never a ``run.json`` without
+    its frames or atom table.
+
     Parameters
     ----------
     run_dir : path-like
@@ -280,12 +291,15 @@ def create_run(
         **dict(meta or {}),
         "backend": backend,
     }
-    folder = RunFolder.create(run_dir, fields, overwrite=overwrite)
-    write_frames(folder.train_path, train_frames)
-    if len(val_frames):
-        write_frames(folder.val_path, val_frames)
-    AtomTable.from_atoms(list(train_frames)).save(folder.path / "atom_table.npz")
-    if "train_sha256" not in fields:
-        folder.meta["train_sha256"] = file_sha256(folder.train_path)
-        folder.save_meta()
-    return folder
+    run_dir = Path(run_dir)
+    RunFolder.check_target(run_dir, overwrite=overwrite)
+    with atomic_directory(run_dir) as tmp:
+        staged = RunFolder.create(tmp, fields)
+        write_frames(staged.train_path, train_frames)
+        if len(val_frames):
+            write_frames(staged.val_path, val_frames)
+        AtomTable.from_atoms(list(train_frames)).save(staged.path / "atom_table.npz")
+        if "train_sha256" not in fields:
+            staged.meta["train_sha256"] = file_sha256(staged.train_path)
+            staged.save_meta()
+    return RunFolder(run_dir, staged.meta)

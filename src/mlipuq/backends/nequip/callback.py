@@ -305,9 +305,9 @@ class ErrorTrajectoryCallback(lightning.Callback):
         if self.model_id not in self.store_.model_ids():
             return
         stale = [int(e) for e in self.store_.epochs(self.model_id) if e >= start_epoch]
-        for epoch in stale:
-            self.store_.energy_path(self.model_id, epoch).unlink(missing_ok=True)
+        for epoch in stale:  # the epoch file first: it marks the epoch as logged
             self.store_.epoch_path(self.model_id, epoch).unlink(missing_ok=True)
+            self.store_.energy_path(self.model_id, epoch).unlink(missing_ok=True)
         if stale:
             print(
                 f"mlipuq: resuming at epoch {start_epoch}: removed {len(stale)} logged epoch(s) "

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mlipuq.exceptions import InputError, MlipuqError
-from mlipuq.io import atomic_path
+from mlipuq.io import atomic_directory, atomic_path, clean_stale_temporaries
 from mlipuq.run_folder import RunFolder
 from mlipuq.training_data import (  # noqa: F401 -- also re-exported for existing imports
     check_elements,
@@ -65,6 +65,29 @@ def _subprocess_env(threads: int) -> dict[str, str]:
         env[key] = str(threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def _die_with_parent():
+    """A ``preexec_fn`` making the child get SIGKILL when this process dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), so a killed ``mlipuq train`` leaves no
+    ``nequip-train`` writing into the run folder; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # looked up before fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl
+            os._exit(1)
+
+    return set_death_signal
 
 
 def _executable(name: str) -> str:
@@ -118,6 +141,7 @@ def run_nequip_train(
             text=True,
             cwd=output_dir,
             env=_subprocess_env(threads),
+            preexec_fn=_die_with_parent(),
         )
         for line in process.stdout:
             log.write(line)
@@ -134,14 +158,19 @@ def run_nequip_train(
 
 
 def package_model(checkpoint: Path, target: Path, *, threads: int = 1) -> Path:
-    """``nequip-package build checkpoint target`` (EMA weights when the run kept EMA)."""
-    command = [_executable("nequip-package"), "build", str(checkpoint), str(target)]
-    result = subprocess.run(
-        command, capture_output=True, text=True, env=_subprocess_env(threads), check=False
-    )
-    if result.returncode != 0:
-        lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
-        raise TrainingError(f"nequip-package failed for {checkpoint}: {lines[-1][:300]}")
+    """``nequip-package build checkpoint target`` (EMA weights when the run kept EMA).
+
+    Built in a temporary file beside ``target`` and renamed onto it: a kill leaves no
+    half-written package."""
+    with atomic_path(target, suffix=".nequip.zip") as tmp:
+        command = [_executable("nequip-package"), "build", str(checkpoint), str(tmp)]
+        result = subprocess.run(
+            command, capture_output=True, text=True, env=_subprocess_env(threads),
+            check=False, preexec_fn=_die_with_parent(),
+        )
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+            raise TrainingError(f"nequip-package failed for {checkpoint}: {lines[-1][:300]}")
     return target
 
 
@@ -175,9 +204,10 @@ def flatten_metrics(csv_dir: Path, target: Path) -> Path | None:
     for path in files:
         with open(path, newline="") as handle:
             for record in csv.DictReader(handle):
-                if not record.get("epoch"):
+                try:
+                    epoch = int(float(record.get("epoch") or ""))
+                except ValueError:  # no epoch, or a line cut short by a kill
                     continue
-                epoch = int(float(record["epoch"]))
                 row = rows.setdefault(epoch, {"epoch": str(epoch)})
                 for key, value in record.items():
                     if key in ("epoch", "step") or value in ("", None):
@@ -409,9 +439,11 @@ def train_ensemble(
             np.isfinite(r_max) and r_max > 0):
         raise InputError(f"r_max: expected a positive cutoff in Å, got {r_max!r}")
     run_dir = Path(run_dir)
+    clean_stale_temporaries(run_dir)  # of a run folder creation that was killed
 
     if resume and (run_dir / "run.json").is_file():
-        folder = RunFolder.open(run_dir)
+        folder = RunFolder.open(run_dir, unfinished=True)
+        _check_complete(folder)
         if folder.meta.get("n_models") != n_models:
             raise InputError(
                 f"{run_dir}: run has n_models={folder.meta.get('n_models')}, resume asked for "
@@ -426,6 +458,7 @@ def train_ensemble(
                 f"for {dict(preset_overrides)}"
             )
         folder.meta["epochs"] = epochs
+        folder.meta.setdefault("trained_epochs", {})
         folder.save_meta()
     else:
         folder = _new_run(
@@ -450,6 +483,18 @@ def train_ensemble(
             every_n_epochs=every_n_epochs, package=package, progress=progress,
         )
     return folder
+
+
+def _check_complete(folder: RunFolder) -> None:
+    """InputError if the files ``create_run`` writes are missing (a folder whose
+    creation an older mlipuq did not finish): it cannot be resumed, only restarted."""
+    missing = [name for name in ("train.extxyz", "atom_table.npz")
+               if not (folder.path / name).is_file()]
+    if missing:
+        raise InputError(
+            f"{folder.path}: run folder is incomplete ({', '.join(missing)} missing: its "
+            "creation was interrupted); nothing was trained, start it again with --overwrite"
+        )
 
 
 def _check_resumed_train_file(folder: RunFolder, train_file) -> None:
@@ -524,6 +569,7 @@ def _new_run(
         "threads": threads,
         "log_mode": log_mode,
         "weights": "raw" if log_mode == "in_batch" else weights,
+        "trained_epochs": {},
     }
     return create_run(run_dir, train_frames, val_frames, backend="nequip", meta=meta,
                       overwrite=overwrite)
@@ -538,14 +584,16 @@ def _train_member(
     last = folder.checkpoint_path(model_id, "last")
     overrides: list[str] = []
     csv_dir = output_dir / "csv"
+    finished = (folder.meta.get("trained_epochs") or {}).get(model_id)
     if last.is_file():
-        done = checkpoint_epoch(last) + 1
+        done = int(finished) if finished is not None else _resumable_epochs(last, model_id)
         if done >= epochs:
             if progress:
                 print(f"{PROGRESS_PREFIX} {model_id}: already trained ({done} epochs)",
                       file=sys.stderr)
-            _finish_member(folder, model_id, package=package, threads=threads)
+            _finish_member(folder, model_id, done, package=package, threads=threads)
             return
+        _resumable_epochs(last, model_id)  # readable, else one line on what to do
         versions = len(list(csv_dir.glob("version_*")))
         overrides = [f"++ckpt_path={last.resolve()}", f"trainer.logger.version={versions}"]
     elif output_dir.exists():
@@ -563,6 +611,8 @@ def _train_member(
             eval_batch_size=eval_batch_size, threads=threads, every_n_epochs=every_n_epochs,
         )
     config_path = cfg.write_yaml(folder.config_path(model_id), member)
+    if (folder.meta.get("trained_epochs") or {}).pop(model_id, None) is not None:
+        folder.save_meta()  # no longer a finished member until this training ends
     folder.packaged_path(model_id).unlink(missing_ok=True)  # stale after more training
     if progress:
         print(
@@ -583,10 +633,24 @@ def _train_member(
     if progress:
         print(f"{PROGRESS_PREFIX} {model_id} done in {time.perf_counter() - start:.1f} s",
               file=sys.stderr, flush=True)
-    _finish_member(folder, model_id, package=package, threads=threads)
+    _finish_member(folder, model_id, done, package=package, threads=threads)
 
 
-def _finish_member(folder: RunFolder, model_id: str, *, package: bool, threads: int) -> None:
+def _resumable_epochs(last: Path, model_id: str) -> int:
+    """Epochs done according to ``last.ckpt``; a truncated or corrupt one (a kill while
+    it was written) is an InputError that says how to go on."""
+    try:
+        return checkpoint_epoch(last) + 1
+    except InputError as error:
+        raise InputError(
+            f"{error}; {model_id} cannot continue from it: delete {last.parent} and run "
+            f"--resume again to train {model_id} from scratch, or start again with --overwrite"
+        ) from None
+
+
+def _finish_member(folder: RunFolder, model_id: str, done: int, *, package: bool,
+                   threads: int) -> None:
+    """Metrics, package, then ``run.json["trained_epochs"]``: the member is usable."""
     flatten_metrics(folder.model_dir(model_id) / "csv", folder.metrics_path(model_id))
     if package:
         best = folder.checkpoint_path(model_id, "best")
@@ -594,6 +658,8 @@ def _finish_member(folder: RunFolder, model_id: str, *, package: bool, threads: 
         target = folder.packaged_path(model_id)
         if not target.is_file():
             package_model(source, target, threads=threads)
+    folder.meta.setdefault("trained_epochs", {})[model_id] = int(done)
+    folder.save_meta()
 
 
 # ---------------------------------------------------------------------- re-weighting
@@ -703,12 +769,17 @@ def train_reweighted(
             "weight_mean": float(weights.mean()),
         },
     }
-    folder = RunFolder.create(run_dir, meta, overwrite=overwrite)
-    write_weighted_extxyz(frames, weights, folder.train_path)
-    shutil.copyfile(source.val_path, folder.val_path)
-    source.atom_table.save(folder.path / "atom_table.npz")
-    folder.meta["train_sha256"] = _sha256(folder.train_path)
-    folder.save_meta()
+    meta["trained_epochs"] = {}
+    run_dir = Path(run_dir)
+    RunFolder.check_target(run_dir, overwrite=overwrite)
+    with atomic_directory(run_dir) as tmp:  # a kill leaves no half-made run folder
+        staged = RunFolder.create(tmp, meta)
+        write_weighted_extxyz(frames, weights, staged.train_path)
+        shutil.copyfile(source.val_path, staged.val_path)
+        source.atom_table.save(staged.path / "atom_table.npz")
+        staged.meta["train_sha256"] = _sha256(staged.train_path)
+        staged.save_meta()
+    folder = RunFolder(run_dir, staged.meta)
     config = source_meta.get("user_config")
     return train_ensemble(
         folder.train_path, folder.path, preset=source_meta.get("preset") or "small",
