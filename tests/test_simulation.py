@@ -353,17 +353,26 @@ class Crashing(ZeroForce):
         super().calculate(atoms, properties, system_changes)
 
 
-def test_crash_leaves_complete_frames(tmp_path):
+def test_crash_leaves_the_old_output_and_complete_partial_frames(tmp_path):
+    (tmp_path / "c.extxyz").write_text("previous run\n")
     atoms, _ = _flying_pair()
     calc = DescriptorUQCalculator(Crashing(), {"x": lambda f, s: f[:, 0]},
                                   descriptor_fn=lambda a: a.positions[:, :1].copy())
     with pytest.raises(RuntimeError, match="exploded"):
         run_simulation(atoms, calc, thermostat="nve", set_velocities=False, steps=20,
                        log_path=tmp_path / "c.extxyz", table_path=tmp_path / "c.csv")
-    frames = read(tmp_path / "c.extxyz", ":")
+    assert (tmp_path / "c.extxyz").read_text() == "previous run\n"  # untouched
+    assert not (tmp_path / "c.csv").exists()
+    frames = read(tmp_path / "c.extxyz.partial", ":", format="extxyz")  # complete frames
     assert len(frames) == 4
     assert [f.info["step"] for f in frames] == [0, 1, 2, 3]
-    assert len((tmp_path / "c.csv").read_text().splitlines()) == 5  # header + 4 rows
+    assert len((tmp_path / "c.csv.partial").read_text().splitlines()) == 5  # header + 4
+    # the next run replaces both and leaves no partial file
+    atoms, calc = _flying_pair()
+    run_simulation(atoms, calc, thermostat="nve", set_velocities=False, steps=2,
+                   log_path=tmp_path / "c.extxyz", table_path=tmp_path / "c.csv")
+    assert len(read(tmp_path / "c.extxyz", ":")) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "c.extxyz"]
 
 
 # --------------------------------------------------------------------------- bad input

@@ -385,6 +385,7 @@ def run_simulation(
     finally:
         bar.close()
         logger.close()
+    logger.commit()
     logger.fill(log)
     return log
 
@@ -542,7 +543,13 @@ def _make_dynamics(
 
 
 class _FrameLogger:
-    """Writes frames (extxyz) and table rows (CSV) as they come, flushed per frame."""
+    """Writes frames (extxyz) and table rows (CSV) as they come, flushed per frame.
+
+    Each file is written as ``<name>.partial`` (readable while the run goes on) and
+    renamed onto ``<name>`` when the run ends (:meth:`commit`): an interrupted run
+    leaves the previous output untouched and its frames so far in the ``.partial``
+    files, which the next run with the same output overwrites.
+    """
 
     def __init__(
         self,
@@ -576,7 +583,12 @@ class _FrameLogger:
                     f"(keys: {sorted(results)})"
                 )
             self.keys = keys
-            self.traj, self.table, self.snapshots = (_open(p) for p in self.paths)
+            try:
+                self.traj, self.table, self.snapshots = (_open(p) for p in self.paths)
+            except OSError:
+                self.close()
+                self._remove_partials()
+                raise
         elif keys != self.keys:
             raise InputError(f"calculator: uncertainty keys changed from {self.keys} to {keys}")
         row = {
@@ -600,8 +612,19 @@ class _FrameLogger:
 
     def close(self) -> None:
         for handle in (self.traj, self.table, self.snapshots):
-            if handle is not None:
+            if handle is not None and not handle.closed:
                 handle.close()
+
+    def commit(self) -> None:
+        """Rename every ``.partial`` file onto its output (after :meth:`close`)."""
+        for path in self.paths:
+            if path is not None and _partial(path).exists():
+                os.replace(_partial(path), path)
+
+    def _remove_partials(self) -> None:
+        for path in self.paths:
+            if path is not None:
+                _partial(path).unlink(missing_ok=True)
 
     def fill(self, log: SimulationLog) -> None:
         rows, keys = self.rows, self.keys or []
@@ -613,10 +636,15 @@ class _FrameLogger:
         log.uncertainty_mean = {k: np.array([r["mean"][k] for r in rows]) for k in keys}
 
 
+def _partial(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.name}.partial")
+
+
 def _open(path: str | os.PathLike | None) -> io.TextIOBase | None:
     if path is None:
         return None
-    path = Path(path)
+    path = _partial(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by _FrameLogger.close
 
