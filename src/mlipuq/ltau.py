@@ -183,14 +183,16 @@ class LTAUEstimator(UQMethod):
 
     Examples
     --------
+    >>> from mlipuq.backends.base import ModelOutputs
     >>> rng = np.random.default_rng(0)
     >>> errors = rng.gamma(2.0, 0.05, size=(30, 200))          # (epochs, atoms), eV/Å
-    >>> descriptors = rng.normal(size=(200, 8))
-    >>> species = np.array(["H", "O"] * 100)
-    >>> est = LTAUEstimator(k=3).fit(errors, descriptors, species)
-    >>> result = est.predict(descriptors[:4], species[:4])
-    >>> result.atom_uncertainty.shape, est.index_kinds_
-    ((4,), {'H': 'flat', 'O': 'flat'})
+    >>> X = ModelOutputs(descriptors=rng.normal(size=(200, 8)),
+    ...                  species=np.array(["H", "O"] * 100),
+    ...                  config_index=np.repeat(np.arange(50), 4))
+    >>> est = LTAUEstimator(k=3).fit(X, errors)                 # errors: store or arrays
+    >>> result = est.predict(X.subset(np.arange(50) < 2))      # two configurations
+    >>> result.atom_uncertainty.shape, result.config_uncertainty.shape, est.index_kinds_
+    ((8,), (2,), {'H': 'flat', 'O': 'flat'})
     """
 
     name = "ltau"

@@ -272,11 +272,6 @@ class RunFolder:
 
         return TrajectoryStore.open(self.store_path)
 
-    @property
-    def ltau_dir(self) -> Path:
-        """Directory where ``mlipuq fit`` saves the fitted LTAU estimator."""
-        return self.path / "ltau"
-
     def _check_model_id(self, model_id: str) -> str:
         if model_id not in self.meta["model_ids"]:
             raise InputError(
