@@ -182,7 +182,7 @@ def build_index(
     n_rows, dim = data.shape
     if kind == "auto":
         kind = choose_kind(n_rows)
-        logger.info("index 'auto' -> %s for %d rows x %d features", kind, n_rows, dim)
+        logger.debug("index 'auto' -> %s for %d rows x %d features", kind, n_rows, dim)
     if kind not in INDEX_KINDS:
         raise InputError(f"index: expected one of auto, {', '.join(INDEX_KINDS)}, got {kind!r}")
     with faiss_threads(n_threads):
