@@ -50,8 +50,8 @@ pytestmark = [
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 EPOCHS = 3
-TEMPORARY = re.compile(r"^\..+\.tmp-\d+-")
-"""Names of the temporaries of mlipuq.io (``.NAME.tmp-PID-...``)."""
+TEMPORARY = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+-\d+-")
+"""Names of the temporaries of mlipuq.io (``.NAME.tmp-HOST-PID-...``)."""
 
 _TRAINED: dict[str, Path] = {}
 """The run trained by the training test, reused by the fit and evaluate tests."""
@@ -139,7 +139,7 @@ def _finish(process: subprocess.Popen) -> float:
 
 
 def _temporaries(root: Path) -> list[Path]:
-    """The ``.NAME.tmp-PID-*`` temporaries of ``root`` (beside it) and inside it."""
+    """The ``.NAME.tmp-HOST-PID-*`` temporaries of ``root`` (beside it) and inside it."""
     beside = [p for p in root.parent.iterdir() if p.name.startswith(f".{root.name}.tmp-")]
     inside = [p for p in root.rglob("*") if TEMPORARY.match(p.name)] if root.is_dir() else []
     return beside + inside

@@ -87,13 +87,19 @@ def test_report_files_links_and_json(case, written):
     assert [p.name for p in tmp_path.iterdir()] == ["rep"]
 
 
-def test_report_replaces_existing_directory(case, tmp_path):
+def test_report_replaces_an_earlier_report_but_not_other_directories(case, tmp_path):
     out = tmp_path / "rep"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
     write_report(case[0], out)
+    (out / "stale.txt").write_text("old")
+    write_report(case[0], out)  # an earlier report (metrics.json): replaced as a whole
     assert not (out / "stale.txt").exists() and (out / "index.html").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "precious.txt").write_text("keep")
+    with pytest.raises(InputError, match="without metrics.json"):
+        write_report(case[0], data)
+    assert (data / "precious.txt").read_text() == "keep"
 
 
 def test_failed_report_leaves_nothing(case, tmp_path, monkeypatch):

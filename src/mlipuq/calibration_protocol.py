@@ -89,16 +89,21 @@ def fit_thresholds(results: Mapping[str, UQResult], fpr: float = DEFAULT_FPR) ->
 
 def ece_by_set(
     p_before: np.ndarray, p_after: np.ndarray, errors: np.ndarray, atom_groups: np.ndarray,
-    atol: float,
+    atol: float, atol_after: float | None = None,
 ) -> tuple[dict[str, float | None], dict[str, float | None]]:
-    """ECE of p before and after calibration on each set's atoms with forces."""
+    """ECE of p before (at ``atol``) and after calibration (at ``atol_after``, default
+    ``atol``) on each set's atoms with forces."""
     from mlipuq import metrics
 
+    atol_after = atol if atol_after is None else atol_after
     before, after = {}, {}
     for name in dict.fromkeys(atom_groups.tolist()):
         idx = np.flatnonzero((atom_groups == name) & np.isfinite(errors))
-        before[name] = float(metrics.ece(p_before[idx], errors[idx], atol)) if len(idx) else None
-        after[name] = float(metrics.ece(p_after[idx], errors[idx], atol)) if len(idx) else None
+        if not len(idx):
+            before[name] = after[name] = None
+            continue
+        before[name] = float(metrics.ece(p_before[idx], errors[idx], atol))
+        after[name] = float(metrics.ece(p_after[idx], errors[idx], atol_after))
     return before, after
 
 
@@ -126,9 +131,11 @@ def calibration_summaries(
         p_before = results.get(base, None)
         p_after = results.get(name, None)
         if (p_before is not None and p_after is not None and "p" in p_before.extras
-                and "p" in p_after.extras and "atol" in fitted):
+                and "p" in p_after.extras and p_before.atol is not None
+                and p_after.atol is not None):
             before, after = ece_by_set(p_before.extras["p"], p_after.extras["p"],
-                                       force_errors, atom_groups, float(fitted["atol"]))
+                                       force_errors, atom_groups, float(p_before.atol),
+                                       float(p_after.atol))
             fitted.update({"ece_before_calibration_atoms": fitted.get("ece_before"),
                            "ece_after_calibration_atoms": fitted.get("ece_after"),
                            "ece_before": before, "ece_after": after})

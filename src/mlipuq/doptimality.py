@@ -256,6 +256,10 @@ class DOptimalityEstimator(UQMethod):
         """Build the active sets from the training descriptors of ``X``
         (``descriptors`` (N, D), ``species``); ``store`` is not used."""
         self.check_inputs(X)
+        if self.outlier_filter is not None:
+            raise InputError(f"outlier_filter={self.outlier_filter!r} needs the training atoms' "
+                             "reference force errors or norms: use fit_arrays(..., "
+                             "force_errors=..., force_norm=...)")
         return self.fit_arrays(X.descriptors, X.species)
 
     def predict(self, X: ModelOutputs) -> UQResult:

@@ -138,8 +138,8 @@ class EnsembleEstimator(UQMethod):
         """Use ``value`` (eV/Å) as the atom and configuration force threshold; the
         energy fence stays the training set's."""
         check_is_fitted(self, "thresholds_")
-        self.thresholds_["atom_force"] = float(value)
-        self.thresholds_["config_force"] = float(value)
+        self.thresholds_ = {**self.thresholds_, "atom_force": float(value),
+                            "config_force": float(value)}  # a copy's change stays its own
         self.threshold_ = float(value)
         self.threshold_source_ = (f"forces: {source}; energy: Tukey fence of the training "
                                   f"{self.threshold_on}")

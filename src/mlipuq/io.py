@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,8 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(target)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.tmp-{os.getpid()}-", suffix=suffix or ".tmp", dir=target.parent
-    )
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(target), suffix=suffix or ".tmp",
+                               dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -62,7 +62,8 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, *, marker: str | None = None
+                     ) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; swap it onto ``target`` on success.
 
     The swap is one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux (the old directory
@@ -70,16 +71,20 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     sees the old or the new directory, never a mix and never none. Elsewhere the old
     directory is moved aside first and, if the process dies between the two renames,
     put back by the next call. On any exception the temporary directory is removed and
-    ``target`` is untouched. Temporaries left by killed processes (``.NAME.tmp-PID-*``
-    with PID no longer running) are removed by the next call.
+    ``target`` is untouched. Temporaries left by killed processes of this host
+    (``.NAME.tmp-HOST-PID-*`` with PID no longer running) are removed by the next call.
+
+    With ``marker`` (a file name), an existing ``target`` is replaced only when it is an
+    empty directory or holds ``marker`` (an artefact of the same kind): a user's other
+    directory or file given as the output is refused, never deleted.
     """
     import shutil
 
     target = Path(target)
+    check_replaceable(target, marker)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-",
-                                dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), dir=target.parent))
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; follow the umask instead
         yield tmp
@@ -88,10 +93,15 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             return
         old = None
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-old-",
+            old = Path(tempfile.mkdtemp(prefix=f"{_temporary_prefix(target)}old-",
                                         dir=target.parent))
             os.replace(target, old / target.name)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None and not target.exists():
+                os.replace(old / target.name, target)  # put the old directory back
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -99,27 +109,65 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_replaceable(target: str | os.PathLike, marker: str | None) -> None:
+    """Raise :class:`InputError` unless ``target`` is missing, or (with ``marker``) an
+    empty directory or a directory holding ``marker``; never a plain file."""
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir():
+        raise InputError(f"{target}: exists and is not a directory (give a new output path)")
+    if marker is not None and any(target.iterdir()) and not (target / marker).exists():
+        raise InputError(f"{target}: a non-empty directory without {marker} (not an output "
+                         "of this kind); give a new or empty output path")
+
+
+def _temporary_prefix(target: Path) -> str:
+    """``.NAME.tmp-HOST-PID-``: the host keeps cleanup to this machine's processes."""
+    return f".{target.name}.tmp-{_host()}-{os.getpid()}-"
+
+
+def _host() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where
-    the call is not available."""
-    import ctypes
-    import ctypes.util
+    the call is not available (another OS, an old kernel or file system), or ``b`` has
+    gone meanwhile (the caller then renames)."""
+    import errno as errnos
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
     result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
     if result != 0:
-        errno = ctypes.get_errno()
-        import errno as errnos
+        import ctypes
 
-        if errno in (errnos.ENOSYS, errnos.EINVAL, errnos.ENOTSUP):
+        errno = ctypes.get_errno()
+        if errno in (errnos.ENOSYS, errnos.EINVAL, errnos.ENOTSUP, errnos.ENOENT):
             return False
         raise OSError(errno, os.strerror(errno), str(b))
     return True
+
+
+@lru_cache(maxsize=1)
+def _renameat2():
+    """libc's renameat2, or None (loaded once)."""
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
 
 
 def clean_stale_temporaries(target: str | os.PathLike) -> list[Path]:
@@ -129,7 +177,7 @@ def clean_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     import shutil
 
     target = Path(target)
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.tmp-(\d+)-")
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.tmp-{re.escape(_host())}-(\d+)-")
     removed = []
     if not target.parent.is_dir():
         return removed

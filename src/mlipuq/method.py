@@ -119,13 +119,31 @@ class UQMethod(BaseEstimator):
         self.set_threshold(fpr_threshold_of(self.predict(X), fpr), f"FPR {fpr:g} on {source}")
         return self
 
+    def check_params(self) -> None:
+        """Raise :class:`InputError` for invalid parameters, before any work (the
+        method's own ``_check_params`` when it has one; ``fit`` checks them too)."""
+        check = getattr(self, "_check_params", None)
+        if check is None:
+            return
+        try:
+            check()
+        except (TypeError, ValueError) as error:
+            raise InputError(f"{self.name}: invalid parameters ({error})") from None
+
     def set_threshold(self, value: float, source: str) -> None:
         """Use ``value`` as the configuration flag threshold from now on."""
         self.threshold_ = float(value)
         self.threshold_source_ = str(source)
 
     def uncalibrated(self) -> UQMethod:
-        """A copy predicting as before :meth:`calibrate` (self when nothing changes)."""
+        """A copy predicting as before :meth:`calibrate` (self when nothing changes).
+
+        Methods with ``calibrates = True`` must override it; a copy that ``calibrate``
+        then changes must not change this method (``mlipuq.testing`` checks it).
+        """
+        if self.calibrates:
+            raise NotImplementedError(f"{type(self).__name__} calibrates: it must override "
+                                      "uncalibrated()")
         return self
 
     def summary(self) -> str:
@@ -194,7 +212,7 @@ class UQMethod(BaseEstimator):
         from mlipuq.io import atomic_directory, save_npz, write_json
 
         state, arrays = self._get_state()
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, marker=HEADER_FILE) as tmp:
             files = self._write_files(tmp)
             save_npz(tmp / ARRAYS_FILE, **arrays)
             write_json(tmp / HEADER_FILE, {
@@ -271,7 +289,11 @@ def load_method(directory: str | os.PathLike) -> UQMethod:
     missing = sorted(set(header.get("arrays", [])) - set(arrays))
     if missing:
         raise InputError(f"{directory / ARRAYS_FILE}: missing arrays {missing}")
-    method._set_state(header["state"], arrays, directory)
+    try:
+        method._set_state(header["state"], arrays, directory)
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise InputError(f"{directory}: damaged, or written by another mlipuq version "
+                         f"({type(error).__name__}: {error}); refit the method") from None
     method.provenance_ = header.get("provenance")
     return method
 

@@ -329,7 +329,8 @@ def _evaluate_all(results, evaluated, data, outputs, force_errors, energy_errors
     """evaluate() per kind of error: the model's, or the committee mean's."""
     from mlipuq.evaluation import evaluate
 
-    atol = next((float(m.atol_) for m in evaluated.values() if hasattr(m, "atol_")), None)
+    source = next((n for n, r in results.items() if r.atol is not None), None)
+    atol = None if source is None else float(results[source].atol)
     is_ood = None
     if in_domain and not set(data.groups.tolist()) <= in_domain:
         is_ood = ~np.isin(data.groups, sorted(in_domain))
@@ -358,6 +359,7 @@ def _evaluate_all(results, evaluated, data, outputs, force_errors, energy_errors
             metrics["methods"].update(part["methods"])
     metrics["methods"] = {n: metrics["methods"][n] for n in results if n in metrics["methods"]}
     metrics["errors_from"] = {n: errors_from[n] for n in metrics["methods"]}
+    metrics["atol_from"] = source
     return metrics
 
 

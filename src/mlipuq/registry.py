@@ -73,7 +73,10 @@ def method_class(name: str) -> type[UQMethod]:
     if target is None:
         raise InputError(f"method: unknown method {name!r} (known: {', '.join(method_names())})")
     module, _, attribute = target.partition(":")
-    cls = getattr(importlib.import_module(module), attribute)
+    try:
+        cls = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
+        raise InputError(f"method {name!r}: cannot load {target} ({error})") from None
     if getattr(cls, "name", None) != name:
         raise InputError(f"method {name!r}: {target} has name {getattr(cls, 'name', None)!r}")
     _registered[name] = cls

@@ -74,7 +74,7 @@ def write_report(
     from mlipuq.io import atomic_directory
 
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, marker="metrics.json") as tmp:
         figures = _calibration_plots(metrics, tmp)
         figures += _scatter_plots(
             results, force_errors, energy_errors, config_index, groups, tmp, seed
@@ -295,7 +295,7 @@ def _cost_plot(metrics: Mapping, out: Path) -> list[tuple[str, str]]:
 
 #: How the summary names the methods of the project (other names are used as given).
 DISPLAY_NAMES = {
-    "ltau": "LTAU (s = 1)",
+    "ltau": "LTAU (uncalibrated)",
     "ltau_calibrated": "LTAU (calibrated)",
     "knn_distance": "k-NN distance",
     "ensemble": "Ensemble",
@@ -304,9 +304,9 @@ DISPLAY_NAMES = {
 }
 
 ATOL_DEFINITION = (
-    "atol: LTAU's tolerance, the mean force-error norm |F_ref - F_pred| of the final "
-    "model over the training atoms (eV/Å; not the per-component MAE that training "
-    "logs print)"
+    "atol: the force-error tolerance of the probabilities p = P(|F_ref - F_pred| <= atol), "
+    "a norm per atom in eV/Å (not the per-component MAE that training logs print); each "
+    "method's ECE uses its own atol"
 )
 
 
@@ -671,15 +671,28 @@ def _run_section(metrics: Mapping) -> str:
             f"{html.escape(', '.join(run.get('model_ids', [])))}, preset "
             f"{html.escape(str(run.get('preset')))}, {run.get('epochs')} epochs, "
             f"{run.get('n_train_atoms')} training atoms. Single-model methods use "
-            f"{html.escape(str(run.get('model_id')))}; the ensemble is judged against the "
-            "errors of the ensemble mean.</p>")
+            f"{html.escape(str(run.get('model_id')))} and are judged against its errors"
+            f"{_committee_sentence(metrics)}.</p>")
+
+
+def _committee_sentence(metrics: Mapping) -> str:
+    """'; X and Y are judged against the errors of the committee mean' when any is."""
+    names = [n for n, kind in (metrics.get("errors_from") or {}).items()
+             if kind == "committee mean"]
+    if not names:
+        return ""
+    verb = "is" if len(names) == 1 else "are"
+    return (f"; {', '.join(_name(n) for n in names)} {verb} judged against the errors of "
+            "the committee mean")
 
 
 def _html(metrics: Mapping, figures: list[tuple[str, str]], title: str) -> str:
     atol = metrics.get("atol")
     facts = f"{metrics.get('n_configs', '?')} configurations, {metrics.get('n_atoms', '?')} atoms"
     if atol is not None:
-        facts += f". atol = {atol:.4g} eV/Å ({ATOL_DEFINITION})"
+        source = metrics.get("atol_from")
+        of = f" of {_name(source)}" if source else ""
+        facts += f". atol{of} = {atol:.4g} eV/Å ({ATOL_DEFINITION})"
     figs = "\n".join(
         f"<figure><img src='{html.escape(file)}' alt='{html.escape(caption)}'>"
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"

@@ -15,6 +15,7 @@ SHA-256, atom-table fingerprint)::
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -40,8 +41,16 @@ LEGACY_FILES = ("ltau", "ensemble.json", "doptimality.npz", "clustered_doptimali
                 "methods.json")
 """Estimator files of runs written by mlipuq 0.1 (refitted, never read)."""
 
+LEGACY_FILE_OF = {"ltau": "ltau", "ensemble": "ensemble.json",
+                  "doptimality": "doptimality.npz",
+                  "clustered_doptimality": "clustered_doptimality.npz"}
+"""Which 0.1 file held each built-in method (named in the refit reason)."""
+
 CALIBRATED_SUFFIX = "_calibrated"
 """Suffix of a method's name after :meth:`~mlipuq.method.UQMethod.calibrate` in results."""
+
+
+logger = logging.getLogger(__name__)
 
 
 def _quiet(_: str) -> None:
@@ -121,10 +130,13 @@ def available_methods(run: RunFolder, methods: Sequence[str] | None = None) -> t
     ``None`` selects every registered method the run supports (enough members; an
     error-trajectory store where the method needs one).
     """
-    from mlipuq.registry import method_class, method_names
+    from mlipuq.registry import BUILTIN_METHODS, method_class, method_names
 
     def supported(name: str) -> str | None:
-        cls = method_class(name)
+        try:
+            cls = method_class(name)
+        except InputError as error:  # a broken plug-in: reported, not fatal by default
+            return str(error)
         if len(run.model_ids) < cls.min_members:
             return (f"{name!r} needs at least {cls.min_members} models, the run {run.path} "
                     f"has {len(run.model_ids)}")
@@ -133,7 +145,14 @@ def available_methods(run: RunFolder, methods: Sequence[str] | None = None) -> t
         return None
 
     if methods is None:
-        return tuple(name for name in method_names() if supported(name) is None)
+        chosen = []
+        for name in method_names():
+            reason = supported(name)
+            if reason is None:
+                chosen.append(name)
+            elif name not in BUILTIN_METHODS:
+                logger.warning("%s: not used (%s)", name, reason)
+        return tuple(chosen)
     methods = tuple(dict.fromkeys(methods))
     known = method_names()
     unknown = [m for m in methods if m not in known]
@@ -220,6 +239,12 @@ def fit_methods(
         raise InputError(f"params: given for methods not fitted: {unknown}")
     built = {name: build_method(name, params.get(name), threads=threads, seed=seed)
              for name in methods}
+    for name, method in built.items():  # parameters checked before any work
+        try:
+            method.check_params()
+        except InputError as error:
+            raise InputError(f"--param {name}: {error} (given: {params.get(name, {})})") \
+                from None
     if train_outputs is None:
         train_outputs, _ = model_outputs(run, run.train_frames(),
                                          model_ids=members_needed(run, methods, model_id),
@@ -232,7 +257,12 @@ def fit_methods(
             store = run.store
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # rank notes of small groups
-            method.fit(X, store if method.needs_store else None)
+            try:
+                method.fit(X, store if method.needs_store else None)
+            except (TypeError, ValueError) as error:
+                if not params.get(name):
+                    raise
+                raise InputError(f"--param {name}: {error} (given: {params[name]})") from None
     if calibrate:
         reason = fit_on_validation(run, built, model_id=model_id, fpr=fpr, threads=threads)
         progress(f"calibration on the validation frames: {reason or 'done'}")
@@ -321,22 +351,22 @@ def load_methods(
         another member, or written by mlipuq 0.1).
     """
     from mlipuq.method import load_method, provenance_mismatch
-    from mlipuq.registry import method_class
 
     loaded, reasons = {}, {}
-    legacy = [f for f in LEGACY_FILES if (Path(run.path) / f).exists()]
     for name in methods:
         directory = method_dir(run, name)
         if not (directory / "estimator.json").is_file():
-            reasons[name] = ("written by mlipuq 0.1 (" + ", ".join(legacy) + "): refitted"
-                             if legacy else "not fitted yet")
+            old = LEGACY_FILE_OF.get(name)
+            reasons[name] = "not fitted yet"
+            if old is not None and (Path(run.path) / old).exists():
+                reasons[name] += f" (RUN/{old} of mlipuq 0.1 is never read)"
             continue
         try:
             method = load_method(directory)
         except InputError as error:
             reasons[name] = str(error)
             continue
-        expected = method_provenance(run, method_class(name)(), model_id)
+        expected = method_provenance(run, method, model_id)
         reason = provenance_mismatch(getattr(method, "provenance_", None), expected)
         if reason is None:
             loaded[name] = method
@@ -431,7 +461,11 @@ def calculator_methods(run: RunFolder, model_id: str) -> dict[str, UQMethod]:
     for name in names:
         if name.startswith("."):
             continue  # a temporary directory of an interrupted write
-        cls = method_class(name)
+        try:
+            cls = method_class(name)
+        except InputError as error:  # e.g. the method of an uninstalled plug-in
+            logger.warning("%s: not attached (%s)", directory / name, error)
+            continue
         if set(cls.requires) <= SINGLE_PASS_FIELDS and cls.min_members <= 1:
             out[name] = load_run_method(run, name, model_id=model_id)
     return out

@@ -207,11 +207,12 @@ def check_stop_threshold(
 
 
 def upper_bound(key: str) -> float | None:
-    """Upper bound of the uncertainty ``key`` from its registered method (None: none)."""
+    """Upper bound of ``{method}_uncertainty`` (or its ``_max`` / ``_mean`` summaries)
+    from its registered method's ``bounds``; None for other keys or no bound."""
     from mlipuq.registry import method_class, method_names
 
     for method in method_names():
-        if key.startswith(f"{method}_"):
+        if key in {f"{method}{UNCERTAINTY_SUFFIX}{tail}" for tail in ("", "_max", "_mean")}:
             return method_class(method).bounds[1]
     return None
 
@@ -403,8 +404,8 @@ def _fitted_threshold(calculator: object, key: str, aggregate: str | None) -> tu
     if value is None:
         raise InputError(
             f"stop_threshold: required with stop_on={key!r}: the {name} estimator has no "
-            "fitted threshold (calibrate it: 'mlipuq fit --run RUN' with validation frames, or "
-            "'mlipuq ltau calibrate')"
+            "fitted threshold (calibrate it: 'mlipuq fit --run RUN' with validation frames, "
+            "or give --stop-threshold)"
         )
     fitted_on = str(results.get(f"{name}_threshold_aggregate", "max"))
     if aggregate is not None and aggregate != fitted_on:

@@ -226,10 +226,18 @@ def check_clone(prototype: UQMethod) -> None:
 
 
 def check_calibration(prototype: UQMethod) -> None:
-    """calibrate sets threshold_ at the stated in-domain false-positive rate."""
-    train, errors, _ = _data()
+    """calibrate sets threshold_ at the stated in-domain false-positive rate; calibrating
+    a copy (as the evaluation does) leaves the original's predictions unchanged."""
+    train, errors, test = _data()
     method = _fit(prototype, train, errors)
     held, held_errors = synthetic_outputs(np.random.default_rng(9), 80)
+    before = _predict(method, test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        copy.copy(method.uncalibrated()).calibrate(held, held_errors, fpr=0.2)
+    after = _predict(method, test)
+    _same(before, after, "calibrating a copy")
+    assert before.threshold == after.threshold, "calibrating a copy changed the threshold"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         method.calibrate(held, held_errors, fpr=0.1, source="held-out")

@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--clusters", type=int, default=None,
                         help="clusters of clustered D-optimality (default: the saved "
-                        "estimator's, else 4)")
+                        "estimator's, else the class default, 8)")
     add_threads_option(parser, "torch and FAISS threads")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the calibration split and clustering")
@@ -100,13 +100,20 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_params(values: list[str] | None, args: argparse.Namespace | None = None
+def parse_params(values: list[str] | None, args: argparse.Namespace | None = None, *,
+                 methods: tuple[str, ...] | None = None,
+                 aliases: dict[str, tuple[str, str]] | None = None
                  ) -> dict[str, dict[str, Any]]:
-    """``["ltau.k=8"]`` (plus the short options of :data:`PARAM_ALIASES` set in ``args``)
-    -> ``{"ltau": {"k": 8}}``."""
+    """``["ltau.k=8"]`` (plus the short options of ``aliases``, default
+    :data:`PARAM_ALIASES`, set in ``args``) -> ``{"ltau": {"k": 8}}``.
+
+    With ``methods`` (those that will run), a parameter of another method is refused
+    in one line naming the option that set it.
+    """
     import json
 
     from mlipuq.exceptions import InputError
+    from mlipuq.registry import method_names
 
     out: dict[str, dict[str, Any]] = {}
     for value in values or []:
@@ -114,15 +121,26 @@ def parse_params(values: list[str] | None, args: argparse.Namespace | None = Non
         method, dot, name = key.partition(".")
         if not sep or not dot or not method or not name:
             raise InputError(f"--param: expected METHOD.NAME=VALUE, got {value!r}")
+        if method not in method_names():
+            raise InputError(f"--param {value}: unknown method {method!r} "
+                             f"(methods: {', '.join(method_names())})")
+        if methods is not None and method not in methods:
+            raise InputError(f"--param {value}: {method!r} is not among the methods run "
+                             f"({', '.join(methods)})")
         try:
             parsed = json.loads(text)
         except ValueError:
             parsed = text
         out.setdefault(method, {})[name] = parsed
-    for option, (method, name) in PARAM_ALIASES.items():
+    for option, (method, name) in (PARAM_ALIASES if aliases is None else aliases).items():
         given = getattr(args, option, None) if args is not None else None
-        if given is not None:
-            out.setdefault(method, {})[name] = given
+        if given is None:
+            continue
+        if methods is not None and method not in methods:
+            flag = "--" + option.replace("_", "-")
+            raise InputError(f"{flag}: sets {method}.{name}, but {method!r} is not among the "
+                             f"methods run ({', '.join(methods)})")
+        out.setdefault(method, {})[name] = given
     return out
 
 
@@ -194,13 +212,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Execute ``mlipuq evaluate``."""
     from mlipuq.log import logger
     from mlipuq.pipeline import evaluate_run
+    from mlipuq.run_folder import RunFolder
+    from mlipuq.run_methods import available_methods
 
     args.window = parse_window(args.window)
+    run = RunFolder.open(args.run)
+    methods = available_methods(run, args.methods)
     metrics = evaluate_run(
-        args.run, parse_tests(args.test), out_dir=args.out, methods=args.methods,
+        run, parse_tests(args.test), out_dir=args.out, methods=methods,
         calibration_set=parse_calibration(args.calibrate_on), in_domain=args.in_domain,
         model_id=args.model_id, refit=args.refit, fpr=args.fpr,
-        params=parse_params(args.param, args), thresholds=parse_thresholds(args.threshold),
+        params=parse_params(args.param, args, methods=methods),
+        thresholds=parse_thresholds(args.threshold),
         threads=args.threads, seed=args.seed,
         progress=logger.info,
     )

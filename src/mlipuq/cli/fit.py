@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(ltau.transfer; default: distance)")
     parser.add_argument("--clusters", type=int, default=None,
                         help="clusters of clustered D-optimality "
-                        "(clustered_doptimality.n_clusters; default: 4)")
+                        "(clustered_doptimality.n_clusters; default: the class default, 8)")
     add_per_element_option(parser, "LTAU: one k-NN index per element, or one for all "
                            "(ltau.per_element; default: per element)", default=None)
     parser.add_argument("--fpr", type=float, default=0.05,
@@ -79,15 +79,13 @@ def run_fit(args: argparse.Namespace) -> int:
     if not 0.0 < args.fpr < 1.0:
         raise InputError(f"--fpr: expected a rate in (0, 1), got {args.fpr!r}")
     run = RunFolder.open(args.run)
-    params = parse_params(args.param, args)
-    for option, (method, name) in FIT_ALIASES.items():
-        if getattr(args, option) is not None:
-            params.setdefault(method, {})[name] = getattr(args, option)
-    if args.methods is None:  # short options for methods the run cannot fit: drop them
-        from mlipuq.run_methods import available_methods
+    from mlipuq.cli.evaluate import PARAM_ALIASES
+    from mlipuq.run_methods import available_methods
 
-        params = {m: p for m, p in params.items() if m in available_methods(run)}
-    methods = fit_methods(run, model_id=args.model_id, methods=args.methods, params=params,
+    chosen = available_methods(run, args.methods)
+    params = parse_params(args.param, args, methods=chosen,
+                          aliases={**PARAM_ALIASES, **FIT_ALIASES})
+    methods = fit_methods(run, model_id=args.model_id, methods=chosen, params=params,
                           calibrate=not args.no_calibrate, fpr=args.fpr or DEFAULT_FPR,
                           threads=args.threads, seed=args.seed, progress=logger.info)
     logger.info(f"fitted {len(methods)} method(s) in {time.perf_counter() - started:.1f} s")

@@ -87,9 +87,10 @@ def uq_calculator(run_dir: str, model_id: str, methods: list[str] | str | None =
     """The calculator of member ``model_id`` with the run's own fitted methods plus the
     saved method directories ``methods`` (each attached under its method name)."""
     from mlipuq.backends.registry import calculator
+    from mlipuq.exceptions import InputError
     from mlipuq.method import load_method
     from mlipuq.run_folder import RunFolder
-    from mlipuq.run_methods import calculator_methods
+    from mlipuq.run_methods import calculator_methods, method_dir
 
     run = RunFolder.open(run_dir)
     if not methods:
@@ -97,8 +98,27 @@ def uq_calculator(run_dir: str, model_id: str, methods: list[str] | str | None =
     estimators = dict(calculator_methods(run, model_id))
     for directory in [methods] if isinstance(methods, str) else methods:
         method = load_method(directory)
+        check_attached(run, method, model_id, directory)
+        if method.name in estimators:
+            raise InputError(f"--method {directory}: the run has its own {method.name!r} "
+                             f"({method_dir(run, method.name)}); attach one or the other")
         estimators[method.name] = method
     return calculator(run, model_id, estimators=estimators)
+
+
+def check_attached(run: object, method: object, model_id: str, directory: str) -> None:
+    """A method saved with provenance must describe this run's ``model_id`` now (one
+    without, e.g. D-optimality built from an ACE ``.asi``, is the user's responsibility)."""
+    from mlipuq.exceptions import InputError
+    from mlipuq.method import provenance_mismatch
+    from mlipuq.run_methods import method_provenance
+
+    recorded = getattr(method, "provenance_", None)
+    if not recorded:
+        return
+    reason = provenance_mismatch(recorded, method_provenance(run, method, model_id))
+    if reason is not None:
+        raise InputError(f"--method {directory}: {reason} (this run, member {model_id!r})")
 
 
 def _check_elements(atoms: object, args: argparse.Namespace) -> None:
