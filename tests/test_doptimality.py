@@ -170,3 +170,14 @@ def test_agrees_with_pacemaker_when_available(rng):
     pace_det = abs(np.linalg.det(pace_sets[0]))
     # both are dominant (all training gamma <= 1.01): volumes within the Hadamard bound
     assert (1.01 * np.sqrt(6)) ** -6 <= ours_det / pace_det <= (1.01 * np.sqrt(6)) ** 6
+
+
+def test_outlier_filter_through_model_outputs_points_to_fit_arrays(rng):
+    from mlipuq.backends.base import ModelOutputs
+    from mlipuq.clustered_doptimality import ClusteredDOptimalityEstimator
+
+    X = ModelOutputs(species=np.array(["Cu"] * 30), config_index=np.repeat(np.arange(6), 5),
+                     descriptors=rng.normal(size=(30, 4)))
+    for cls in (DOptimalityEstimator, ClusteredDOptimalityEstimator):
+        with pytest.raises(InputError, match="use fit_arrays"):
+            cls(outlier_filter="force_error").fit(X)

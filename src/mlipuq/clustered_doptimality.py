@@ -40,6 +40,7 @@ from mlipuq.doptimality import (
     OUTLIER_FILTERS,
     ActiveSet,
     build_active_set,
+    check_outputs_fit,
     check_predict_inputs,
     grade_result,
     prepare_training_inputs,
@@ -150,10 +151,7 @@ class ClusteredDOptimalityEstimator(UQMethod):
         """Cluster the training descriptors of ``X`` and build the active sets
         (``method="labels"`` needs :meth:`fit_arrays`); ``store`` is not used."""
         self.check_inputs(X)
-        if self.outlier_filter is not None:
-            raise InputError(f"outlier_filter={self.outlier_filter!r} needs the training atoms' "
-                             "reference force errors or norms: use fit_arrays(..., "
-                             "force_errors=..., force_norm=...)")
+        check_outputs_fit(self.outlier_filter)
         return self.fit_arrays(X.descriptors, X.species)
 
     def predict(self, X: ModelOutputs) -> UQResult:

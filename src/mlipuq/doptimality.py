@@ -158,6 +158,14 @@ def check_predict_inputs(
     return features, species
 
 
+def check_outputs_fit(outlier_filter: str | None) -> None:
+    """``fit(X)`` has no reference forces: an outlier filter needs ``fit_arrays``."""
+    if outlier_filter is not None:
+        raise InputError(f"outlier_filter={outlier_filter!r} needs the training atoms' "
+                         "reference force errors or norms: use fit_arrays(..., "
+                         "force_errors=..., force_norm=...)")
+
+
 def outlier_mask(
     species: np.ndarray, values: np.ndarray, fence_k: float
 ) -> tuple[np.ndarray, dict[str, float]]:
@@ -256,10 +264,7 @@ class DOptimalityEstimator(UQMethod):
         """Build the active sets from the training descriptors of ``X``
         (``descriptors`` (N, D), ``species``); ``store`` is not used."""
         self.check_inputs(X)
-        if self.outlier_filter is not None:
-            raise InputError(f"outlier_filter={self.outlier_filter!r} needs the training atoms' "
-                             "reference force errors or norms: use fit_arrays(..., "
-                             "force_errors=..., force_norm=...)")
+        check_outputs_fit(self.outlier_filter)
         return self.fit_arrays(X.descriptors, X.species)
 
     def predict(self, X: ModelOutputs) -> UQResult:
