@@ -423,7 +423,7 @@ def test_evaluate_killed_leaves_the_old_or_the_new_report(trained_run, capsys):
     states = []
     # killed while the new report is written (its temporary directory exists) ...
     process = _start(common)
-    writing = re.compile(rf"^\.{report.name}\.tmp-\d+-")
+    writing = re.compile(rf"^\.{report.name}\.tmp-[A-Za-z0-9_]+-\d+-")
     elapsed = _kill_when(process, lambda: any(writing.match(p.name)
                                               for p in report.parent.iterdir()))
     states.append(check("killed while writing the report"))
