@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
-from mlipuq.backends.base import ModelOutputs
+from mlipuq.backends.base import ModelOutputs, kept_atoms
 from mlipuq.exceptions import InputError
 
 
@@ -153,8 +153,7 @@ def split_configurations(
 
 def subset_data(data: EvaluationData, configs: np.ndarray) -> EvaluationData:
     """The test data of the configurations where ``configs`` (bool, (C,)) is True."""
-    atoms = configs[data.config_index]
-    index = (np.cumsum(configs) - 1)[data.config_index[atoms]]
+    atoms, index = kept_atoms(configs, data.config_index)
     return EvaluationData(
         frames=[frame for frame, keep in zip(data.frames, configs, strict=True) if keep],
         groups=data.groups[configs],

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
+from mlipuq.backends.base import committee
 from mlipuq.calibration_protocol import (
     calibration_summaries,
     ece_by_set,
@@ -171,13 +172,14 @@ def evaluate_run(
     held = subset_data(data, ~is_cal)
     held_outputs = {m: o.subset(~is_cal) for m, o in outputs.items()}
     cal_fitted: dict[str, float] = {}
-    evaluated = for_evaluation(fitted, None, None)
-    if cal_name is not None:
+    if cal_name is None:
+        evaluated = for_evaluation(fitted, None, None)
+    else:
         cal_outputs = {m: o.subset(is_cal) for m, o in outputs.items()}
         cal_data = subset_data(data, is_cal)
         errors = np.linalg.norm(cal_data.ref_forces - cal_outputs[model_id].forces, axis=1)
         progress(f"calibrating on {fraction:.0%} of the configurations of {cal_name!r}")
-        evaluated = for_evaluation(fitted, _committee(cal_outputs, model_id), errors, fpr=fpr,
+        evaluated = for_evaluation(fitted, committee(cal_outputs, model_id), errors, fpr=fpr,
                                    source=f"{fraction:.0%} of {cal_name}")
         cal_results, _ = predict_methods(evaluated, cal_outputs, model_id=model_id)
         cal_fitted = fit_thresholds(cal_results, fpr)
@@ -205,12 +207,6 @@ def evaluate_run(
     index = _write(metrics, out_dir, results, force_errors, energy_errors, held, title)
     metrics["report"] = str(index)
     return metrics
-
-
-def _committee(outputs, model_id):
-    from mlipuq.backends.base import committee
-
-    return committee(outputs, model_id)
 
 
 VALIDATION = "validation"

@@ -317,12 +317,7 @@ def _name(key: str) -> str:
         return DISPLAY_NAMES[key]
     if key.endswith("_calibrated"):
         return f"{_name(key[: -len('_calibrated')])} (calibrated)"
-    from mlipuq.registry import method_class
-
-    try:
-        return method_class(key).display_name or key
-    except InputError:
-        return key
+    return _method_name(key)
 
 
 def _pct(value: float) -> str:

@@ -37,14 +37,13 @@ DEFAULT_FPR = 0.05
 METHODS_DIR = "methods"
 """Sub-directory of a run holding one directory per fitted method."""
 
-LEGACY_FILES = ("ltau", "ensemble.json", "doptimality.npz", "clustered_doptimality.npz",
-                "methods.json")
-"""Estimator files of runs written by mlipuq 0.1 (refitted, never read)."""
-
 LEGACY_FILE_OF = {"ltau": "ltau", "ensemble": "ensemble.json",
                   "doptimality": "doptimality.npz",
                   "clustered_doptimality": "clustered_doptimality.npz"}
 """Which 0.1 file held each built-in method (named in the refit reason)."""
+
+LEGACY_FILES = (*LEGACY_FILE_OF.values(), "methods.json")
+"""Estimator files of runs written by mlipuq 0.1 (refitted, never read)."""
 
 CALIBRATED_SUFFIX = "_calibrated"
 """Suffix of a method's name after :meth:`~mlipuq.method.UQMethod.calibrate` in results."""
@@ -331,6 +330,15 @@ def method_provenance(run: RunFolder, method: UQMethod, model_id: str) -> dict:
             **run_provenance(run, members)}
 
 
+def provenance_reason(run: RunFolder, method: UQMethod, model_id: str) -> str | None:
+    """Why a loaded ``method`` does not describe member ``model_id`` of ``run`` as it is
+    now (None: it does; see :func:`mlipuq.method.provenance_mismatch`)."""
+    from mlipuq.method import provenance_mismatch
+
+    return provenance_mismatch(getattr(method, "provenance_", None),
+                               method_provenance(run, method, model_id))
+
+
 def save_methods(run: RunFolder, methods: Mapping[str, UQMethod], *, model_id: str) -> None:
     """Write each method to ``RUN/methods/<name>/`` with its provenance (atomic each)."""
     for name, method in methods.items():
@@ -350,7 +358,7 @@ def load_methods(
         For each other requested method, why it was not loaded (missing, stale,
         another member, or written by mlipuq 0.1).
     """
-    from mlipuq.method import load_method, provenance_mismatch
+    from mlipuq.method import load_method
 
     loaded, reasons = {}, {}
     for name in methods:
@@ -366,8 +374,7 @@ def load_methods(
         except InputError as error:
             reasons[name] = str(error)
             continue
-        expected = method_provenance(run, method, model_id)
-        reason = provenance_mismatch(getattr(method, "provenance_", None), expected)
+        reason = provenance_reason(run, method, model_id)
         if reason is None:
             loaded[name] = method
         else:

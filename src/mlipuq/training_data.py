@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ase import Atoms
@@ -56,6 +57,21 @@ def check_elements(frames: Sequence[Atoms], source: str) -> list[str]:
     return sorted(chemical_symbols[z] for z in numbers)
 
 
+def as_frames(frames: Any, source: str) -> list[Atoms]:
+    """``frames`` (one ase.Atoms or a sequence of them) as a list, each a non-empty
+    ase.Atoms; else :class:`InputError` naming ``source`` and the configuration."""
+    if isinstance(frames, Atoms):
+        frames = [frames]
+    frames = list(frames)
+    for number, atoms in enumerate(frames):
+        if not isinstance(atoms, Atoms):
+            raise InputError(f"{source}: configuration {number} is a {type(atoms).__name__}, "
+                             "expected ase.Atoms")
+        if len(atoms) == 0:
+            raise InputError(f"{source}: configuration {number} has no atoms")
+    return frames
+
+
 def check_labelled(frames: Sequence[Atoms], source: str) -> list[Atoms]:
     """Clean copies of labelled frames: numbers, positions, cell, pbc and the labels.
 
@@ -77,15 +93,8 @@ def check_labelled(frames: Sequence[Atoms], source: str) -> list[Atoms]:
     """
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    if isinstance(frames, Atoms):
-        frames = [frames]
     clean = []
-    for number, atoms in enumerate(frames):
-        if not isinstance(atoms, Atoms):
-            raise InputError(f"{source}: configuration {number} is a {type(atoms).__name__}, "
-                             "expected ase.Atoms")
-        if len(atoms) == 0:
-            raise InputError(f"{source}: configuration {number} has no atoms")
+    for number, atoms in enumerate(as_frames(frames, source)):
         energy = reference_energy(atoms)
         if energy is None:
             raise InputError(f"{source}: configuration {number} has no reference energy")

@@ -37,13 +37,14 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from ase import Atoms
 
 from mlipuq.backends.base import ModelOutputs
 from mlipuq.exceptions import InputError
+from mlipuq.training_data import as_frames, check_labelled, create_run
 
 if TYPE_CHECKING:
     from mlipuq.run_folder import RunFolder
@@ -56,19 +57,6 @@ DEFAULT_ATOL = 1e-5
 
 _FIELDS = ("energies", "forces", "descriptors")
 _MODEL_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
-
-
-def _as_frames(frames: Any, name: str) -> list[Atoms]:
-    if isinstance(frames, Atoms):
-        frames = [frames]
-    frames = list(frames)
-    for number, atoms in enumerate(frames):
-        if not isinstance(atoms, Atoms):
-            raise InputError(f"{name}: configuration {number} is a {type(atoms).__name__}, "
-                             "expected ase.Atoms")
-        if len(atoms) == 0:
-            raise InputError(f"{name}: configuration {number} has no atoms")
-    return frames
 
 
 def _composition_key(numbers: np.ndarray, pbc: np.ndarray) -> bytes:
@@ -127,7 +115,7 @@ class ArraysBackend:
         atol: float = DEFAULT_ATOL,
         source: str = "arrays",
     ) -> None:
-        frames = _as_frames(frames, "frames")
+        frames = as_frames(frames, "frames")
         if not frames:
             raise InputError("frames: expected at least one configuration, got none")
         sizes = np.array([len(atoms) for atoms in frames], dtype=np.int64)
@@ -258,7 +246,7 @@ class ArraysBackend:
             A frame with an element the predictions have no atom of, or a frame that
             is not one of the stored structures (the message names the first one).
         """
-        frames = _as_frames(frames, "frames")
+        frames = as_frames(frames, "frames")
         if not frames:
             raise InputError("frames: expected at least one configuration, got none")
         known = set(self.known_species)
@@ -420,7 +408,6 @@ def write_run(
         training or validation frame, trajectories of the wrong width or of a model
         that is not a member.
     """
-    from mlipuq.training_data import check_labelled, create_run
     from mlipuq.trajectory_store import TrajectoryStore
 
     train = check_labelled(train_frames, "train_frames")

@@ -91,8 +91,7 @@ class ModelOutputs:
         """The outputs of the configurations where ``configs`` (bool, (C,)) is True,
         renumbered 0..C'-1 in their order."""
         configs = np.asarray(configs, dtype=bool)
-        atoms = configs[self.config_index]
-        index = (np.cumsum(configs) - 1)[self.config_index[atoms]]
+        atoms, index = kept_atoms(configs, self.config_index)
 
         def per_atom(a, axis=0):
             return None if a is None else np.take(a, np.flatnonzero(atoms), axis=axis)
@@ -107,6 +106,13 @@ class ModelOutputs:
             committee_energies=per_config(self.committee_energies, axis=1),
             committee_forces=per_atom(self.committee_forces, axis=1),
         )
+
+
+def kept_atoms(configs: np.ndarray, config_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Atoms of the configurations where ``configs`` (bool, (C,)) is True: their mask
+    (N,) and their configuration index renumbered 0..C'-1 in order."""
+    atoms = configs[config_index]
+    return atoms, (np.cumsum(configs) - 1)[config_index[atoms]]
 
 
 def committee(outputs_by_member: Mapping[str, ModelOutputs], model_id: str) -> ModelOutputs:

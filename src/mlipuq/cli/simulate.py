@@ -110,13 +110,11 @@ def check_attached(run: object, method: object, model_id: str, directory: str) -
     """A method saved with provenance must describe this run's ``model_id`` now (one
     without, e.g. D-optimality built from an ACE ``.asi``, is the user's responsibility)."""
     from mlipuq.exceptions import InputError
-    from mlipuq.method import provenance_mismatch
-    from mlipuq.run_methods import method_provenance
+    from mlipuq.run_methods import provenance_reason
 
-    recorded = getattr(method, "provenance_", None)
-    if not recorded:
+    if not getattr(method, "provenance_", None):
         return
-    reason = provenance_mismatch(recorded, method_provenance(run, method, model_id))
+    reason = provenance_reason(run, method, model_id)
     if reason is not None:
         raise InputError(f"--method {directory}: {reason} (this run, member {model_id!r})")
 
