@@ -30,10 +30,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mlipuq.backends.nequip.features import check_model_path, torch_threads
 from mlipuq.exceptions import InputError
+from mlipuq.uq_calculator import UncertaintyResults, run_estimators
 
 try:  # nequip is an optional dependency (extra "nequip")
     from nequip.integrations.ase import NequIPCalculator
@@ -42,35 +41,7 @@ except ImportError as _error:  # pragma: no cover - exercised only without nequi
         "mlipuq.backends.nequip.calculator needs NequIP: pip install 'mlipuq[nequip]'"
     ) from _error
 
-DESCRIPTORS_KEY = "descriptors"
-
-
-def _check_estimators(estimators: Any) -> dict[str, Any]:
-    if estimators is None:
-        return {}
-    if not isinstance(estimators, dict):
-        raise InputError(
-            f"estimators: expected a dict name -> estimator, got {type(estimators).__name__}"
-        )
-    from mlipuq.method import UQMethod
-    from mlipuq.run_methods import SINGLE_PASS_FIELDS
-
-    for name, estimator in estimators.items():
-        if not isinstance(name, str) or not name.isidentifier():
-            raise InputError(f"estimators: name {name!r} is not a valid identifier")
-        if not isinstance(estimator, UQMethod):
-            raise InputError(
-                f"estimators: {name!r} is a {type(estimator).__name__}, not a UQMethod"
-            )
-        if not set(estimator.requires) <= SINGLE_PASS_FIELDS or estimator.min_members > 1:
-            raise InputError(
-                f"estimators: {name!r} needs {', '.join(estimator.requires)} (a calculator "
-                f"of one model gives {', '.join(sorted(SINGLE_PASS_FIELDS))})"
-            )
-    return dict(estimators)
-
-
-class UQCalculator(NequIPCalculator):
+class UQCalculator(UncertaintyResults, NequIPCalculator):
     """NequIP ASE calculator that adds per-atom uncertainty from the same forward pass.
 
     Build it with :meth:`from_model`, :meth:`from_run` or
@@ -109,17 +80,9 @@ class UQCalculator(NequIPCalculator):
         **kwargs: Any,
     ) -> None:
         super().__init__(model=model, device=device, **kwargs)
-        self.estimators = _check_estimators(estimators)
-        self.keep_descriptors = keep_descriptors
-        self.store_arrays = store_arrays
+        self.init_uncertainty(estimators, keep_descriptors=keep_descriptors,
+                              store_arrays=store_arrays)
         self.threads = threads
-        self.implemented_properties = list(type(self).implemented_properties) + self._extra_keys()
-
-    def _extra_keys(self) -> list[str]:
-        keys = [DESCRIPTORS_KEY] if self.keep_descriptors else []
-        for name in self.estimators:
-            keys += [f"{name}_uncertainty", f"{name}_uncertainty_max", f"{name}_uncertainty_mean"]
-        return keys
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -199,10 +162,7 @@ class UQCalculator(NequIPCalculator):
             raise InputError(
                 f"model_id: {model_id!r} is not a member of {run_dir} (members: {run.model_ids})"
             )
-        if isinstance(estimators, str):
-            if estimators != "auto":
-                raise InputError(f"estimators: expected 'auto', a dict or None, got {estimators!r}")
-            estimators = auto_estimators(run, model_id)
+        estimators = run_estimators(run, model_id, estimators)
         return cls.from_model(run.model_path(model_id), device=device, estimators=estimators,
                               **kwargs)
 
@@ -214,58 +174,18 @@ class UQCalculator(NequIPCalculator):
         changes = all_changes if system_changes is None else system_changes
         with torch_threads(self.threads):
             super().calculate(atoms, list(properties), changes)
-        if self.store_arrays and atoms is not None:
-            prefixes = tuple(f"{name}_" for name in self.estimators)
-            for key, values in self.results.items():
-                if key.startswith(prefixes) and np.ndim(values) == 1:
-                    atoms.arrays[key] = np.asarray(values)
+        self.copy_uncertainty_arrays(atoms)
 
     def save_extra_outputs(self, out: dict) -> None:
         """Add descriptors and every estimator's per-atom arrays to ``self.results``."""
         from nequip.data import AtomicDataDict
 
-        if not self.estimators and not self.keep_descriptors:
+        if not self.wants_descriptors:
             return
         if AtomicDataDict.NODE_FEATURES_KEY not in out:
             raise InputError(
                 "model: its outputs have no node_features (a model compiled with NequIP's "
                 "'ase' target? compile with mlipuq.backends.nequip.compile.compile_model)"
             )
-        descriptors = np.ascontiguousarray(
-            out[AtomicDataDict.NODE_FEATURES_KEY].detach().cpu().numpy(), dtype=np.float32
-        )
-        if self.keep_descriptors:
-            self.results[DESCRIPTORS_KEY] = descriptors
-        from mlipuq.backends.base import ModelOutputs
-
-        outputs = ModelOutputs(
-            species=self.atoms.numbers,  # atomic numbers: methods cache their grouping
-            config_index=np.zeros(len(descriptors), dtype=np.int64),  # one configuration
-            descriptors=descriptors,
-            energies=np.atleast_1d(self.results.get("energy", np.nan)),
-            forces=self.results.get("forces"),
-        )
-        for name, estimator in self.estimators.items():
-            self.results.update(uncertainty_results(name, estimator.predict(outputs)))
-
-
-def uncertainty_results(name: str, result: Any) -> dict[str, Any]:
-    """Calculator result keys of one ``UQResult``: per-atom arrays and per-config summaries."""
-    arrays = result.as_arrays(prefix=name)
-    atom = np.asarray(result.atom_uncertainty, dtype=np.float64)
-    arrays[f"{name}_uncertainty_max"] = float(atom.max())
-    arrays[f"{name}_uncertainty_mean"] = float(atom.mean())
-    if result.threshold is not None:  # e.g. fitted by LTAUEstimator.calibrate
-        arrays[f"{name}_threshold"] = float(result.threshold)
-        arrays[f"{name}_threshold_aggregate"] = result.config_aggregate
-        frame = arrays[f"{name}_uncertainty_{result.config_aggregate}"]
-        arrays[f"{name}_config_flag"] = bool(frame > result.threshold)
-    return arrays
-
-
-def auto_estimators(run: Any, model_id: str) -> dict[str, Any]:
-    """:func:`mlipuq.run_methods.calculator_methods` (the run's saved methods one
-    forward pass can drive)."""
-    from mlipuq.run_methods import calculator_methods
-
-    return calculator_methods(run, model_id)
+        self.add_uncertainty(self.atoms.numbers,
+                             out[AtomicDataDict.NODE_FEATURES_KEY].detach().cpu().numpy())
