@@ -26,3 +26,15 @@ def test_custom_method_passes_the_contract_and_registers():
 
 def test_ltau_from_arrays_runs():
     assert _run("ltau_from_arrays.py").strip()
+
+
+def test_any_model_adapter_goes_through_the_pipeline():
+    """An ASE calculator + a descriptor function, registered as a backend, is fitted,
+    evaluated and reported; its D-optimality separates the nanoparticle from bulk."""
+    out = _run("any_model_adapter.py")
+    fitted = out.split("methods fitted: ")[1].splitlines()[0].split(", ")
+    assert {"doptimality", "clustered_doptimality", "llpr", "ensemble"} <= set(fitted)
+    assert "ltau" not in fitted  # no training errors: LTAU is not offered
+    line = next(row for row in out.splitlines() if row.startswith("doptimality "))
+    auc = float(line.split("nanoparticle ")[1])
+    assert auc >= 0.9

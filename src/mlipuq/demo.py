@@ -5,9 +5,12 @@ Everything is generated locally (ASE's EMT calculator, no network). Stages:
 1. data: :func:`mlipuq.emt_data.copper_datasets` (bulk 300 K training set; test
    sets bulk 300 K, bulk 1200 K, vacancy, (111) surface, nanoparticle), written as
    extxyz into ``OUT/data``;
-2. training: the ``train`` of backend :data:`BACKEND` from the backend registry
-   (:func:`mlipuq.backends.nequip.training.train_ensemble`: M members, per-epoch
-   error trajectories) into ``OUT/run``;
+2. training: the ``train`` capability of the chosen backend from the backend registry
+   (:data:`BACKEND` by default: :func:`mlipuq.backends.nequip.training.train_ensemble`,
+   M members with per-epoch error trajectories) into ``OUT/run``. Every backend's
+   ``train`` takes the same keywords (``preset``, ``epochs``, ``n_models``, ``seed``,
+   ``val_fraction``, ``threads``, ``r_max``, ``package``, ``overwrite``, ``progress``)
+   and ignores those that do not apply to it;
 3. fitting and evaluation: :func:`mlipuq.pipeline.evaluate_run` (LTAU calibrated on
    half of the 300 K test configurations) into ``OUT/report``.
 """
@@ -24,7 +27,7 @@ from mlipuq.exceptions import InputError
 DEMO_FILE = "demo.json"
 IN_DOMAIN = "bulk_300K"
 BACKEND = "nequip"
-"""The backend the demo trains (:mod:`mlipuq.backends.registry`)."""
+"""The backend the demo trains by default (:mod:`mlipuq.backends.registry`)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ def run_demo(
     seed: int = 0,
     threads: int = 2,
     progress: bool = True,
+    backend: str = BACKEND,
 ) -> dict:
     """Run the whole demo into ``out``; returns the metrics dict of the report.
 
@@ -137,7 +141,10 @@ def run_demo(
     progress : bool
         Log one line per stage to the ``mlipuq`` logger (:mod:`mlipuq.log`; on stderr
         with the elapsed time under the ``mlipuq`` command, or after
-        ``logging.basicConfig(level=logging.INFO)``) and show NequIP's per-epoch lines.
+        ``logging.basicConfig(level=logging.INFO)``) and show the training's per-epoch lines.
+    backend : str
+        Registered backend that trains the models (one with a ``train`` capability:
+        ``nequip``, ``allegro``, ``mace``, ``pace``).
 
     Returns
     -------
@@ -145,13 +152,15 @@ def run_demo(
         Metrics (also in ``out/report/metrics.json``); ``"report"`` is the path of
         ``index.html``.
     """
-    from mlipuq.backends.registry import capability
+    from mlipuq.backends.registry import capability, check
     from mlipuq.io import write_json
     from mlipuq.log import logger
     from mlipuq.pipeline import evaluate_run
 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InputError(f"--threads: expected a positive integer, got {threads!r}")
+    backend = check(backend)
+    train = capability(backend, "train", "train models")
     out = Path(out)
     _check_out(out)
 
@@ -163,13 +172,13 @@ def run_demo(
     if busy and progress:
         logger.warning(busy)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / DEMO_FILE, {"seed": seed, "threads": threads, **settings.__dict__})
+    write_json(out / DEMO_FILE, {"seed": seed, "threads": threads, "backend": backend,
+                                 **settings.__dict__})
     note(f"generating EMT copper data (seed {seed}{', quick sizes' if settings.quick else ''})")
     paths = write_datasets(out / "data", seed=seed, quick=settings.quick)
     note(f"data written to {out / 'data'}")
-    note(f"training {settings.n_models} NequIP model(s), preset {settings.preset}, "
+    note(f"training {settings.n_models} {backend} model(s), preset {settings.preset}, "
          f"{settings.epochs} epochs, {threads} thread(s)")
-    train = capability(BACKEND, "train", "train models")
     run = train(
         paths["train"], out / "run", preset=settings.preset, epochs=settings.epochs,
         n_models=settings.n_models, seed=seed, val_fraction=0.1, threads=threads,
@@ -180,7 +189,7 @@ def run_demo(
     metrics = evaluate_run(
         run, tests, out_dir=out / "report", calibration_set=(IN_DOMAIN, 0.5),
         in_domain=[IN_DOMAIN], threads=threads, seed=seed, refit=True,
-        title="mlipuq demo: EMT copper, NequIP ensemble", progress=note,
+        title=f"mlipuq demo: EMT copper, {backend} ensemble", progress=note,
     )
     note(f"done; report: {metrics['report']}")
     return metrics
