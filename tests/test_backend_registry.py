@@ -68,8 +68,8 @@ def _old_run(path, **extra):
 
 
 def test_builtins_are_listed_and_resolve():
-    assert {"nequip", "pace", "arrays"} <= set(registry.available())
-    for name in ("nequip", "pace", "arrays"):
+    assert {"nequip", "allegro", "mace", "pace", "arrays"} <= set(registry.available())
+    for name in ("nequip", "allegro", "pace", "arrays"):
         cls = registry.get(name)
         assert cls.name == name
         for attribute in ("outputs", "known_species", "from_run", "model_path"):
@@ -90,23 +90,23 @@ def test_importing_the_registry_imports_no_torch():
 
 def test_unknown_backend_is_one_line_listing_the_registered():
     with pytest.raises(InputError) as info:
-        registry.get("mace")
+        registry.get("schnet")
     message = str(info.value)
     assert "\n" not in message
-    assert message == ("backend: unknown backend 'mace' (registered: "
+    assert message == ("backend: unknown backend 'schnet' (registered: "
                        f"{', '.join(registry.available())})")
 
 
 def test_run_with_an_unknown_backend(tmp_path, capsys):
     from mlipuq.cli import main
 
-    path = _old_run(tmp_path / "run", format_version=2, backend="mace")
-    with pytest.raises(InputError, match=r"run.json: backend: unknown backend 'mace' "
-                                         r"\(registered: arrays, nequip, pace"):
+    path = _old_run(tmp_path / "run", format_version=2, backend="schnet")
+    with pytest.raises(InputError, match=r"run.json: backend: unknown backend 'schnet' "
+                                         r"\(registered: allegro, arrays, mace, nequip, pace"):
         RunFolder.open(path)
     assert main(["fit", "--run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown backend 'mace'" in err[0] and "nequip" in err[0]
+    assert len(err) == 1 and "unknown backend 'schnet'" in err[0] and "nequip" in err[0]
 
 
 def test_old_run_without_backend_opens_as_nequip(tmp_path):
@@ -154,10 +154,10 @@ def test_a_registered_backend_serves_a_run(tmp_path, toy):
     outputs, seconds = model_outputs(run, [Atoms("Cu", positions=[[0, 0, 0]])])
     assert outputs["m0"].energies.tolist() == [1.0] and seconds["m0"] >= 0
     with pytest.raises(InputError, match=r"backend 'toy' has no ASE calculator \(backends "
-                                         r"with one: nequip\)"):
+                                         r"with one: allegro, mace, nequip, pace\)"):
         registry.calculator(run, "m0")
     with pytest.raises(InputError, match=r"backend 'toy' cannot train models \(backends "
-                                         r"that can: nequip\)"):
+                                         r"that can: allegro, mace, nequip, pace\)"):
         registry.capability("toy", "train", "train models")
 
 
@@ -221,8 +221,9 @@ def test_pace_backend_conforms():
 
 
 @pytest.mark.parametrize(("backend", "message"), [
-    ("arrays", "backend 'arrays' cannot train models (backends that can: nequip)"),
-    ("mace", "backend: unknown backend 'mace' (registered: arrays, nequip, pace"),
+    ("arrays", "backend 'arrays' cannot train models (backends that can: allegro, "),
+    ("schnet", "backend: unknown backend 'schnet' (registered: allegro, arrays, mace, "
+               "nequip, pace"),
 ])
 def test_train_goes_through_the_registry(tmp_path, capsys, backend, message):
     from mlipuq.cli import main

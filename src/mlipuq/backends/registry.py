@@ -44,8 +44,10 @@ DEFAULT = "nequip"
 
 BUILTIN: dict[str, str] = {
     "nequip": "mlipuq.backends.nequip.features:NequIPBackend",
+    "allegro": "mlipuq.backends.nequip.allegro:AllegroBackend",
     "pace": "mlipuq.backends.pace:PaceBackend",
     "arrays": "mlipuq.backends.arrays:ArraysBackend",
+    "mace": "mlipuq.backends.mace:MaceBackend",
 }
 """The backends shipped with mlipuq, as ``"module:Class"`` (imported on first use)."""
 
