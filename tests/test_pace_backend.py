@@ -332,3 +332,48 @@ def test_missing_pyace_gives_install_hint(monkeypatch):
     ):
         pace.PaceBackend("pot.yaml")
     assert not pace.pace_available()
+
+
+# --------------------------------------------------------------------------- linear ACE fit
+
+
+def _labelled_by(potential, n_frames: int, seed: int) -> list:
+    """Rattled 32-atom Cu cells labelled by ``potential`` (pyace's own calculator)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from pyace.asecalc import PyACECalculator
+
+    calc = PyACECalculator(str(potential))
+    frames = []
+    for number in range(n_frames):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+        atoms.rattle(0.08, seed=seed + number)
+        atoms.calc = calc
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+        frames.append(atoms)
+    return frames
+
+
+def test_linear_fit_design_is_pyace_and_recovers_a_linear_potential(tmp_path):
+    from mlipuq.backends import pace_fit
+
+    basis = pace_fit.linear_basis(["Cu"], r_max=4.0, preset="tiny")
+    n_coefficients = PaceBackend_n(basis)
+    truth = np.random.default_rng(0).normal(size=n_coefficients) * 0.05
+    path = pace_fit.write_potential(tmp_path / "truth.yaml", basis, truth)
+    frames = _labelled_by(path, 6, seed=10)
+    data = pace_fit.design(basis, frames)
+    energies, forces = data.predict(truth)  # the design reproduces pyace's evaluation
+    np.testing.assert_allclose(energies, data.ref_energy, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(forces, data.ref_forces, atol=1e-10)
+    h, b = pace_fit.normal_equations(data, ridge=0.0)
+    steps = []
+    # the normal equations are ill-conditioned (~1e10 after Jacobi scaling): many epochs
+    fitted = pace_fit.conjugate_gradient(h, b, 1000, callback=lambda i, c: steps.append(i))
+    assert steps == list(range(1000))  # one callback per epoch
+    np.testing.assert_allclose(data.predict(fitted)[1], data.ref_forces, atol=1e-8)
+    np.testing.assert_allclose(fitted, truth, atol=1e-5)
+
+
+def PaceBackend_n(basis) -> int:
+    return pace.PaceBackend(basis).n_functions["Cu"]

@@ -37,7 +37,8 @@ class DemoSettings:
     Attributes
     ----------
     preset : str
-        NequIP size preset (:mod:`mlipuq.backends.nequip.config`).
+        Size preset of the backend's models (``tiny``/``small``/``paper``: layers and
+        features for NequIP, Allegro and MACE, the basis size for pacemaker ACE).
     epochs : int
         Training epochs per model.
     n_models : int

@@ -92,11 +92,15 @@ class UncertaintyResults:
     estimators : dict of str -> UQMethod
         Fitted methods; the key is the prefix of their result keys.
     keep_descriptors : bool
-        Also store ``results["descriptors"]`` (n_atoms, D) float32.
+        Also store ``results["descriptors"]`` (n_atoms, D) in :attr:`descriptor_dtype`.
     store_arrays : bool
         Also copy the per-atom uncertainty arrays into ``atoms.arrays`` of the atoms
         passed to the calculation (so extxyz / OVITO carry them).
     """
+
+    descriptor_dtype: Any = np.float32
+    """dtype the descriptors are handed to the methods in (float64 where a backend's
+    features are compared with another code's to full precision, e.g. ACE gamma)."""
 
     estimators: dict[str, Any]
     keep_descriptors: bool
@@ -135,7 +139,7 @@ class UncertaintyResults:
             return
         from mlipuq.backends.base import ModelOutputs
 
-        descriptors = np.ascontiguousarray(descriptors, dtype=np.float32)
+        descriptors = np.ascontiguousarray(descriptors, dtype=self.descriptor_dtype)
         if self.keep_descriptors:
             self.results[DESCRIPTORS_KEY] = descriptors
         outputs = ModelOutputs(

@@ -27,6 +27,7 @@ projections are offered.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ from mlipuq.io import atomic_path, load_npz
 
 if TYPE_CHECKING:
     from mlipuq.run_folder import RunFolder
+
+logger = logging.getLogger(__name__)
 
 PACE_MISSING = "python-ace is not installed: pip install 'mlipuq[pace]'"
 
@@ -84,6 +87,7 @@ def small_test_basis(
     lmax_by_orders: Sequence[int] = W_STUDY_BASIS["lmax_by_orders"],
     coefficients: str = "zero",
     functions: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
+    embedding: Mapping[str, Any] | None = None,
 ) -> Any:
     """Build an unfitted pacemaker basis (``BBasisConfiguration``) without any fitting.
 
@@ -111,6 +115,10 @@ def small_test_basis(
         ``"BINARY"`` or an element symbol, each with ``nradmax_by_orders`` and
         ``lmax_by_orders``); overrides the two arguments above. Per-element
         entries give elements different numbers of B-functions.
+    embedding : mapping, optional
+        pacemaker's embedding of every element (``npot``, ``fs_parameters``,
+        ``ndensity``); default ``FinnisSinclairShiftedScaled``, ``[1, 1, 1, 0.5]``,
+        2 densities. :data:`mlipuq.backends.pace_fit.LINEAR_EMBEDDING` is linear.
 
     Returns
     -------
@@ -136,7 +144,7 @@ def small_test_basis(
                 "npot": "FinnisSinclairShiftedScaled",
                 "fs_parameters": [1, 1, 1, 0.5],
                 "ndensity": 2,
-            }
+            } if embedding is None else dict(embedding)
         },
         "bonds": {
             "ALL": {
@@ -162,8 +170,13 @@ class PaceBackend:
     """Per-atom B-projections (and energies/forces) from a pacemaker B-basis potential.
 
     Implements :class:`mlipuq.backends.base.Backend` as ``"pace"``: a run folder of
-    this backend keeps member ``model_i``'s potential as ``RUN/models/model_i.yaml``
-    (trained with pacemaker; mlipuq does not train ACE).
+    this backend keeps member ``model_i``'s potential as ``RUN/models/model_i.yaml``:
+    your own pacemaker potentials (:meth:`import_models`, ``mlipuq train --backend
+    pace --potential a.yaml ...``) or a linear ACE fitted by :meth:`train`
+    (:mod:`mlipuq.backends.pace_train`). Optional capabilities: :meth:`train`,
+    :meth:`import_models`, :meth:`uq_calculator` (pacemaker's calculator with the
+    run's methods attached) and :meth:`export_method` (``.asi`` files beside the
+    fitted D-optimality methods).
 
     Parameters
     ----------
@@ -346,35 +359,152 @@ class PaceBackend:
             calc.set_active_set(str(active_set))
         return calc
 
-    def energies_forces(self, frames: Sequence[Atoms]) -> tuple[np.ndarray, np.ndarray]:
-        """Energies (C,) in eV and forces (N, 3) in eV/Å from ``PyACECalculator``."""
+    def evaluate(self, frames: Sequence[Atoms]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One ``PyACECalculator`` evaluation per configuration.
+
+        Returns
+        -------
+        energies : ndarray, shape (C,)
+            eV.
+        forces : ndarray, shape (N, 3)
+            eV/Å.
+        features : ndarray of float64, shape (N, n_features)
+            The same evaluation's linear B-projections (as :meth:`projections`).
+        """
+        from mlipuq.backends.pace_calculator import PaceUQCalculator
+
         frames = self._check_frames(frames)
-        calc = self.calculator()
+        calc = PaceUQCalculator(self.basis_config, n_features=self.n_features)
         energies = np.empty(len(frames))
-        forces = []
+        forces, features = [], []
         for number, atoms in enumerate(frames):
             atoms = atoms.copy()
             atoms.calc = calc
             energies[number] = atoms.get_potential_energy()
             forces.append(np.asarray(atoms.get_forces(), dtype=np.float64))
-        return energies, np.concatenate(forces, axis=0)
+            features.append(calc.padded_projections())
+        return energies, np.concatenate(forces, axis=0), np.concatenate(features, axis=0)
+
+    def energies_forces(self, frames: Sequence[Atoms]) -> tuple[np.ndarray, np.ndarray]:
+        """Energies (C,) in eV and forces (N, 3) in eV/Å from ``PyACECalculator``."""
+        energies, forces, _ = self.evaluate(frames)
+        return energies, forces
 
     def outputs(self, frames: Sequence[Atoms], *, batch_size: int | None = None
                 ) -> ModelOutputs:
-        """Energies, forces and B-projections in one :class:`ModelOutputs`.
+        """Energies, forces and B-projections of one evaluation, in one :class:`ModelOutputs`.
 
         ``batch_size`` is accepted for the :class:`~mlipuq.backends.base.Backend`
         protocol and ignored. Descriptors stay float64 (D-optimality needs it).
         """
-        energies, forces = self.energies_forces(frames)
-        features, species, config_index = self.projections(frames)
+        frames = self._check_frames(frames)
+        energies, forces, features = self.evaluate(frames)
+        sizes = [len(a) for a in frames]
         return ModelOutputs(
             energies=energies,
             forces=forces,
             descriptors=features,
-            species=species,
-            config_index=config_index,
+            species=np.concatenate([np.asarray(a.get_chemical_symbols(), dtype=str)
+                                    for a in frames]),
+            config_index=np.repeat(np.arange(len(frames)), sizes),
         )
+
+    # ------------------------------------------------------------ optional capabilities
+    @classmethod
+    def train(cls, train_file: str | os.PathLike, run_dir: str | os.PathLike,
+              **options: Any) -> RunFolder:
+        """A pace run folder: your potentials (``potentials=[...]``) or a linear ACE fit.
+
+        See :func:`mlipuq.backends.pace_train.train_pace` for the options.
+        """
+        from mlipuq.backends.pace_train import train_pace
+
+        return train_pace(train_file, run_dir, **options)
+
+    @classmethod
+    def import_models(cls, potentials: Sequence[str | os.PathLike],
+                      train_file: str | os.PathLike, run_dir: str | os.PathLike,
+                      **options: Any) -> RunFolder:
+        """A pace run folder of your pacemaker potentials (one member each), not trained
+        (``mlipuq train --backend pace --potential a.yaml ...``; same as
+        :meth:`train` with ``potentials``)."""
+        from mlipuq.backends.pace_train import train_pace
+
+        if not potentials:
+            raise InputError("potentials: expected at least one pacemaker .yaml file")
+        return train_pace(train_file, run_dir, potentials=potentials, **options)
+
+    @classmethod
+    def uq_calculator(
+        cls,
+        run: RunFolder,
+        model_id: str = "model_0",
+        *,
+        estimators: dict[str, Any] | str | None = "auto",
+        device: str = "cpu",
+        **kwargs: Any,
+    ) -> Any:
+        """:class:`~mlipuq.backends.pace_calculator.PaceUQCalculator` of member ``model_id``.
+
+        ``estimators="auto"`` attaches the methods ``mlipuq fit`` saved for this
+        member that one evaluation can drive. ``device`` is unused (CPU code);
+        other keyword arguments go to the calculator (``keep_descriptors``,
+        ``store_arrays``, ``PyACECalculator`` options).
+        """
+        from mlipuq.backends.pace_calculator import PaceUQCalculator
+        from mlipuq.run_methods import check_member
+        from mlipuq.uq_calculator import run_estimators
+
+        check_member(run, model_id)
+        backend = cls.from_run(run, model_id)
+        return PaceUQCalculator(str(cls.model_path(run, model_id)),
+                                n_features=backend.n_features,
+                                estimators=run_estimators(run, model_id, estimators), **kwargs)
+
+    @classmethod
+    def export_method(cls, run: RunFolder, model_id: str | None, method: Any,
+                      directory: str | os.PathLike) -> list[Path]:
+        """Write a fitted method's active sets as pacemaker ``.asi`` files in ``directory``.
+
+        A method with per-element active-set inverses (``active_inverse_`` keyed by
+        element, D-optimality) gives ``active_set.asi``; one keyed by (cluster,
+        element) (clustered D-optimality) gives ``active_set_cluster<c>.asi`` per
+        cluster that has every element of the potential (pacemaker needs all of
+        them; the min over these files' gamma is the method's gamma). Other
+        methods, and committee methods (``model_id`` None), give nothing.
+
+        Returns
+        -------
+        list of Path
+            The files written (each atomically).
+        """
+        inverses = getattr(method, "active_inverse_", None)
+        if model_id is None or not isinstance(inverses, Mapping) or not inverses:
+            return []
+        backend = cls.from_run(run, model_id)
+        directory = Path(directory)
+        if all(isinstance(key, str) for key in inverses):
+            path = directory / "active_set.asi"
+            write_asi(path, inverses, elements=backend.elements,
+                      n_functions=backend.n_functions)
+            return [path]
+        by_cluster: dict[Any, dict[str, np.ndarray]] = {}
+        for key, inverse in inverses.items():
+            if not (isinstance(key, tuple) and len(key) == 2):
+                return []
+            by_cluster.setdefault(key[0], {})[str(key[1])] = inverse
+        written = []
+        for cluster, matrices in sorted(by_cluster.items()):
+            if sorted(matrices) != sorted(backend.elements):
+                logger.info("%s: cluster %s has no active set for %s; no .asi written for it",
+                            directory, cluster,
+                            sorted(set(backend.elements) - set(matrices)))
+                continue
+            path = directory / f"active_set_cluster{cluster}.asi"
+            write_asi(path, matrices, elements=backend.elements,
+                      n_functions=backend.n_functions)
+            written.append(path)
+        return written
 
 
 def _check_elements(found: Sequence[str], elements: Sequence[str] | None, source: str) -> None:
