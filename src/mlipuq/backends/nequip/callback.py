@@ -39,6 +39,20 @@ Modes
     duplicate frames are assigned in order. Frames a loader skipped (``drop_last``)
     are evaluated at the end of the epoch with the raw weights.
 
+Multi-process training (DDP)
+----------------------------
+Under a distributed strategy (``trainer: {strategy: ddp, devices: N}``; gloo on
+CPU) every rank builds the same atom table from the full training dataset. In
+``epoch_end`` mode rank ``r`` evaluates frames ``r, r + N, r + 2N, ...`` of the
+atom table; in ``in_batch`` mode each rank captures the frames of its own
+``DistributedSampler`` shard. The ranks' buffers (errors, energy errors, and which
+frames each saw) are all-gathered and merged by :func:`merge_rank_buffers`: a frame
+seen by several ranks (the sampler pads the shards with repeated frames) takes the
+value of the lowest rank, so every atom has exactly one value. Only rank 0 opens
+the store, truncates stale epochs and writes; a barrier after the write means no
+rank leaves an epoch before its file is on disk. Frames no rank saw (``in_batch``
+with ``drop_last``) are evaluated on rank 0.
+
 Crash and resume
 ----------------
 Epoch ``e`` (0-based, Lightning's ``current_epoch``) is written before the
@@ -197,6 +211,64 @@ def _errors_of_batch(
     return force, energy, _graph_slices(reference)
 
 
+def merge_rank_buffers(
+    errors: np.ndarray, energy: np.ndarray, seen: np.ndarray, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge the per-rank epoch buffers of a distributed run into one.
+
+    Parameters
+    ----------
+    errors : ndarray, shape (R, N)
+        Per-atom force-error norms in eV/Å of each of the R ranks (any value where
+        the rank did not see the frame).
+    energy : ndarray, shape (R, C)
+        Per-configuration energy errors in eV of each rank.
+    seen : ndarray of bool, shape (R, C)
+        Which frames each rank evaluated.
+    offsets : ndarray of int, shape (C + 1,)
+        Atoms of frame ``c`` are columns ``offsets[c]:offsets[c+1]``.
+
+    Returns
+    -------
+    errors : ndarray, shape (N,)
+        NaN for atoms of frames no rank saw.
+    energy : ndarray, shape (C,)
+    seen : ndarray of bool, shape (C,)
+
+    Notes
+    -----
+    A frame seen by several ranks (``DistributedSampler`` padding) takes the value of
+    the lowest rank that saw it: exactly one value per atom, independent of timing.
+
+    Examples
+    --------
+    >>> errors = np.array([[1.0, 1.0, 9.0], [2.0, 2.0, 3.0]])
+    >>> seen = np.array([[True, False], [True, True]])
+    >>> offsets = np.array([0, 2, 3])
+    >>> merged, _, any_seen = merge_rank_buffers(errors, np.zeros((2, 2)), seen, offsets)
+    >>> merged.tolist(), any_seen.tolist()
+    ([1.0, 1.0, 3.0], [True, True])
+    """
+    errors = np.asarray(errors, dtype=np.float64)
+    energy = np.asarray(energy, dtype=np.float64)
+    seen = np.asarray(seen, dtype=bool)
+    n_frames = seen.shape[1]
+    owner = np.argmax(seen, axis=0)  # lowest rank that saw each frame (0 if none did)
+    any_seen = seen.any(axis=0)
+    frame_of_atom = np.repeat(np.arange(n_frames), np.diff(offsets))
+    merged = errors[owner[frame_of_atom], np.arange(errors.shape[1])]
+    merged[~any_seen[frame_of_atom]] = np.nan
+    merged_energy = np.where(any_seen, energy[owner, np.arange(n_frames)], np.nan)
+    return merged, merged_energy, any_seen
+
+
+def _world(trainer) -> tuple[int, int]:
+    """(global rank, world size) of a Lightning trainer; (0, 1) without one."""
+    if trainer is None:
+        return 0, 1
+    return int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))
+
+
 class ErrorTrajectoryCallback(lightning.Callback):
     """Write per-atom force-error norms of every training atom after every epoch.
 
@@ -230,7 +302,8 @@ class ErrorTrajectoryCallback(lightning.Callback):
     Notes
     -----
     Errors: |F_ref - F_pred|_2 per atom in eV/Å (float32 in the store) and
-    |E_ref - E_pred| per configuration (total energy) in eV.
+    |E_ref - E_pred| per configuration (total energy) in eV. Under a distributed
+    strategy only rank 0 writes (see the module docstring).
     """
 
     def __init__(
@@ -287,8 +360,24 @@ class ErrorTrajectoryCallback(lightning.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         datamodule = trainer.datamodule
         self.frames_ = TrainingFrames(datamodule.train_dataset)
+        self._logged_epoch = trainer.current_epoch - 1
+        if self.mode == "in_batch":
+            self._hook = pl_module.register_forward_hook(self._capture)
+        rank, world = _world(trainer)
+        error = None
+        if rank == 0:  # ranks > 0 never touch the store
+            try:
+                self._open_store(trainer.current_epoch)
+            except InputError as exc:
+                error = str(exc)
+        if world > 1:  # every rank stops with rank 0's message, none waits for it
+            error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            raise InputError(error)
+
+    def _open_store(self, start_epoch: int) -> None:
         self.store_ = TrajectoryStore.create(self.store_path, self.frames_.atom_table)
-        self._truncate(trainer.current_epoch)
+        self._truncate(start_epoch)
         info = {
             "mode": self.mode,
             "weights": "raw" if self.mode == "in_batch" else self.weights,
@@ -297,9 +386,6 @@ class ErrorTrajectoryCallback(lightning.Callback):
             "train_datasets": [number for number, _ in self.frames_.frame_ids],
         }
         self.writer_ = self.store_.writer(self.model_id, seed=self.seed, info=info)
-        self._logged_epoch = trainer.current_epoch - 1
-        if self.mode == "in_batch":
-            self._hook = pl_module.register_forward_hook(self._capture)
 
     def _truncate(self, start_epoch: int) -> None:
         if self.model_id not in self.store_.model_ids():
@@ -345,7 +431,7 @@ class ErrorTrajectoryCallback(lightning.Callback):
         self.seconds_[epoch] = self.seconds_.get(epoch, 0.0) + time.perf_counter() - start
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.timing_file is not None:
+        if self.timing_file is not None and _world(trainer)[0] == 0:
             import json
 
             with open(self.timing_file, "w") as handle:
@@ -404,12 +490,20 @@ class ErrorTrajectoryCallback(lightning.Callback):
         if epoch <= self._logged_epoch or not self._logs_epoch(epoch):
             return
         start = time.perf_counter()
-        self._write_epoch(pl_module, epoch)
+        self._write_epoch(trainer, pl_module, epoch)
         self._add_time(epoch, start)
 
-    def _write_epoch(self, pl_module, epoch: int) -> None:
+    def _write_epoch(self, trainer, pl_module, epoch: int) -> None:
+        rank, world = _world(trainer)
         if self.mode == "in_batch":
             buffer = self._buffer
+        else:  # each rank evaluates every world-th frame of the atom table
+            buffer = _EpochBuffer(self.frames_)
+            mine = np.arange(rank, len(self.frames_), world)
+            self._evaluate_into(pl_module, buffer, mine, self.weights)
+        if world > 1:
+            buffer = self._gather(trainer, buffer)
+        if rank == 0:
             missing = np.flatnonzero(~buffer.seen)
             if len(missing):
                 warnings.warn(
@@ -418,12 +512,33 @@ class ErrorTrajectoryCallback(lightning.Callback):
                     stacklevel=1,
                 )
                 self._evaluate_into(pl_module, buffer, missing, weights="raw")
-        else:
-            buffer = _EpochBuffer(self.frames_)
-            self._evaluate_into(pl_module, buffer, np.arange(len(self.frames_)), self.weights)
-        self.writer_.append(buffer.errors, epoch=epoch, energy_errors=buffer.energy)
+            self.writer_.append(buffer.errors, epoch=epoch, energy_errors=buffer.energy)
+        if world > 1:  # no rank leaves the epoch before its file is written
+            trainer.strategy.barrier("mlipuq_error_trajectory")
         self._logged_epoch = epoch
         self._buffer = None
+
+    def _gather(self, trainer, buffer: _EpochBuffer) -> _EpochBuffer:
+        """All ranks' buffers merged (:func:`merge_rank_buffers`), on every rank."""
+        n_atoms, n_frames = len(buffer.errors), len(buffer.energy)
+        local = torch.from_numpy(
+            np.concatenate([buffer.errors, buffer.energy, buffer.seen.astype(np.float64)])
+        ).to(getattr(trainer.strategy, "root_device", "cpu"))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(parts, local)
+            stacked = torch.stack(parts)
+        else:  # a strategy with its own collectives
+            stacked = trainer.strategy.all_gather(local)
+        gathered = stacked.cpu().numpy().reshape(-1, len(local))
+        merged = _EpochBuffer(self.frames_)
+        merged.errors, merged.energy, merged.seen = merge_rank_buffers(
+            gathered[:, :n_atoms],
+            gathered[:, n_atoms : n_atoms + n_frames],
+            gathered[:, n_atoms + n_frames :] > 0.5,
+            self.frames_.offsets,
+        )
+        return merged
 
     # ------------------------------------------------------------------ evaluation
     def _transformed(self, frame: int) -> dict:
@@ -504,14 +619,14 @@ class EpochProgressCallback(lightning.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._stamps.append(time.perf_counter())
-        if self.times_file is not None:
+        if self.times_file is not None and _world(trainer)[0] == 0:
             import json
 
             with open(self.times_file, "w") as handle:
                 json.dump(self._stamps, handle)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.quiet:
+        if self.quiet or _world(trainer)[0] != 0:
             return
         metrics = trainer.callback_metrics
         epoch = trainer.current_epoch
@@ -536,5 +651,6 @@ __all__ = [
     "EpochProgressCallback",
     "ErrorTrajectoryCallback",
     "TrainingFrames",
+    "merge_rank_buffers",
     "unwrap_dataset",
 ]
