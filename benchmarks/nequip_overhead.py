@@ -1,5 +1,5 @@
-"""Overhead of LTAU error logging during NequIP training (and, if present, of the UQ
-calculator at inference).
+"""Overhead of LTAU error logging during NequIP or Allegro training (and, if present, of
+the UQ calculator at inference).
 
 Training half: seconds per epoch of the same ``nequip-train`` run (same data, seed,
 preset, 1 thread) without error logging, with ``in_batch`` logging and with
@@ -15,6 +15,10 @@ Usage::
 
     python benchmarks/nequip_overhead.py --frames 200 --epochs 6 --repeats 2
     python benchmarks/nequip_overhead.py --quick          # a few seconds of training
+    python benchmarks/nequip_overhead.py --backend allegro --frames 200 --epochs 6
+
+``--backend allegro`` trains the Allegro preset of the same name
+(:data:`mlipuq.backends.nequip.config.ALLEGRO_PRESETS`) with the same callback.
 
 The calculator half lives in ``benchmarks/nequip_calculator.py`` (``bench_calculator``)
 and is called after the training half when that file exists.
@@ -60,7 +64,7 @@ def _training_data(directory: Path, n_frames: int, *, quick: bool) -> tuple[Path
 
 def _run_once(mode: str, repeat: int, *, directory: Path, train: Path, val: Path,
               preset: str, epochs: int, r_max: float, elements: list[str],
-              energies: dict[str, float]) -> list[float]:
+              energies: dict[str, float], backend: str = "nequip") -> list[float]:
     from mlipuq.backends.nequip import config as cfg
     from mlipuq.backends.nequip.training import run_nequip_train
 
@@ -68,6 +72,7 @@ def _run_once(mode: str, repeat: int, *, directory: Path, train: Path, val: Path
     config = cfg.preset_config(
         preset, elements=elements, train_file=train, val_file=val,
         isolated_energies=energies, epochs=epochs, seed=0, r_max=r_max,
+        architecture=backend,
     )
     times = directory / f"times_{tag}.json"
     callbacks = [{"_target_": cfg.PROGRESS_TARGET, "label": tag, "times_file": str(times),
@@ -90,7 +95,8 @@ def _run_once(mode: str, repeat: int, *, directory: Path, train: Path, val: Path
 
 
 def bench_training(*, frames: int = 200, epochs: int = 6, repeats: int = 2,
-                   preset: str = "small", quick: bool = False) -> dict:
+                   preset: str = "small", quick: bool = False,
+                   backend: str = "nequip") -> dict:
     """Seconds per epoch for each logging mode and their ratios to no logging."""
     from mlipuq.backends.nequip.training import (
         check_elements,
@@ -112,6 +118,7 @@ def bench_training(*, frames: int = 200, epochs: int = 6, repeats: int = 2,
                 durations, inside = _run_once(
                     mode, repeat, directory=directory, train=train, val=val, preset=preset,
                     epochs=epochs, r_max=r_max, elements=elements, energies=energies,
+                    backend=backend,
                 )
                 first = 1 if len(durations) > 1 else 0
                 steady = durations[first:]
@@ -123,6 +130,7 @@ def bench_training(*, frames: int = 200, epochs: int = 6, repeats: int = 2,
                       + " ".join(f"{t:.3f}" for t in inside) + " s", flush=True)
     seconds = {mode: statistics.median(values) for mode, values in per_mode.items()}
     result = {
+        "backend": backend,
         "data": description,
         "preset": preset,
         "epochs": epochs,
@@ -131,7 +139,7 @@ def bench_training(*, frames: int = 200, epochs: int = 6, repeats: int = 2,
         "ratio_to_none": {mode: seconds[mode] / seconds["none"] for mode in MODES},
         "in_run_overhead": {mode: statistics.median(share[mode]) for mode in MODES},
     }
-    print(f"training ({description}, preset {preset}, 1 thread):")
+    print(f"training {backend} ({description}, preset {preset}, 1 thread):")
     for mode in MODES:
         print(f"  {mode:9s} {seconds[mode]:7.3f} s/epoch  wall ratio to none "
               f"{result['ratio_to_none'][mode]:.3f}  in-run overhead "
@@ -146,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--preset", default="small", choices=("tiny", "small", "paper"))
     parser.add_argument("--quick", action="store_true", help="tiny EMT copper run (smoke test)")
+    parser.add_argument("--backend", default="nequip", choices=("nequip", "allegro"),
+                        help="model trained (Allegro through NequIP for 'allegro')")
+    parser.add_argument("--no-calculator", action="store_true",
+                        help="skip the calculator half (benchmarks/nequip_calculator.py)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -153,14 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         args.frames, args.epochs, args.repeats, args.preset = 20, 3, 1, "tiny"
     results = {"training": bench_training(frames=args.frames, epochs=args.epochs,
                                           repeats=args.repeats, preset=args.preset,
-                                          quick=args.quick)}
+                                          quick=args.quick, backend=args.backend)}
     calculator = HERE / "nequip_calculator.py"
-    if calculator.is_file():
+    if calculator.is_file() and not args.no_calculator:
         spec = importlib.util.spec_from_file_location("nequip_calculator", calculator)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         if hasattr(module, "bench_calculator"):
-            results["calculator"] = module.bench_calculator()
+            results["calculator"] = module.bench_calculator(backend=args.backend,
+                                                            quick=args.quick)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0

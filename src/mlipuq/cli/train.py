@@ -34,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--backend", default="nequip",
         help="model backend that trains; --reweight uses the source run's",
     )
+    parser.add_argument(
+        "--potential", action="append", default=None, metavar="FILE",
+        help="your own trained potential, one per ensemble member (repeat the option; "
+        "e.g. pacemaker B-basis .yaml with --backend pace): the run folder is made "
+        "from them without training",
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
         "--preset", default="small", choices=("tiny", "small", "paper"),
@@ -94,6 +100,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--every-n-epochs", type=int, default=1,
                         help="logging period of the error trajectories, in epochs")
     add_threads_option(parser, "threads per training process")
+    parser.add_argument(
+        "--processes", type=int, default=None,
+        help="training processes per member (Lightning DDP on CPU, gloo; --threads is "
+        "shared: threads // N per process; effective batch N x batch size; on --resume "
+        "default: as recorded)",
+    )
     parser.add_argument("--r-max", type=float, default=5.0, help="cutoff in Å (presets)")
     parser.add_argument(
         "--energy-weight", type=float, default=None,
@@ -132,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     from mlipuq.backends.registry import capability
     from mlipuq.log import progress_enabled
 
+    if args.potential:
+        return _run_import(args)
     train_ensemble = capability(args.backend, "train", "train models")
     folder = train_ensemble(
         args.train_file,
@@ -153,9 +167,34 @@ def run(args: argparse.Namespace) -> int:
         package=not args.no_package,
         overwrite=args.overwrite,
         resume=args.resume,
+        **({} if args.processes is None else {"processes": args.processes}),
         progress=progress_enabled(),
     )
     print(f"run folder: {folder.path} (models: {', '.join(folder.model_ids)})")
+    return 0
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    """``mlipuq train --backend B --potential A [--potential B ...] train_file --run RUN``:
+    a run folder of the user's trained models (the backend's optional ``import_models``)."""
+    from mlipuq.backends.registry import capability
+    from mlipuq.exceptions import InputError
+    from mlipuq.log import progress_enabled
+
+    if args.resume or args.config is not None or args.models not in (None, len(args.potential)):
+        raise InputError("--potential: one member per file; do not give --resume, --config or "
+                         "a different -M/--models")
+    import_models = capability(args.backend, "import_models",
+                               "use your own potentials (--potential)")
+    folder = import_models(
+        args.potential, args.train_file, args.run,
+        seed=0 if args.seed is None else args.seed,
+        val_fraction=args.val_fraction, val_file=args.val_file,
+        isolated_energies=args.isolated, overwrite=args.overwrite,
+        progress=progress_enabled(),
+    )
+    print(f"run folder: {folder.path} (models: {', '.join(folder.model_ids)}, from "
+          f"{len(args.potential)} potential file(s), not trained)")
     return 0
 
 

@@ -14,6 +14,18 @@ tiny      1       8         1      16              float64
 small     2       16        1      32              float32
 paper     3       32        2      64              float32
 ========  ======  ========  =====  ==============  ========
+
+Allegro presets (``architecture="allegro"``, ``allegro.model.AllegroModel``; the same
+loss, optimiser, batch sizes and EMA; "readout" is the hidden width of the edge-energy
+readout MLP, the size D of the Allegro backend's descriptors):
+
+========  ======  =======  =======  =====  =========  =======  ========
+preset    layers  scalars  tensors  l_max  MLP width  readout  dtype
+========  ======  =======  =======  =====  =========  =======  ========
+tiny      1       16       4        1      16         8        float64
+small     2       32       8        1      32         16       float32
+paper     2       64       16       2      64         32       float32
+========  ======  =======  =======  =====  =========  =======  ========
 """
 
 from __future__ import annotations
@@ -49,6 +61,32 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+_ALLEGRO_COMMON = {"num_bessels": 8, "model_dtype": "float32", "lr": 0.01, **LOSS_WEIGHTS}
+
+#: Allegro size presets (``architecture="allegro"``): same fields as :data:`PRESETS`
+#: where they mean the same (batch size, learning rate, EMA, loss weights).
+ALLEGRO_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        **_ALLEGRO_COMMON, "num_layers": 1, "num_scalar_features": 16, "num_tensor_features": 4,
+        "l_max": 1, "mlp_width": 16, "readout_width": 8, "model_dtype": "float64",
+        "batch_size": 4, "ema_decay": 0.99,
+    },
+    "small": {
+        **_ALLEGRO_COMMON, "num_layers": 2, "num_scalar_features": 32, "num_tensor_features": 8,
+        "l_max": 1, "mlp_width": 32, "readout_width": 16, "batch_size": 5, "ema_decay": 0.99,
+    },
+    "paper": {
+        **_ALLEGRO_COMMON, "num_layers": 2, "num_scalar_features": 64,
+        "num_tensor_features": 16, "l_max": 2, "mlp_width": 64, "readout_width": 32,
+        "batch_size": 5, "ema_decay": 0.999,
+    },
+}
+
+#: Model architecture -> its presets (``preset_config(architecture=...)``).
+ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
+    "nequip": PRESETS, "allegro": ALLEGRO_PRESETS,
+}
+
 #: Top-level sections every ``nequip-train`` config must have.
 REQUIRED_SECTIONS = ("run", "data", "trainer", "training_module")
 
@@ -64,6 +102,7 @@ def preset_config(
     seed: int,
     r_max: float = 5.0,
     overrides: Mapping[str, Any] | None = None,
+    architecture: str = "nequip",
 ) -> dict:
     """The NequIP config (as a plain dict) of one ensemble member for a preset.
 
@@ -85,13 +124,16 @@ def preset_config(
     overrides : mapping, optional
         Preset fields to change (keys of :data:`PRESETS` entries), e.g.
         ``{"energy_weight": 0.1}`` for a force-dominated loss.
+    architecture : {"nequip", "allegro"}
+        ``nequip.model.NequIPGNNModel`` (:data:`PRESETS`) or ``allegro.model.AllegroModel``
+        (:data:`ALLEGRO_PRESETS`); everything outside ``training_module.model`` is the same.
 
     Returns
     -------
     dict
         No callbacks for error logging yet: add them with :func:`add_callbacks`.
     """
-    params = preset_params(preset, overrides)
+    params = preset_params(preset, overrides, architecture)
     elements = sorted(elements)
     missing = [el for el in elements if el not in isolated_energies]
     if missing:
@@ -181,7 +223,8 @@ def preset_config(
             },
             "train_metrics": "${training_module.val_metrics}",
             "optimizer": {"_target_": "torch.optim.Adam", "lr": float(params["lr"])},
-            "model": {
+            "model": _allegro_model(params, seed, elements, isolated_energies)
+            if architecture == "allegro" else {
                 "_target_": "nequip.model.NequIPGNNModel",
                 "seed": int(seed),
                 "model_dtype": params["model_dtype"],
@@ -201,15 +244,62 @@ def preset_config(
     }
 
 
-def preset_params(preset: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A preset's fields (:data:`PRESETS`) with ``overrides`` applied and checked.
+def _allegro_model(params: Mapping[str, Any], seed: int, elements: Sequence[str],
+                   isolated_energies: Mapping[str, float]) -> dict:
+    """``training_module.model`` of an Allegro preset (``allegro.model.AllegroModel``)."""
+    width = int(params["mlp_width"])
+    return {
+        "_target_": "allegro.model.AllegroModel",
+        "seed": int(seed),
+        "model_dtype": params["model_dtype"],
+        "type_names": "${model_type_names}",
+        "r_max": "${cutoff_radius}",
+        "radial_chemical_embed": {
+            "_target_": "allegro.nn.TwoBodyBesselScalarEmbed",
+            "num_bessels": int(params["num_bessels"]),
+            "bessel_trainable": False,
+            "polynomial_cutoff_p": 6,
+        },
+        "radial_chemical_embed_dim": int(params["num_scalar_features"]),
+        "scalar_embed_mlp_hidden_layers_depth": 1,
+        "scalar_embed_mlp_hidden_layers_width": width,
+        "scalar_embed_mlp_nonlinearity": "silu",
+        "l_max": int(params["l_max"]),
+        "parity": True,
+        "num_layers": int(params["num_layers"]),
+        "num_scalar_features": int(params["num_scalar_features"]),
+        "num_tensor_features": int(params["num_tensor_features"]),
+        "allegro_mlp_hidden_layers_depth": 1,
+        "allegro_mlp_hidden_layers_width": width,
+        "allegro_mlp_nonlinearity": "silu",
+        "tp_path_channel_coupling": True,
+        # one hidden layer: its activations, summed over each atom's edges, are the
+        # descriptors of mlipuq.backends.nequip.allegro (the energy is linear in them)
+        "readout_mlp_hidden_layers_depth": 1,
+        "readout_mlp_hidden_layers_width": int(params["readout_width"]),
+        "readout_mlp_nonlinearity": "silu",
+        "avg_num_neighbors": "${training_data_stats:num_neighbors_mean}",
+        "per_type_energy_scales": "${training_data_stats:forces_rms}",
+        "per_type_energy_shifts": {el: float(isolated_energies[el]) for el in elements},
+    }
 
-    Raises :class:`~mlipuq.exceptions.InputError` for an unknown preset or field and
-    for loss weights that are negative, not finite or a zero force weight.
+
+def preset_params(preset: str, overrides: Mapping[str, Any] | None = None,
+                  architecture: str = "nequip") -> dict[str, Any]:
+    """A preset's fields (:data:`PRESETS`, or :data:`ALLEGRO_PRESETS` for
+    ``architecture="allegro"``) with ``overrides`` applied and checked.
+
+    Raises :class:`~mlipuq.exceptions.InputError` for an unknown architecture, preset or
+    field and for loss weights that are negative, not finite or a zero force weight.
     """
-    if preset not in PRESETS:
-        raise InputError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-    params = dict(PRESETS[preset])
+    if architecture not in ARCHITECTURES:
+        raise InputError(
+            f"architecture: expected one of {sorted(ARCHITECTURES)}, got {architecture!r}"
+        )
+    presets = ARCHITECTURES[architecture]
+    if preset not in presets:
+        raise InputError(f"preset: expected one of {sorted(presets)}, got {preset!r}")
+    params = dict(presets[preset])
     for key, value in (overrides or {}).items():
         if key not in params:
             raise InputError(f"preset override: unknown field {key!r} (known: {sorted(params)})")
@@ -377,3 +467,39 @@ def error_callback_spec(
 def progress_callback_spec(*, label: str) -> dict:
     """The ``trainer.callbacks`` entry of :class:`~.callback.EpochProgressCallback`."""
     return {"_target_": PROGRESS_TARGET, "label": label}
+
+
+#: ``trainer.strategy`` written by :func:`set_processes` (Lightning's DDP; NequIP's
+#: documented choice without train-time compilation).
+DDP_STRATEGY = {"_target_": "lightning.pytorch.strategies.DDPStrategy",
+                "process_group_backend": "gloo"}
+
+
+def set_processes(config: dict, processes: int) -> dict:
+    """Train on ``processes`` CPU processes (Lightning DDP over gloo), or on one.
+
+    ``processes > 1``: ``trainer`` gets ``accelerator: cpu``, ``devices: processes``,
+    ``num_nodes: 1`` and :data:`DDP_STRATEGY`; each rank trains on its
+    ``DistributedSampler`` shard, so the effective batch is ``processes`` times the
+    loader's ``batch_size``. ``processes == 1``: a strategy set here before is removed
+    (``devices: 1``); any other trainer setting (a user's own strategy) is kept.
+    """
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise InputError(f"processes: expected a positive integer, got {processes!r}")
+    trainer = config["trainer"]
+    if processes == 1:
+        if trainer.get("strategy") == DDP_STRATEGY:
+            del trainer["strategy"]
+            trainer["devices"] = 1
+        return config
+    trainer.update(accelerator="cpu", devices=int(processes), num_nodes=1,
+                   strategy=dict(DDP_STRATEGY))
+    return config
+
+
+def config_processes(config: dict) -> int:
+    """Number of training processes of a config written by :func:`set_processes` (else 1)."""
+    trainer = config.get("trainer") or {}
+    if trainer.get("strategy") == DDP_STRATEGY:
+        return int(trainer.get("devices", 1))
+    return 1

@@ -225,17 +225,18 @@ def flatten_metrics(csv_dir: Path, target: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------- ensemble
-def _versions() -> dict[str, str]:
+def _versions(architecture: str = "nequip") -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     from mlipuq import __version__
 
     out = {"mlipuq_version": __version__}
-    for package in ("nequip", "torch"):
+    packages = ("nequip", "torch") + (("nequip-allegro",) if architecture == "allegro" else ())
+    for package in packages:
         try:
-            out[f"{package}_version"] = version(package)
+            out[f"{package.replace('-', '_')}_version"] = version(package)
         except PackageNotFoundError:
-            out[f"{package}_version"] = "absent"
+            out[f"{package.replace('-', '_')}_version"] = "absent"
     return out
 
 
@@ -283,6 +284,7 @@ def _member_config(
             seed=seed,
             r_max=r_max,
             overrides=preset_overrides,
+            architecture=folder.backend,  # "nequip" or "allegro" (run.json["backend"])
         )
     callbacks = [
         cfg.error_callback_spec(
@@ -351,12 +353,14 @@ def train_ensemble(
     every_n_epochs: int = 1,
     eval_batch_size: int = 16,
     threads: int = 1,
+    processes: int | None = None,
     r_max: float = 5.0,
     preset_overrides: Mapping | None = None,
     package: bool = True,
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
+    architecture: str | None = None,
 ) -> RunFolder:
     """Train ``n_models`` NequIP models and leave a run folder with their error trajectories.
 
@@ -394,7 +398,14 @@ def train_ensemble(
     every_n_epochs, eval_batch_size : int
         Logging period and evaluation batch size of the callback.
     threads : int
-        Threads of each training process (``OMP_NUM_THREADS`` and torch).
+        Threads of each training process (``OMP_NUM_THREADS`` and torch); with
+        ``processes`` N > 1, ``max(threads // N, 1)`` per process.
+    processes : int, optional
+        Train each member on N CPU processes (Lightning DDP over gloo,
+        :func:`~.config.set_processes`): each rank trains on its shard of the training
+        set, so the effective batch is N times the loader's ``batch_size``; the error
+        trajectories are gathered to rank 0 (:mod:`~.callback`). None: one process for
+        a new member, the recorded setting of a resumed one.
     r_max : float
         Cutoff in Å (presets only).
     preset_overrides : mapping, optional
@@ -409,6 +420,10 @@ def train_ensemble(
         up to ``epochs``; finished members are skipped; others train from scratch.
     progress : bool
         Print one line per epoch to stderr.
+    architecture : {"nequip", "allegro"}, optional
+        Model of the presets (:data:`~mlipuq.backends.nequip.config.ARCHITECTURES`),
+        also the run's backend (``run.json["backend"]``). Default ``"nequip"``; on
+        resume, the run's own.
 
     Returns
     -------
@@ -419,6 +434,8 @@ def train_ensemble(
     epochs = _check_positive_int(epochs, "epochs")
     n_models = _check_positive_int(n_models, "n_models")
     threads = _check_positive_int(threads, "threads")
+    if processes is not None:
+        processes = _check_positive_int(processes, "processes")
     every_n_epochs = _check_positive_int(every_n_epochs, "every_n_epochs")
     eval_batch_size = _check_positive_int(eval_batch_size, "eval_batch_size")
     if log_mode not in LOG_MODES:
@@ -434,7 +451,7 @@ def train_ensemble(
             )
         user_config = cfg.check_nequip_config(cfg.load_yaml(config), str(config))
     else:
-        cfg.preset_params(preset, preset_overrides)
+        cfg.preset_params(preset, preset_overrides, architecture or "nequip")
     if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not (
             np.isfinite(r_max) and r_max > 0):
         raise InputError(f"r_max: expected a positive cutoff in Å, got {r_max!r}")
@@ -448,6 +465,11 @@ def train_ensemble(
             raise InputError(
                 f"{run_dir}: run has n_models={folder.meta.get('n_models')}, resume asked for "
                 f"{n_models}"
+            )
+        if architecture is not None and architecture != folder.backend:
+            raise InputError(
+                f"{run_dir}: run has backend {folder.backend!r}, resume asked for "
+                f"{architecture!r}"
             )
         _check_resumed_val_file(folder, val_file)
         _check_resumed_train_file(folder, train_file)
@@ -467,7 +489,7 @@ def train_ensemble(
             val_fraction=val_fraction, val_file=val_file,
             isolated_energies=isolated_energies, log_mode=log_mode, weights=weights,
             threads=threads, overwrite=overwrite, r_max=r_max,
-            preset_overrides=preset_overrides,
+            preset_overrides=preset_overrides, architecture=architecture or "nequip",
         )
     TrajectoryStore.create(folder.store_path, folder.atom_table)
     members = zip(folder.model_ids, folder.seeds, strict=True)
@@ -481,6 +503,7 @@ def train_ensemble(
             log_mode=folder.meta["log_mode"], weights=folder.meta.get("weights", weights),
             eval_batch_size=eval_batch_size, threads=threads,
             every_n_epochs=every_n_epochs, package=package, progress=progress,
+            processes=processes,
         )
     return folder
 
@@ -529,7 +552,7 @@ def _check_resumed_val_file(folder: RunFolder, val_file) -> None:
 def _new_run(
     train_file, run_dir: Path, *, preset, config, epochs, n_models, seed, val_fraction,
     val_file, isolated_energies, log_mode, weights, threads, overwrite, r_max,
-    preset_overrides,
+    preset_overrides, architecture="nequip",
 ) -> RunFolder:
     train_file = Path(train_file)
     frames = read_training_set(train_file)
@@ -547,7 +570,7 @@ def _new_run(
             isolated_energies
         ).name
     meta = {
-        **_versions(),
+        **_versions(architecture),
         "elements": elements,
         "preset": preset,
         "user_config": None if config is None else str(Path(config).resolve()),
@@ -571,14 +594,14 @@ def _new_run(
         "weights": "raw" if log_mode == "in_batch" else weights,
         "trained_epochs": {},
     }
-    return create_run(run_dir, train_frames, val_frames, backend="nequip", meta=meta,
+    return create_run(run_dir, train_frames, val_frames, backend=architecture, meta=meta,
                       overwrite=overwrite)
 
 
 def _train_member(
     folder: RunFolder, model_id: str, member_seed: int, *, number: int, epochs: int,
     preset, user_config, user_config_name, r_max, preset_overrides, log_mode, weights,
-    eval_batch_size, threads, every_n_epochs, package, progress,
+    eval_batch_size, threads, every_n_epochs, package, progress, processes=None,
 ) -> None:
     output_dir = folder.model_dir(model_id)
     last = folder.checkpoint_path(model_id, "last")
@@ -610,6 +633,13 @@ def _train_member(
             preset_overrides=preset_overrides, log_mode=log_mode, weights=weights,
             eval_batch_size=eval_batch_size, threads=threads, every_n_epochs=every_n_epochs,
         )
+    if processes is not None:
+        cfg.set_processes(member, processes)
+    ranks = cfg.config_processes(member)
+    rank_threads = max(threads // ranks, 1)  # per process: the DDP ranks share the threads
+    for spec in member["trainer"].get("callbacks") or []:
+        if isinstance(spec, dict) and spec.get("_target_") == cfg.CALLBACK_TARGET:
+            spec["threads"] = rank_threads
     config_path = cfg.write_yaml(folder.config_path(model_id), member)
     if (folder.meta.get("trained_epochs") or {}).pop(model_id, None) is not None:
         folder.save_meta()  # no longer a finished member until this training ends
@@ -617,12 +647,13 @@ def _train_member(
     if progress:
         print(
             f"{PROGRESS_PREFIX} training {model_id} ({number + 1}/{len(folder.model_ids)}, "
-            f"seed {member_seed}, {epochs} epochs, {threads} thread(s))",
+            f"seed {member_seed}, {epochs} epochs, "
+            f"{'' if ranks == 1 else f'{ranks} processes x '}{rank_threads} thread(s))",
             file=sys.stderr, flush=True,
         )
     start = time.perf_counter()
     run_nequip_train(
-        config_path, output_dir, threads=threads, overrides=overrides, progress=progress
+        config_path, output_dir, threads=rank_threads, overrides=overrides, progress=progress
     )
     done = checkpoint_epoch(last) + 1 if last.is_file() else 0
     if done < epochs:  # e.g. SIGTERM: Lightning stops gracefully and exits with status 0
@@ -746,13 +777,13 @@ def train_reweighted(
         "isolated_energies_source", "log_mode", "weights",
     )
     meta = {
-        **_versions(),
+        **_versions(source.backend),
         **{key: source_meta[key] for key in keep if key in source_meta},
         "epochs": epochs,
         "n_models": n_models,
         "seeds": [seed + i for i in range(n_models)],
         "model_ids": [f"model_{i}" for i in range(n_models)],
-        "backend": "nequip",
+        "backend": source.backend,  # "nequip" or "allegro": the source's architecture
         "train_file": source.train_path.name,
         "threads": threads,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
