@@ -315,3 +315,19 @@ def test_nan_energy_is_refused_before_training(tmp_path, capsys):
     err = cli_error(capsys, ["train", str(path), "--run", str(tmp_path / "run"), "--no-package"])
     assert "nan.extxyz: configuration 2 has a NaN or infinite reference energy" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_user_config_model_must_match_the_backend():
+    """An Allegro model in --config needs --backend allegro (its features are taken
+    differently), and a NequIP model cannot make an allegro run."""
+    from mlipuq.backends.nequip.training import _check_architecture
+
+    allegro = {"training_module": {"model": {"_target_": "allegro.model.AllegroModel"}}}
+    nequip = {"training_module": {"model": {"_target_": "nequip.model.NequIPGNNModel"}}}
+    _check_architecture(allegro, "allegro", "a.yaml")
+    _check_architecture(nequip, "nequip", "n.yaml")
+    with pytest.raises(InputError, match=r"a.yaml: model allegro.model.AllegroModel needs "
+                                         r"--backend allegro \(got --backend nequip\)"):
+        _check_architecture(allegro, "nequip", "a.yaml")
+    with pytest.raises(InputError, match="needs --backend nequip"):
+        _check_architecture(nequip, "allegro", "n.yaml")

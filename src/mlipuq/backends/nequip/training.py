@@ -273,6 +273,7 @@ def _member_config(
             source=user_config_name or "config",
         )
         _ensure_logger_and_last_checkpoint(config)
+        _check_architecture(config, folder.backend, user_config_name or "config")
     else:
         config = cfg.preset_config(
             preset,
@@ -305,6 +306,18 @@ def _member_config(
 
         config = add_weighted_force_loss(config)
     return config
+
+
+def _check_architecture(config: dict, backend: str, source: str) -> None:
+    """An Allegro model in a user config needs an ``allegro`` run and vice versa (the
+    per-atom features are taken differently)."""
+    model = config.get("training_module", {}).get("model", {})
+    target = str(model.get("_target_", "")) if isinstance(model, dict) else ""
+    allegro = target.split(".")[0] == "allegro"
+    if allegro != (backend == "allegro") and target:
+        wanted = "allegro" if allegro else "nequip"
+        raise InputError(f"{source}: model {target} needs --backend {wanted} "
+                         f"(got --backend {backend})")
 
 
 def _ensure_logger_and_last_checkpoint(config: dict) -> None:
