@@ -197,7 +197,8 @@ class DOptimalityEstimator(UQMethod):
     max_iters : int, optional
         Cap on MaxVol swaps per element (default: none).
     batch_size : int, optional
-        Memory-bounded MaxVol over chunks of this many rows (for 10^5-10^7 atoms).
+        Memory-bounded MaxVol over chunks of this many rows (for 10^5-10^7 atoms);
+        in :meth:`fit_distributed`, the rows per chunk of in-memory descriptors.
     outlier_filter : {None, "force_error", "force_norm"}
         Drop training atoms above the per-element Tukey fence of their force error
         (pacemaker's ``pace_activeset``) or force norm before MaxVol.
@@ -306,6 +307,7 @@ class DOptimalityEstimator(UQMethod):
             force_errors=force_errors,
             force_norm=force_norm,
         )
+        self.__dict__.pop("two_level_", None)  # from an earlier fit_distributed
         sets: dict[str, ActiveSet] = {}
         for element in sorted(set(species.tolist())):
             rows = features[(species == element) & keep]
@@ -320,6 +322,93 @@ class DOptimalityEstimator(UQMethod):
         self._set_active_sets(sets, features.shape[1])
         self.n_train_atoms_ = {el: int(np.count_nonzero(species == el)) for el in sets}
         return self
+
+    def fit_distributed(
+        self, X: ModelOutputs, store: Any = None, client: Any = None
+    ) -> DOptimalityEstimator:
+        """:meth:`fit` with two-level MaxVol on a Dask cluster; returns self.
+
+        Level 1 runs MaxVol per element on each row chunk of ``X.descriptors`` (a
+        task per chunk on the workers), level 2 on the union of the chunks' active
+        rows, then the training rows above ``tol`` are merged in until none is
+        (:func:`mlipuq.distributed.doptimality.two_level_active_sets`). The fitted
+        state and save format are :meth:`fit`'s; with a single chunk the active sets
+        are the single pass's. ``store`` is not used. Also sets ``two_level_``
+        (per element: chunks, candidates, refinement rounds, largest training
+        gamma, converged; not saved).
+
+        Parameters
+        ----------
+        X : ModelOutputs
+            ``descriptors`` (N, D): a ``dask.array.Array`` chunked by rows, or an
+            array split into chunks of ``batch_size`` rows (default 65536);
+            ``species`` (N,) in memory.
+        store : ignored
+        client : distributed.Client or None
+            None: :meth:`fit` in this process.
+
+        Returns
+        -------
+        self
+        """
+        if client is None:
+            return super().fit_distributed(X, store, client)
+        from mlipuq.distributed.doptimality import two_level_active_sets
+
+        self._check_params()
+        if not isinstance(X, ModelOutputs):
+            raise InputError(f"{self.name}: expected ModelOutputs as X, got {type(X).__name__}")
+        X.require(*self.requires, method=self.name)
+        check_outputs_fit(self.outlier_filter)
+        species = as_species(X.species)
+        found = two_level_active_sets(
+            X.descriptors, species, client, tol=self.tol, max_iters=self.max_iters,
+            rank_rtol=self.rank_rtol, chunk_rows=self.batch_size,
+        )
+        self._set_active_sets({el: f.active for el, f in found.items()}, X.descriptors.shape[1])
+        self.outlier_fences_, self.n_outliers_ = {}, {}
+        self.n_train_atoms_ = {el: f.n_rows for el, f in found.items()}
+        self.two_level_ = {el: {"n_chunks": f.n_chunks, "n_candidates": f.n_candidates,
+                                "n_rounds": f.n_rounds, "max_gamma": f.max_gamma,
+                                "converged": f.converged} for el, f in found.items()}
+        return self
+
+    def predict_distributed(
+        self, X: ModelOutputs, client: Any, *, out: Any = None
+    ) -> UQResult:
+        """:meth:`predict` with gamma computed per row chunk on a Dask cluster.
+
+        Parameters
+        ----------
+        X : ModelOutputs
+            ``descriptors`` (N, D) as a row-chunked ``dask.array.Array`` (or an
+            array, split into chunks of 65536 rows).
+        client : distributed.Client
+        out : path-like, optional
+            Also keep gamma as a chunked result there
+            (:func:`mlipuq.distributed.descriptors.save_chunked`).
+
+        Returns
+        -------
+        UQResult
+            As :meth:`predict` (gamma gathered into memory, N floats).
+        """
+        from mlipuq.distributed.doptimality import extrapolation_grades
+
+        check_is_fitted(self, "active_inverse_")
+        if not isinstance(X, ModelOutputs):
+            raise InputError(f"{self.name}: expected ModelOutputs as X, got {type(X).__name__}")
+        X.require(*self.requires, method=self.name)
+        species = as_species(X.species)
+        unknown = sorted(set(np.unique(species).tolist()) - set(self.elements_))
+        if unknown:
+            raise InputError(f"species: element(s) {unknown} have no active set "
+                             f"(fitted: {self.elements_})")
+        gamma = extrapolation_grades(X.descriptors, species, self.active_inverse_, client,
+                                     out=out, batch_size=self.grade_batch_size)
+        return grade_result(self.name, np.asarray(gamma), X.config_index,
+                            threshold=self.threshold_, select_threshold=self.select_threshold,
+                            stop_threshold=self.stop_threshold)
 
     def _set_active_sets(self, sets: dict[str, ActiveSet], n_features: int) -> None:
         self.n_features_in_ = int(n_features)

@@ -201,6 +201,70 @@ def build_index(
     return index
 
 
+def train_sample(n_rows: int, kind: str, *, ivf_nlist: int | None = None,
+                 seed: int = 0) -> np.ndarray | None:
+    """Rows an IVF index of ``n_rows`` vectors is trained on (None: every row).
+
+    The rule of :func:`build_index` for IVF-PQ: a seeded sample of
+    ``max(64 * nlist, 65 536)`` rows (all rows below that), sorted. IVF-flat trains on
+    every row in :func:`build_index`; a sharded build (:mod:`mlipuq.distributed`) that
+    cannot hold every row uses the same sample rule, which keeps every row below
+    65 536 rows (so the trained index is the same there).
+    """
+    if kind not in ("ivfflat", "ivfpq"):
+        return None
+    per_sqrt = 1.0 if kind == "ivfflat" else 4.0
+    nlist = default_nlist(n_rows, per_sqrt=per_sqrt) if ivf_nlist is None else int(ivf_nlist)
+    n_train = min(n_rows, max(64 * nlist, 65_536))
+    if n_train == n_rows:
+        return None
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_rows, n_train, False))
+
+
+def train_index(
+    sample: np.ndarray,
+    n_rows: int,
+    *,
+    kind: str,
+    hnsw_m: int = 32,
+    ef_construction: int = 40,
+    ef_search: int = 16,
+    ivf_nlist: int | None = None,
+    pq_m: int | None = None,
+    nprobe: int | None = None,
+    n_threads: int | None = 1,
+    seed: int = 0,
+) -> Any:
+    """An empty index of ``kind`` trained on ``sample`` for ``n_rows`` vectors in all.
+
+    Defaults that depend on the size (``nlist``) use ``n_rows``, so adding the
+    ``n_rows`` vectors afterwards (in one call or shard by shard) gives the index
+    :func:`build_index` gives when ``sample`` is the rows of :func:`train_sample`
+    (every row when it returns None). Parameters as in :func:`build_index`.
+    """
+    import faiss
+
+    data = _as_float32(sample, "descriptors")
+    dim = data.shape[1]
+    if kind not in INDEX_KINDS:
+        raise InputError(f"index: expected one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    with faiss_threads(n_threads):
+        if kind == "flat":
+            return faiss.IndexFlatL2(dim)
+        if kind == "hnsw":
+            _check_positive(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
+            index = faiss.IndexHNSWFlat(dim, int(hnsw_m))
+            index.hnsw.efConstruction = int(ef_construction)
+            index.hnsw.efSearch = int(ef_search)
+            return index
+        per_sqrt = 1.0 if kind == "ivfflat" else 4.0
+        nlist = default_nlist(n_rows, per_sqrt=per_sqrt) if ivf_nlist is None else int(ivf_nlist)
+        if kind == "ivfflat":
+            return _train_ivfflat(data, nlist, nprobe, seed)
+        return _train_ivfpq(data, nlist, pq_m, nprobe, seed, n_rows=n_rows, sampled=True)
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if int(value) < 1:
@@ -226,11 +290,15 @@ def _train_ivfflat(data: np.ndarray, nlist: int | None, nprobe: int | None, seed
 
 
 def _train_ivfpq(
-    data: np.ndarray, nlist: int | None, pq_m: int | None, nprobe: int | None, seed: int
+    data: np.ndarray, nlist: int | None, pq_m: int | None, nprobe: int | None, seed: int,
+    *, n_rows: int | None = None, sampled: bool = False,
 ) -> Any:
+    """IVF-PQ trained on ``data`` (``sampled``: already the :func:`train_sample` rows of
+    ``n_rows`` vectors; else the sample is drawn here)."""
     import faiss
 
-    n_rows, dim = data.shape
+    n_data, dim = data.shape
+    n_rows = n_data if n_rows is None else int(n_rows)
     nlist = default_nlist(n_rows) if nlist is None else int(nlist)
     nprobe = default_nprobe("ivfpq", nlist) if nprobe is None else int(nprobe)
     pq_m = default_pq_m(dim) if pq_m is None else int(pq_m)
@@ -238,7 +306,7 @@ def _train_ivfpq(
     if dim % pq_m:
         raise InputError(f"pq_m: must divide the descriptor size {dim}, got {pq_m}")
     n_needed = max(nlist, 256)  # k-means needs nlist points; 8-bit PQ needs 256
-    if n_rows < n_needed:
+    if min(n_rows, n_data) < n_needed:
         raise InputError(
             f"index: ivfpq needs at least {n_needed} training rows (nlist={nlist}, 256 PQ "
             f"centroids), got {n_rows}; use index='flat' or 'hnsw'"
@@ -247,9 +315,8 @@ def _train_ivfpq(
     index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8)
     index.cp.seed = int(seed)
     index.pq.cp.seed = int(seed)
-    n_train = min(n_rows, max(64 * nlist, 65_536))
-    rng = np.random.default_rng(seed)
-    sample = data if n_train == n_rows else data[np.sort(rng.choice(n_rows, n_train, False))]
+    rows = None if sampled else train_sample(n_rows, "ivfpq", ivf_nlist=nlist, seed=seed)
+    sample = data if rows is None else data[rows]
     index.train(np.ascontiguousarray(sample))
     index.nprobe = int(nprobe)
     return index
@@ -362,3 +429,54 @@ def load_index(path: str | os.PathLike) -> Any:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
         raise InputError(f"{path}: not a readable FAISS index ({first})") from None
+
+
+def merge_shards(shards: list[Any]) -> Any:
+    """One index holding the rows of ``shards`` in order (shard 0's rows first).
+
+    The shards must be of one kind and, for IVF, share the trained coarse quantizer
+    (and PQ codebook): built by adding consecutive row blocks to copies of one
+    :func:`train_index` result. The merged index is the one adding every row to that
+    trained index in one call gives: each inverted list keeps the rows in row order.
+    """
+    import faiss
+
+    if not shards:
+        raise InputError("index: no shards to merge")
+    merged = faiss.clone_index(shards[0])
+    for shard in shards[1:]:
+        if isinstance(merged, faiss.IndexIVF):
+            merged.merge_from(faiss.clone_index(shard), merged.ntotal)
+        elif isinstance(merged, faiss.IndexFlat):
+            merged.merge_from(faiss.clone_index(shard), 0)
+        else:
+            raise InputError(f"index: shards of a {index_kind(merged)} index cannot be merged")
+    if isinstance(merged, faiss.IndexIVF):
+        merged.nprobe = shards[0].nprobe
+    return merged
+
+
+def merge_top_k(
+    results: list[tuple[np.ndarray, np.ndarray]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest of several searches of the same queries (one per shard).
+
+    Parameters
+    ----------
+    results : list of (sq_distances (n, k_s), rows (n, k_s))
+        Each shard's result with rows already in the numbering of the whole set
+        (-1: no neighbour), in shard order.
+    k : int
+
+    Returns
+    -------
+    sq_distances : ndarray of float32, shape (n, k)
+    rows : ndarray of int64, shape (n, k)
+        Ascending distance; equal distances keep shard order (lower rows first).
+    """
+    distances = np.concatenate([d for d, _ in results], axis=1)
+    rows = np.concatenate([i for _, i in results], axis=1).astype(np.int64)
+    distances = np.where(rows < 0, np.inf, distances)
+    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    return (np.take_along_axis(distances, order, 1).astype(np.float32),
+            np.take_along_axis(rows, order, 1))

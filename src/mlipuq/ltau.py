@@ -81,6 +81,9 @@ KNN_DISTANCE = "knn_distance"
 ALL_ELEMENTS = "all"
 """Group name of the single index when ``per_element=False``."""
 
+MASS_FILE = "mass.npy"
+"""The (N, B) mass as its own memory-mapped .npy (estimators fitted on a Dask cluster)."""
+
 _SEARCH_RESULTS = 1 << 22  # (query, neighbour) results held at once by the reference search
 TRANSFERS = ("distance", "mean")
 """How neighbours' distributions become a test atom's: distance-aware or the plain mean."""
@@ -148,6 +151,9 @@ class LTAUEstimator(UQMethod):
     reference_sample : int
         Training atoms per index whose leave-one-configuration-out k-NN distance
         gives the reference distance ``d_ref`` (a seeded sample when there are more).
+    chunk_size : int
+        On a Dask cluster (:meth:`fit_distributed`, ``client=``): training atoms per
+        task and rows per index shard. No effect in-process.
 
     Attributes
     ----------
@@ -226,6 +232,7 @@ class LTAUEstimator(UQMethod):
         distance_power: float | str = "auto",
         distance_scope: str = "configuration",
         reference_sample: int = 20_000,
+        chunk_size: int = 100_000,
     ) -> None:
         self.k = k
         self.atol = atol
@@ -247,6 +254,7 @@ class LTAUEstimator(UQMethod):
         self.distance_power = distance_power
         self.distance_scope = distance_scope
         self.reference_sample = reference_sample
+        self.chunk_size = chunk_size
 
     # ------------------------------------------------------------------ fit
     def fit(self, X: ModelOutputs, store: Any = None) -> LTAUEstimator:
@@ -277,6 +285,7 @@ class LTAUEstimator(UQMethod):
         *,
         force_norm: np.ndarray | None = None,
         config_index: np.ndarray | None = None,
+        client: Any = None,
     ) -> LTAUEstimator:
         """Learn the training error distributions and build the neighbour indices.
 
@@ -297,26 +306,54 @@ class LTAUEstimator(UQMethod):
             Configuration of each training atom, for the leave-one-configuration-out
             reference distances (taken from the store's atom table when ``errors`` is a
             store; without it each atom only leaves itself out).
+        client : distributed.Client, optional
+            Build the distributions, p_i and the indices on this Dask cluster
+            (:mod:`mlipuq.distributed.ltau`; needs a trajectory store on a shared
+            filesystem; ``descriptors`` may then be a dask array chunked by rows). The
+            fitted estimator is the one the in-process fit gives.
 
         Returns
         -------
         self
         """
-        from mlipuq.knn_index import build_index, index_kind
-
         self._check_params()
+        if client is not None:
+            from mlipuq.trajectory_store import TrajectoryStore
+
+            if isinstance(errors, (str, os.PathLike)):
+                errors = TrajectoryStore.open(errors)
+            if isinstance(errors, TrajectoryStore):
+                return self._fit_on_cluster(errors, descriptors, species, client,
+                                            force_norm=force_norm, config_index=config_index)
+            if hasattr(descriptors, "compute"):
+                descriptors = descriptors.compute()
         desc = check_array(descriptors, "descriptors", ndim=2, dtype=np.float32)
         symbols = as_species(species)
         distributions, atol_source, store_norms, store_configs = self._distributions(
             errors, symbols
         )
+        return self._fit_state(desc, symbols, distributions, atol_source, store_norms,
+                               store_configs, force_norm, config_index)
+
+    def _fit_state(self, desc: Any, symbols: np.ndarray, distributions: Any, atol_source: Any,
+                   store_norms: Any, store_configs: Any, force_norm: Any, config_index: Any,
+                   *, build: Any = None, expected: Any = None, train_p: Any = None,
+                   atol: float | None = None) -> LTAUEstimator:
+        """Everything after the distributions: atol, indices, reference distances.
+
+        ``build(name, rows) -> (index, shards)`` replaces the in-process index build
+        (the distributed fit); ``expected`` / ``train_p`` are the per-training-atom
+        expected errors and p_i when already computed; ``atol`` the resolved one.
+        """
+        from mlipuq.knn_index import build_index, index_kind
+
         check_consistent_length(
             errors=np.empty(distributions.mass.shape[0]), descriptors=desc, species=symbols
         )
         configs = store_configs if config_index is None else config_index
         if configs is not None:
             configs = check_config_index(configs, len(symbols))
-        self.atol_ = self._resolve_atol(atol_source)
+        self.atol_ = self._resolve_atol(atol_source) if atol is None else float(atol)
         self.force_norm_ = self._resolve_force_norm(force_norm, store_norms, len(symbols))
         self.distributions_ = distributions
         self.species_ = symbols
@@ -324,6 +361,7 @@ class LTAUEstimator(UQMethod):
         self.n_train_atoms_ = int(desc.shape[0])
         groups = _group_rows(symbols, self.per_element)
         indices, kinds = {}, {}
+        self.index_files_ = {}
         for name, rows in groups.items():
             if len(rows) < self.k:
                 warnings.warn(
@@ -332,13 +370,22 @@ class LTAUEstimator(UQMethod):
                     UserWarning,
                     stacklevel=2,
                 )
-            indices[name] = build_index(desc[rows], **self._index_options())
+            if build is None:
+                indices[name] = build_index(desc[rows], **self._index_options())
+            else:
+                indices[name], shards = build(name, rows)
+                if shards:
+                    self.index_files_[name] = shards
             kinds[name] = index_kind(indices[name])
         self.group_rows_ = groups
         self.indices_ = indices
         self.index_kinds_ = kinds
         self._reset_caches()
-        self._expected_train = np.asarray(distributions.expected_error(), dtype=np.float64)
+        if expected is None:
+            expected = distributions.expected_error()
+        self._expected_train = np.asarray(expected, dtype=np.float64)
+        if train_p is not None:  # p_i built with the distributions (distributed fit)
+            self._cache[(float(self.atol_), 1.0, float(self.rtol))] = train_p
         self.reference_distance_ = {
             name: self._reference_distance(desc, name, configs) for name in groups
         }
@@ -358,6 +405,80 @@ class LTAUEstimator(UQMethod):
         self.calibration_ = None
         logger.info("LTAU fitted on %d atoms, indices %s", self.n_train_atoms_, kinds)
         return self
+
+    def fit_distributed(self, X: ModelOutputs, store: Any = None, client: Any = None
+                        ) -> LTAUEstimator:
+        """:meth:`fit` on a Dask cluster (see :meth:`UQMethod.fit_distributed`).
+
+        With a trajectory store, the distributions and p_i are built per atom chunk by
+        the workers and the indices shard by shard (:mod:`mlipuq.distributed.ltau`);
+        the fitted state equals :meth:`fit`'s. Without a client: :meth:`fit`.
+        """
+        self.check_inputs_lazy(X)
+        if store is None:
+            raise InputError("ltau: fit needs the training error trajectories (store)")
+        if client is None:
+            return super().fit_distributed(X, store, None)
+        return self.fit_arrays(store, X.descriptors, X.species, config_index=X.config_index,
+                               client=client)
+
+    def check_inputs_lazy(self, X: ModelOutputs) -> None:
+        """:meth:`check_inputs` without reading a dask array of descriptors (its shape
+        only; finite values are the backend's duty there)."""
+        descriptors = getattr(X, "descriptors", None)
+        if descriptors is None or not hasattr(descriptors, "compute"):
+            self.check_inputs(X)
+            return
+        if not isinstance(X, ModelOutputs):
+            raise InputError(f"ltau: expected ModelOutputs as X, got {type(X).__name__}")
+        if descriptors.ndim != 2 or descriptors.shape[0] != X.n_atoms:
+            raise InputError(f"ltau: descriptors of shape {descriptors.shape} for "
+                             f"{X.n_atoms} atoms")
+
+    def _fit_on_cluster(self, store: Any, descriptors: Any, species: Any, client: Any, *,
+                        force_norm: Any, config_index: Any) -> LTAUEstimator:
+        """:meth:`fit_arrays` with a store, the work done by the cluster of ``client``."""
+        from mlipuq.distributed import ltau as dist
+        from mlipuq.knn_index import choose_kind
+
+        symbols = as_species(species)
+        table = store.atom_table
+        check_consistent_length(store=np.empty(table.n_atoms), species=symbols)
+        if not np.array_equal(table.species, symbols):
+            first = int(np.flatnonzero(table.species != symbols)[0])
+            raise InputError(
+                f"species: atom {first} is {symbols[first]} but the store's atom table "
+                f"has {table.species[first]} (descriptors not in the store's atom order?)"
+            )
+        chunk = int(self.chunk_size)
+        desc = dist.as_row_chunks(descriptors, chunk)
+        check_consistent_length(store=np.empty(table.n_atoms),
+                                descriptors=np.empty(desc.shape[0]))
+        store_norms = table.force_norm if not np.any(np.isnan(table.force_norm)) else None
+        norms = self._resolve_force_norm(force_norm, store_norms, len(symbols))
+        atol = self._resolve_atol(store)
+        limits = float(atol) if self.rtol == 0 or norms is None else atol + self.rtol * norms
+        work = dist.work_directory(store.path.parent, owner=self)
+        self._work_directory = work
+        distributions, train_p, expected = dist.distributions_on_cluster(
+            store, client, out=work, limits=limits, n_bins=self.n_bins, window=self.window,
+            chunk_size=chunk)
+        options = {key: value for key, value in self._index_options().items()
+                   if key != "kind"}
+
+        def build(name: str, rows: np.ndarray) -> tuple[Any, list]:
+            kind = choose_kind(len(rows)) if self.index == "auto" else self.index
+            if kind in dist.SHARDABLE:
+                return dist.build_group_index(client, desc, rows, kind=kind, options=options,
+                                              out=work / "index", name=name, chunk_size=chunk)
+            from mlipuq.knn_index import build_index
+
+            data = np.asarray(desc[rows].compute(), dtype=np.float32)
+            return build_index(data, **self._index_options()), []
+
+        return self._fit_state(desc, symbols, distributions, store, store_norms,
+                               table.config_index, force_norm, config_index, build=build,
+                               expected=expected, train_p=train_p, atol=atol)
 
     def _check_params(self) -> None:
         if not isinstance(self.k, (int, np.integer)) or isinstance(self.k, bool) or self.k < 1:
@@ -383,9 +504,10 @@ class LTAUEstimator(UQMethod):
                 f"distance_scope: expected one of {', '.join(DISTANCE_SCOPES)}, "
                 f"got {self.distance_scope!r}"
             )
-        sample = self.reference_sample
-        if not isinstance(sample, (int, np.integer)) or isinstance(sample, bool) or sample < 1:
-            raise InputError(f"reference_sample: expected a positive integer, got {sample!r}")
+        for name in ("reference_sample", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise InputError(f"{name}: expected a positive integer, got {value!r}")
         from mlipuq.knn_index import INDEX_KINDS
 
         if self.index != "auto" and self.index not in INDEX_KINDS:
@@ -568,6 +690,7 @@ class LTAUEstimator(UQMethod):
         config_index: np.ndarray | None = None,
         return_distribution: bool = False,
         threshold: float | None = None,
+        client: Any = None,
     ) -> UQResult:
         """LTAU uncertainty of new atoms.
 
@@ -598,6 +721,11 @@ class LTAUEstimator(UQMethod):
             ``threshold_`` when ``scale``, ``atol`` and ``k`` are the defaults; it is a
             threshold on the configuration uncertainty, so it flags configurations only
             (``atom_flags`` stays None).
+        client : distributed.Client, optional
+            Spread the k-NN search over this Dask cluster (one task per query block and
+            index shard, top-k merge; :mod:`mlipuq.distributed.ltau`); the transfer
+            runs here. Needs an estimator whose indices are in files (saved and
+            loaded, or fitted on a cluster); else the search runs here.
 
         Returns
         -------
@@ -627,7 +755,7 @@ class LTAUEstimator(UQMethod):
         if threshold is not None and (not np.isscalar(threshold) or not np.isfinite(threshold)):
             raise InputError(f"threshold: expected a finite number, got {threshold!r}")
 
-        found = list(self._neighbours(desc, groups, k))
+        found = list(self._neighbours(desc, groups, k, client))
         distance, normalised = self._distances(found, n_atoms)
         p, expected = self._transfer(found, normalised, configs, scales, float(atol))
         mass = None
@@ -681,17 +809,32 @@ class LTAUEstimator(UQMethod):
         return desc, groups
 
     def _neighbours(
-        self, desc: np.ndarray, groups: dict[str, np.ndarray], k: int
+        self, desc: np.ndarray, groups: dict[str, np.ndarray], k: int, client: Any = None
     ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
         """Per index: its name, the test rows, their training neighbours (n_g, k_g) and
-        the sum of the k_g neighbour distances (n_g,), one FAISS search each."""
+        the sum of the k_g neighbour distances (n_g,), one FAISS search each (with
+        ``client``: spread over the cluster's workers, shard by shard, when the index is
+        in files they can read)."""
         from mlipuq.knn_index import search_checked
 
+        files = self.__dict__.get("index_files_", {})
         for name, rows in groups.items():
             k_group = self._clamped_k(k, name)
             queries = desc if len(groups) == 1 else np.ascontiguousarray(desc[rows])
-            sq_dist, local = search_checked(self.indices_[name], queries, k_group,
-                                            n_threads=self.n_threads)
+            if client is not None and files.get(name):
+                from mlipuq.distributed.ltau import search_on_cluster
+
+                index = self.indices_[name]
+                sq_dist, local = search_on_cluster(
+                    client, files[name], queries, k_group,
+                    nprobe=getattr(index, "nprobe", None), ef_search=self.ef_search)
+                if np.any(local < 0):
+                    raise InputError(f"index: {int(np.any(local < 0, axis=1).sum())} queries "
+                                     f"got fewer than k={k_group} neighbours; raise ef_search "
+                                     "or nprobe")
+            else:
+                sq_dist, local = search_checked(self.indices_[name], queries, k_group,
+                                                n_threads=self.n_threads)
             distance_sum = np.sqrt(np.maximum(sq_dist, 0.0)).sum(1, dtype=np.float64)
             yield name, rows, self.group_rows_[name][local], distance_sum
 
@@ -994,18 +1137,30 @@ class LTAUEstimator(UQMethod):
         dists = self.distributions_
         arrays = {
             "bin_edges": np.asarray(dists.bin_edges),
-            "mass": np.asarray(dists.mass),
             "n_samples": np.asarray(dists.n_samples),
             "species": self.species_.astype("U3"),
         }
+        array_files = {}
+        if _memory_mapped(dists.mass):  # large (distributed fit): its own .npy
+            array_files["mass"] = MASS_FILE
+        else:
+            arrays["mass"] = np.asarray(dists.mass)
         if self.force_norm_ is not None:
             arrays["force_norm"] = self.force_norm_
         groups = []
+        shards_of = self.__dict__.get("index_files_", {})
         for number, (name, rows) in enumerate(self.group_rows_.items()):
             arrays[f"rows_{number}"] = rows
-            groups.append({"name": name, "kind": self.index_kinds_[name],
-                           "file": f"index_{name}.faiss", "n_rows": len(rows),
-                           "rows_key": f"rows_{number}"})
+            group = {"name": name, "kind": self.index_kinds_[name],
+                     "file": f"index_{name}.faiss", "n_rows": len(rows),
+                     "rows_key": f"rows_{number}"}
+            if len(shards_of.get(name, ())) > 1:
+                group["file"] = None
+                group["shards"] = [
+                    {"file": f"index_{name}.{part}.faiss", "first_row": int(first),
+                     "n_rows": int(size)}
+                    for part, (_, first, size) in enumerate(shards_of[name])]
+            groups.append(group)
         state = {
             "atol": self.atol_,
             "n_features": self.n_features_in_,
@@ -1022,15 +1177,39 @@ class LTAUEstimator(UQMethod):
             "units": {"atol": "eV/Å", "bin_edges": "eV/Å",
                       "reference_distance": "descriptor units"},
         }
+        if array_files:
+            state["array_files"] = array_files
         return state, arrays
 
     def _write_files(self, directory: Path) -> list[str]:
+        import shutil
+
         from mlipuq.knn_index import save_index
 
         files = []
+        shards_of = self.__dict__.get("index_files_", {})
         for name, index in self.indices_.items():
+            shards = shards_of.get(name, ())
+            if len(shards) > 1:  # sharded (distributed fit): the shard files as they are
+                for part, (source, _, _) in enumerate(shards):
+                    shutil.copyfile(source, directory / f"index_{name}.{part}.faiss")
+                    files.append(f"index_{name}.{part}.faiss")
+                continue
             save_index(index, directory / f"index_{name}.faiss")
             files.append(f"index_{name}.faiss")
+        mass = self.distributions_.mass
+        if _memory_mapped(mass):
+            from numpy.lib.format import open_memmap
+
+            from mlipuq.distributions import _row_blocks
+
+            out = open_memmap(directory / MASS_FILE, mode="w+", dtype=np.float32,
+                              shape=mass.shape)
+            for rows in _row_blocks(len(mass)):
+                out[rows] = mass[rows]
+            out.flush()
+            del out
+            files.append(MASS_FILE)
         return files
 
     def _set_state(self, state: dict, arrays: Any, directory: Path) -> None:
@@ -1038,6 +1217,13 @@ class LTAUEstimator(UQMethod):
         from mlipuq.knn_index import load_index
 
         n_atoms, n_features = int(state["n_train_atoms"]), int(state["n_features"])
+        arrays = dict(arrays)
+        for key, file in state.get("array_files", {}).items():  # large arrays, memory-mapped
+            try:
+                arrays[key] = np.load(directory / file, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as error:
+                raise InputError(f"{directory / file}: not a readable .npy file ({error})") \
+                    from None
         if arrays["mass"].shape[0] != n_atoms or len(arrays["species"]) != n_atoms:
             raise InputError(
                 f"{directory}: the arrays hold {arrays['mass'].shape[0]} atoms, "
@@ -1052,9 +1238,20 @@ class LTAUEstimator(UQMethod):
         self.n_features_in_ = n_features
         self.n_train_atoms_ = n_atoms
         self.group_rows_, self.indices_, self.index_kinds_ = {}, {}, {}
+        self.index_files_ = {}
         for group in state["groups"]:
             name = group["name"]
-            index = load_index(directory / group["file"])
+            if group.get("shards"):  # written by a distributed fit: merged here
+                from mlipuq.knn_index import merge_shards
+
+                shards = [(str(directory / part["file"]), int(part["first_row"]),
+                           int(part["n_rows"])) for part in group["shards"]]
+                index = merge_shards([load_index(file) for file, _, _ in shards])
+                self.index_files_[name] = shards
+            else:
+                index = load_index(directory / group["file"])
+                self.index_files_[name] = [(str(directory / group["file"]), 0,
+                                            int(index.ntotal))]
             rows = arrays[group["rows_key"]]
             if index.d != n_features or index.ntotal != len(rows):
                 raise InputError(
@@ -1130,6 +1327,18 @@ def _loco_means(
     total = (np.sqrt(np.maximum(sq_dist, 0.0)) * taken).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
+
+
+def _memory_mapped(array: np.ndarray) -> bool:
+    """True when ``array`` is (a view of) a memory-mapped file."""
+    import mmap
+
+    base = array
+    while base is not None:
+        if isinstance(base, (np.memmap, mmap.mmap)):
+            return True
+        base = getattr(base, "base", None)
+    return False
 
 
 def _json_float(value: float) -> float | None:

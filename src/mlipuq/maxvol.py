@@ -733,3 +733,79 @@ def _worst_rows(
     if not found_rows:
         return np.zeros(0, dtype=np.int64), max_gamma
     return found_rows[0], max_gamma
+
+
+# --------------------------------------------------------------------------- warm start
+
+
+def maxvol_from(
+    matrix: np.ndarray,
+    start: np.ndarray,
+    *,
+    tol: float = 1.01,
+    max_iters: int | None = None,
+    projection: np.ndarray | None = None,
+) -> MaxVolResult:
+    """MaxVol on ``matrix`` (or ``matrix @ projection``) starting from the rows ``start``.
+
+    The merge step of chunked active-set searches: the current active set plus new
+    candidate rows, swapped until no row has a coefficient above ``tol``. Every swap
+    multiplies |det| by more than ``tol``, so the result's volume is at least the
+    start's (unlike :func:`maxvol`, which starts from its own pivoted choice).
+
+    Parameters
+    ----------
+    matrix : ndarray of float, shape (m, D)
+        Candidate rows.
+    start : ndarray of int, shape (r,)
+        Rows of ``matrix`` forming a non-singular start (r = D, or r = the width
+        of ``projection``).
+    tol : float
+        As in :func:`maxvol` (>= 1).
+    max_iters : int, optional
+        Cap on the number of swaps.
+    projection : ndarray of float, shape (D, r), optional
+        Run in the reduced space ``matrix @ projection`` (a rank-reduced active
+        set, :attr:`MaxVolResult.projection`); returned unchanged.
+
+    Returns
+    -------
+    MaxVolResult
+        ``rank`` is r; ``converged`` False when ``max_iters`` stopped the swaps.
+
+    Raises
+    ------
+    InputError
+        ``tol`` < 1, ``start`` of the wrong length or out of range, or its rows singular.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [2.0, 0.1]])
+    >>> sorted(maxvol_from(x, [0, 1]).indices.tolist())
+    [1, 3]
+    """
+    matrix = check_array(matrix, "features", ndim=2)
+    if tol < 1.0:
+        raise InputError(f"tol: expected a value >= 1, got {tol}")
+    scale = _column_scale(matrix) if projection is None else None
+    reduced = _Reduced(matrix, projection, scale).rows(slice(None))
+    start = np.asarray(start, dtype=np.int64).ravel()
+    width = reduced.shape[1]
+    if start.shape != (width,) or (start.size and (start.min() < 0
+                                                    or start.max() >= len(matrix))):
+        raise InputError(f"start: expected {width} row indices in [0, {len(matrix)}), "
+                         f"got {start.tolist()[:8]}{'...' if start.size > 8 else ''}")
+    budget = np.inf if max_iters is None else int(max_iters)
+    threshold = tol * (1.0 + _ROUNDING)
+    try:
+        rows, swaps, coef = _maxvol_dense(reduced, start, threshold, budget)
+    except np.linalg.LinAlgError:
+        raise InputError("start: the starting rows are linearly dependent") from None
+    return MaxVolResult(
+        indices=np.asarray(rows, dtype=np.int64),
+        n_swaps=int(swaps),
+        projection=projection,
+        max_coefficient=float(coef),
+        converged=bool(coef <= threshold),
+        rank=width,
+    )

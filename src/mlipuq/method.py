@@ -7,6 +7,7 @@ state ends with an underscore, and every method has the same signatures over a
 backend's outputs::
 
     method.fit(X, store=None)          # X: ModelOutputs of the training set
+    method.fit_distributed(X, store, client)   # the same, on a Dask cluster
     method.predict(X) -> UQResult      # X: ModelOutputs of new configurations
     method.calibrate(X, force_errors, fpr=0.05)   # in-domain held-out data
     method.save(directory, provenance=...)
@@ -100,6 +101,42 @@ class UQMethod(BaseEstimator):
     def predict(self, X: ModelOutputs) -> UQResult:
         """Uncertainty of the atoms and configurations of ``X``."""
         raise NotImplementedError
+
+    def fit_distributed(self, X: ModelOutputs, store: Any = None, client: Any = None
+                        ) -> UQMethod:
+        """Fit with the work spread over a Dask cluster; returns self.
+
+        The pipeline (:func:`mlipuq.run_methods.fit_methods`) calls this instead of
+        :meth:`fit` when it is given a ``distributed.Client`` (``--scheduler``). The
+        fitted state must be the one :meth:`fit` gives on the same inputs (same
+        persistence format), so ``predict``, ``save`` and the calculator do not
+        change. This default gathers ``X`` into memory and calls :meth:`fit` in this
+        process; methods whose fit scales with N override it (LTAU:
+        :mod:`mlipuq.distributed.ltau`).
+
+        Parameters
+        ----------
+        X : ModelOutputs
+            The training set's outputs. ``descriptors``, ``forces`` and
+            ``committee_forces`` may be ``dask.array.Array`` chunked by atom blocks
+            (:func:`mlipuq.distributed.descriptors.worker_outputs`); ``species``,
+            ``config_index`` and the energies are in memory.
+        store : TrajectoryStore or None
+            The per-epoch error-trajectory store (``needs_store`` methods); its files
+            are on a filesystem every worker reads.
+        client : distributed.Client or None
+            Client of the cluster to run on (:func:`mlipuq.distributed.client_for`);
+            None: fit in this process.
+
+        Returns
+        -------
+        self
+        """
+        from dataclasses import fields, replace
+
+        lazy = {field.name: np.asarray(getattr(X, field.name).compute()) for field in fields(X)
+                if hasattr(getattr(X, field.name), "compute")}
+        return self.fit(replace(X, **lazy) if lazy else X, store)
 
     def calibrate(
         self, X: ModelOutputs, force_errors: np.ndarray | None = None, *, fpr: float = 0.05,

@@ -96,6 +96,7 @@ def evaluate_run(
     seed: int = 0,
     title: str | None = None,
     progress: Progress = _quiet,
+    client: Any = None,
 ) -> dict:
     """Fit (or load) the methods, predict every test set, evaluate, write the report.
 
@@ -140,6 +141,8 @@ def evaluate_run(
         Report title.
     progress : callable, optional
         Called with one line per step.
+    client : distributed.Client, optional
+        Fit the methods that need fitting on this Dask cluster (``--scheduler``).
 
     Returns
     -------
@@ -161,7 +164,7 @@ def evaluate_run(
     in_domain = _check_in_domain(in_domain, cal_name, names)
     user_thresholds = _check_thresholds(thresholds, methods, cal_name is not None)
     fitted = _fitted(run, methods, params or {}, model_id=model_id, refit=refit,
-                     fpr=fpr, threads=threads, seed=seed, progress=progress)
+                     fpr=fpr, threads=threads, seed=seed, progress=progress, client=client)
     members = members_needed(run, methods, model_id)
     progress(f"predicting {len(data.frames)} test configurations "
              f"({len(data.config_index)} atoms) with {len(members)} model(s)")
@@ -285,7 +288,8 @@ def _check_in_domain(in_domain, cal_name, names) -> set[str]:
     return set(in_domain)
 
 
-def _fitted(run, methods, params, *, model_id, refit, fpr, threads, seed, progress):
+def _fitted(run, methods, params, *, model_id, refit, fpr, threads, seed, progress,
+            client=None):
     """Saved methods where valid (unless ``refit``), the rest fitted, calibrated, saved."""
     unknown = sorted(set(params) - set(methods))
     if unknown:
@@ -312,7 +316,7 @@ def _fitted(run, methods, params, *, model_id, refit, fpr, threads, seed, progre
         saved.update(fit_methods(
             run, model_id=model_id, methods=missing, train_outputs=train,
             params={m: params[m] for m in missing if m in params}, fpr=fpr,
-            threads=threads, seed=seed))
+            threads=threads, seed=seed, client=client))
     return {m: saved[m] for m in methods}
 
 

@@ -198,6 +198,7 @@ def fit_methods(
     seed: int = 0,
     save: bool = True,
     progress: Callable[[str], None] = _quiet,
+    client: Any = None,
 ) -> dict[str, UQMethod]:
     """Fit UQ methods on the training set of ``run``, calibrate them on its validation
     frames and save them in ``RUN/methods/``.
@@ -225,6 +226,10 @@ def fit_methods(
         Write every method to ``RUN/methods/<name>/`` (atomic per method).
     progress : callable
         Called with one line per step.
+    client : distributed.Client, optional
+        Fit on this Dask cluster: each method's
+        :meth:`~mlipuq.method.UQMethod.fit_distributed` instead of ``fit``
+        (``--scheduler``; :mod:`mlipuq.distributed`).
 
     Returns
     -------
@@ -245,9 +250,12 @@ def fit_methods(
             raise InputError(f"--param {name}: {error} (given: {params.get(name, {})})") \
                 from None
     if train_outputs is None:
-        train_outputs, _ = model_outputs(run, run.train_frames(),
-                                         model_ids=members_needed(run, methods, model_id),
-                                         threads=threads)
+        members = members_needed(run, methods, model_id)
+        if client is None:
+            train_outputs, _ = model_outputs(run, run.train_frames(), model_ids=members,
+                                             threads=threads)
+        else:
+            train_outputs = _worker_outputs(run, members, client, progress)
     X = committee(train_outputs, model_id)
     store = None
     for name, method in built.items():
@@ -257,7 +265,10 @@ def fit_methods(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # rank notes of small groups
             try:
-                method.fit(X, store if method.needs_store else None)
+                if client is None:
+                    method.fit(X, store if method.needs_store else None)
+                else:
+                    method.fit_distributed(X, store if method.needs_store else None, client)
             except (TypeError, ValueError) as error:
                 if not params.get(name):
                     raise
@@ -268,6 +279,22 @@ def fit_methods(
     if save:
         save_methods(run, built, model_id=model_id)
     return built
+
+
+def _worker_outputs(run: RunFolder, members: Sequence[str], client: Any,
+                    progress: Callable[[str], None]) -> dict[str, ModelOutputs]:
+    """The members' outputs on the training frames, computed by the cluster's workers
+    (each loads the model once) into a scratch directory beside the run; descriptors and
+    forces come back as dask arrays over its files."""
+    from mlipuq.distributed.descriptors import worker_outputs
+    from mlipuq.distributed.ltau import work_directory
+
+    frames = run.train_frames()
+    scratch = work_directory(run.path, owner=client)
+    progress(f"model outputs of {len(members)} member(s) on {len(frames)} training "
+             "configurations, computed by the workers")
+    return {member: worker_outputs(run, frames, scratch / member, client, model_id=member)
+            for member in members}
 
 
 def fit_on_validation(
@@ -340,9 +367,16 @@ def provenance_reason(run: RunFolder, method: UQMethod, model_id: str) -> str | 
 
 
 def save_methods(run: RunFolder, methods: Mapping[str, UQMethod], *, model_id: str) -> None:
-    """Write each method to ``RUN/methods/<name>/`` with its provenance (atomic each)."""
+    """Write each method to ``RUN/methods/<name>/`` with its provenance (atomic each),
+    plus what the run's backend exports for it there (its optional ``export_method``,
+    e.g. pacemaker ``.asi`` active sets; single-model methods get ``model_id``,
+    committee methods None)."""
+    export = getattr(run.backend_class, "export_method", None)
     for name, method in methods.items():
         method.save(method_dir(run, name), provenance=method_provenance(run, method, model_id))
+        if export is not None:
+            export(run, model_id if method.min_members <= 1 else None, method,
+                   method_dir(run, name))
 
 
 def load_methods(

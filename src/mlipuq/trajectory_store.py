@@ -591,6 +591,40 @@ class TrajectoryWriter:
         return np.ascontiguousarray(values)
 
 
+def read_epoch_rows(
+    path: str | os.PathLike, atoms: slice, shape: tuple[int, ...], *, norm: bool = False
+) -> np.ndarray:
+    """Rows ``atoms`` of one epoch file, read by memory map: memory O(n), not O(N).
+
+    The per-task reader of :mod:`mlipuq.distributed` (it needs no atom table).
+
+    Parameters
+    ----------
+    path : path-like
+        An ``epoch_*.npy`` file (:meth:`TrajectoryStore.epoch_path`).
+    atoms : slice
+        Contiguous block of atoms.
+    shape : tuple of int
+        The file's expected shape (:attr:`TrajectoryStore.error_shape`).
+    norm : bool
+        Return per-atom norms of component errors (as :meth:`TrajectoryStore.read`).
+
+    Returns
+    -------
+    ndarray of float32, shape (n,) or (n, 3)
+        Errors in eV/Å.
+    """
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable .npy file ({exc})") from None
+    if mapped.shape != tuple(shape):
+        raise InputError(f"{path}: has shape {mapped.shape}, expected {tuple(shape)}")
+    block = np.array(mapped[atoms])
+    del mapped  # unmap now: keeps resident memory bounded
+    return TrajectoryStore._as_norm(block) if norm else block
+
+
 def _is_empty_or_unfinished_store(path: Path) -> bool:
     """True for an empty directory or one left by a ``create`` killed before store.json."""
     if not path.is_dir():

@@ -11,6 +11,7 @@ threads                     ``--threads N``
 seed                        ``--seed S``
 ensemble member             ``--model-id ID``
 per-element k-NN search     ``--per-element / --no-per-element``
+Dask cluster                ``--scheduler SPEC``
 log level                   ``-q, --quiet`` / ``-v, --verbose`` (before or after the verb)
 ==========================  ===============================================
 
@@ -87,3 +88,13 @@ def add_per_element_option(parser: argparse.ArgumentParser, help: str, *,
     """``--per-element / --no-per-element``: one k-NN index per element, or one for all."""
     parser.add_argument("--per-element", action=argparse.BooleanOptionalAction,
                         default=default, help=help)
+
+
+def add_scheduler_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--scheduler SPEC``: run the heavy steps on a Dask cluster (checked before any
+    work by :func:`mlipuq.distributed.scheduler.parse_scheduler`)."""
+    from mlipuq.distributed.scheduler import SPEC_HELP
+
+    parser.add_argument("--scheduler", default=None, metavar="SPEC",
+                        help=f"{help}: {SPEC_HELP} (default: in this process; "
+                        "docs/distributed.md)")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mlipuq.cli._parser import add_per_element_option, add_run_option, add_threads_option
+from mlipuq.cli._parser import (
+    add_per_element_option,
+    add_run_option,
+    add_scheduler_option,
+    add_threads_option,
+)
 
 PARAM_ALIASES = {
     "k": ("ltau", "k"),
@@ -78,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="clusters of clustered D-optimality (default: the saved "
                         "estimator's, else the class default, 8)")
     add_threads_option(parser, "torch and FAISS threads")
+    add_scheduler_option(parser, "fit the methods that need fitting on a Dask cluster")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the calibration split and clustering")
     parser.set_defaults(func=run_evaluate)
@@ -210,22 +216,25 @@ def parse_window(values: list[str] | None) -> tuple[int, int | None] | None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Execute ``mlipuq evaluate``."""
+    from mlipuq.distributed.scheduler import client_for, parse_scheduler
     from mlipuq.log import logger
     from mlipuq.pipeline import evaluate_run
     from mlipuq.run_folder import RunFolder
     from mlipuq.run_methods import available_methods
 
+    parse_scheduler(args.scheduler)  # a bad value: one line, before any work
     args.window = parse_window(args.window)
     run = RunFolder.open(args.run)
     methods = available_methods(run, args.methods)
-    metrics = evaluate_run(
-        run, parse_tests(args.test), out_dir=args.out, methods=methods,
-        calibration_set=parse_calibration(args.calibrate_on), in_domain=args.in_domain,
-        model_id=args.model_id, refit=args.refit, fpr=args.fpr,
-        params=parse_params(args.param, args, methods=methods),
-        thresholds=parse_thresholds(args.threshold),
-        threads=args.threads, seed=args.seed,
-        progress=logger.info,
-    )
+    with client_for(args.scheduler) as client:
+        metrics = evaluate_run(
+            run, parse_tests(args.test), out_dir=args.out, methods=methods,
+            calibration_set=parse_calibration(args.calibrate_on), in_domain=args.in_domain,
+            model_id=args.model_id, refit=args.refit, fpr=args.fpr,
+            params=parse_params(args.param, args, methods=methods),
+            thresholds=parse_thresholds(args.threshold),
+            threads=args.threads, seed=args.seed,
+            progress=logger.info, client=client,
+        )
     print(f"report: {metrics['report']}")
     return 0

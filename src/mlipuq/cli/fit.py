@@ -17,7 +17,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from mlipuq.cli._parser import add_per_element_option, add_run_option, add_threads_option
+from mlipuq.cli._parser import (
+    add_per_element_option,
+    add_run_option,
+    add_scheduler_option,
+    add_threads_option,
+)
 from mlipuq.cli.evaluate import add_method_options, parse_params
 
 
@@ -60,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-calibrate", action="store_true",
                         help="do not calibrate on the validation frames")
     add_threads_option(parser, "torch and FAISS threads")
+    add_scheduler_option(parser, "fit on a Dask cluster")
     parser.add_argument("--seed", type=int, default=0, help="seed of the methods")
     parser.set_defaults(func=run_fit)
 
@@ -70,12 +76,14 @@ FIT_ALIASES = {"index": ("ltau", "index"), "atol": ("ltau", "atol")}
 
 def run_fit(args: argparse.Namespace) -> int:
     """Execute ``mlipuq fit``; returns the exit status."""
+    from mlipuq.distributed.scheduler import client_for, parse_scheduler
     from mlipuq.exceptions import InputError
     from mlipuq.log import logger
     from mlipuq.run_folder import RunFolder
     from mlipuq.run_methods import DEFAULT_FPR, fit_methods, method_dir
 
     started = time.perf_counter()
+    parse_scheduler(args.scheduler)  # a bad value: one line, before any work
     if not 0.0 < args.fpr < 1.0:
         raise InputError(f"--fpr: expected a rate in (0, 1), got {args.fpr!r}")
     run = RunFolder.open(args.run)
@@ -85,9 +93,11 @@ def run_fit(args: argparse.Namespace) -> int:
     chosen = available_methods(run, args.methods)
     params = parse_params(args.param, args, methods=chosen,
                           aliases={**PARAM_ALIASES, **FIT_ALIASES})
-    methods = fit_methods(run, model_id=args.model_id, methods=chosen, params=params,
-                          calibrate=not args.no_calibrate, fpr=args.fpr or DEFAULT_FPR,
-                          threads=args.threads, seed=args.seed, progress=logger.info)
+    with client_for(args.scheduler) as client:
+        methods = fit_methods(run, model_id=args.model_id, methods=chosen, params=params,
+                              calibrate=not args.no_calibrate, fpr=args.fpr or DEFAULT_FPR,
+                              threads=args.threads, seed=args.seed, progress=logger.info,
+                              client=client)
     logger.info(f"fitted {len(methods)} method(s) in {time.perf_counter() - started:.1f} s")
     for name, method in methods.items():  # the result: what was written where
         print(f"{name}: {method_dir(run, name)} ({method.summary()})")

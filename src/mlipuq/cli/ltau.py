@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mlipuq.cli._parser import add_per_element_option, add_threads_option
+from mlipuq.cli._parser import add_per_element_option, add_scheduler_option, add_threads_option
 from mlipuq.exceptions import InputError
 from mlipuq.log import logger
 
@@ -108,6 +108,11 @@ def _register_fit(verbs: argparse._SubParsersAction) -> None:
                      help="beta: assumed errors grow as (normalised k-NN distance)^beta; "
                           "'auto': 1, chosen by 'ltau calibrate' on in-domain atoms")
     add_threads_option(fit, "FAISS threads")
+    add_scheduler_option(fit, "build the distributions and indices on a Dask cluster "
+                         "(with --store)")
+    fit.add_argument("--chunk-size", type=int, default=100_000, metavar="ATOMS",
+                     help="with --scheduler: training atoms per task and rows per index "
+                     "shard")
     fit.add_argument("--seed", type=int, default=0,
                      help="seed of the index training and the reference-distance sample")
     fit.set_defaults(func=run_fit)
@@ -158,6 +163,7 @@ def _register_predict(verbs: argparse._SubParsersAction) -> None:
                          help="flag atoms/configurations with uncertainty above this "
                          "(default: the calibrated threshold, at the calibrated s, atol, k)")
     add_threads_option(predict, "FAISS threads (default: the estimator's)", default=None)
+    add_scheduler_option(predict, "spread the k-NN search over a Dask cluster")
     predict.set_defaults(func=run_predict)
 
 
@@ -212,9 +218,14 @@ def _structures_and_descriptors(args: argparse.Namespace) -> tuple[list, Any, np
 
 def run_fit(args: argparse.Namespace) -> int:
     """``mlipuq ltau fit``."""
+    from mlipuq.distributed.scheduler import client_for, parse_scheduler
     from mlipuq.ltau import LTAUEstimator
     from mlipuq.trajectory_store import TrajectoryStore
 
+    parse_scheduler(args.scheduler)  # a bad value: one line, before any work
+    if args.chunk_size < 1:
+        raise InputError(f"--chunk-size: expected a positive number of atoms, got "
+                         f"{args.chunk_size}")
     _, table, descriptors = _structures_and_descriptors(args)
     if args.store is not None:
         logger.info(f"opening trajectory store {args.store}")
@@ -238,10 +249,12 @@ def run_fit(args: argparse.Namespace) -> int:
         ef_construction=args.ef_construction, ef_search=args.ef_search,
         ivf_nlist=args.ivf_nlist, pq_m=args.pq_m, nprobe=args.nprobe, n_bins=args.n_bins,
         window=_window(args.window), n_threads=args.threads, seed=args.seed,
+        chunk_size=args.chunk_size,
     )
     logger.info(f"building error distributions and indices for {table.n_atoms} atoms")
-    estimator.fit_arrays(errors, descriptors, table.species, force_norm=force_norm,
-                  config_index=table.config_index)
+    with client_for(args.scheduler) as client:
+        estimator.fit_arrays(errors, descriptors, table.species, force_norm=force_norm,
+                             config_index=table.config_index, client=client)
     kinds = ", ".join(f"{name}: {kind}" for name, kind in estimator.index_kinds_.items())
     _save(estimator, args.out)
     source = "given" if args.atol is not None else "mean force-error norm at the last logged epoch"
@@ -296,8 +309,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     """``mlipuq ltau predict``."""
+    from mlipuq.distributed.scheduler import client_for, parse_scheduler
     from mlipuq.ltau import LTAUEstimator
 
+    parse_scheduler(args.scheduler)  # a bad value: one line, before any work
     logger.info(f"loading estimator {args.estimator}")
     estimator = LTAUEstimator.load(args.estimator)
     if args.threads is not None:
@@ -305,10 +320,11 @@ def run_predict(args: argparse.Namespace) -> int:
     frames, table, descriptors = _structures_and_descriptors(args)
     logger.info(f"searching {estimator.k if args.k is None else args.k} neighbours of "
                 f"{table.n_atoms} atoms")
-    result = estimator.predict_arrays(
-        descriptors, table.species, k=args.k, scale=args.scale, atol=args.atol,
-        config_index=table.config_index, threshold=args.threshold,
-    )
+    with client_for(args.scheduler) as client:
+        result = estimator.predict_arrays(
+            descriptors, table.species, k=args.k, scale=args.scale, atol=args.atol,
+            config_index=table.config_index, threshold=args.threshold, client=client,
+        )
     _write_results(frames, table, result, args.out)
     print(f"results: {args.out}")
     if args.summary is not None:
