@@ -159,6 +159,12 @@ def test_distributed_fit_saves_like_the_single_pass(client, training, tmp_path):
     loaded = load_method(tmp_path / "dopt")
     np.testing.assert_array_equal(loaded.gamma(outputs.descriptors, outputs.species),
                                   fitted.gamma(outputs.descriptors, outputs.species))
+    # how the active sets were found is recorded and said: several chunks give another
+    # local maximum than the single pass
+    assert loaded.two_level_ == fitted.two_level_
+    assert any(info["n_chunks"] > 1 for info in loaded.two_level_.values())
+    assert "two-level MaxVol" in loaded.summary()
+    assert "two-level" not in DOptimalityEstimator(tol=TOL).fit(outputs).summary()
 
 
 def test_bad_inputs_raise_one_line_errors(client, training):

@@ -245,3 +245,20 @@ def test_mlipuq_fit_on_a_running_scheduler_equals_in_process(tmp_path, client, c
     for name, result in predict_methods(spread, outputs)[0].items():
         np.testing.assert_array_equal(result.atom_uncertainty,
                                       expected[name].atom_uncertainty)
+
+
+def test_non_finite_descriptors_are_refused_on_the_cluster(tmp_path, client):
+    """A NaN row reaching a worker's shard is an InputError naming the problem (as the
+    in-process fit refuses it), not garbage neighbours."""
+    import dask.array as da
+
+    from mlipuq.exceptions import InputError
+
+    store, desc = _store(tmp_path / "store")
+    desc = desc.copy()
+    desc[100, 3] = np.nan
+    table = store.atom_table
+    lazy = da.from_array(desc, chunks=(CHUNK, -1))
+    with pytest.raises(InputError, match=r"1 training row\(s\) with NaN or inf"):
+        LTAUEstimator(k=3, index="flat", chunk_size=CHUNK).fit_arrays(
+            store, lazy, table.species, config_index=table.config_index, client=client)

@@ -196,3 +196,48 @@ def test_set_processes_round_trip_and_checks():
     assert cfg.config_processes(config) == 1
     with pytest.raises(InputError, match="processes"):
         cfg.set_processes(config, 0)
+
+
+class _FailedWriteStrategy(_TwoRankStrategy):
+    """Rank 0's epoch write failed (once ``failed``): its broadcast carries the message
+    to every rank."""
+
+    failed = False
+
+    def broadcast(self, obj, src=0):
+        if obj is None and self.failed:
+            return "OSError: [Errno 28] No space left on device"
+        return obj
+
+
+def test_a_failed_epoch_write_stops_every_rank_with_rank_zeros_message(tmp_path):
+    from types import SimpleNamespace
+
+    from nequip.data.dataset import ASEDataset
+
+    from mlipuq.backends.nequip.callback import ErrorTrajectoryCallback
+    from mlipuq.exceptions import InputError
+
+    path = write_frames(tmp_path / "cu.extxyz", make_emt_copper_frames(3, repeat=(1, 1, 1)))
+    dataset = ASEDataset(file_path=str(path), transforms=[])
+    for rank in (0, 1):
+        trainer = SimpleNamespace(
+            global_rank=rank, world_size=2, current_epoch=0, strategy=_FailedWriteStrategy(),
+            datamodule=SimpleNamespace(train_dataset=[dataset]),
+        )
+        callback = ErrorTrajectoryCallback(str(tmp_path / "store"), mode="in_batch")
+        module = torch.nn.Identity()
+        callback.on_train_start(trainer, module)
+        callback.on_train_epoch_start(trainer, module)
+        for frame in range(3):
+            callback._buffer.add(frame, np.full(4, 0.5), 0.1)
+        if rank == 0:
+            def full_disk(*args, **kwargs):
+                raise OSError(28, "No space left on device")
+
+            callback.writer_.append = full_disk
+        trainer.strategy.failed = True
+        with pytest.raises(InputError, match=r"error trajectory, epoch 0: OSError: "
+                                             r"\[Errno 28\] No space left on device"):
+            callback._write_epoch(trainer, module, 0)
+        callback.teardown(trainer, module, "fit")

@@ -244,3 +244,13 @@ def test_bad_train_input_is_one_line(data, tmp_path, capsys, fitted_run, argv, m
     status, stdout, err = _cli(capsys, "train", *argv, data["train"], "--run",
                                str(tmp_path / "r"))
     assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_processes_is_refused_in_one_line(tmp_path, capsys):
+    """pace fits run in one process: --processes 2 is a one-line usage error."""
+
+    status = main(["train", str(tmp_path / "train.extxyz"), "--run", str(tmp_path / "run"),
+                   "--backend", "pace", "--processes", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert "--processes: a pace fit runs in one process" in err[0]

@@ -335,7 +335,7 @@ class DOptimalityEstimator(UQMethod):
         state and save format are :meth:`fit`'s; with a single chunk the active sets
         are the single pass's. ``store`` is not used. Also sets ``two_level_``
         (per element: chunks, candidates, refinement rounds, largest training
-        gamma, converged; not saved).
+        gamma, converged; saved, and named by :meth:`summary`).
 
         Parameters
         ----------
@@ -477,8 +477,20 @@ class DOptimalityEstimator(UQMethod):
             "n_train_atoms": getattr(self, "n_train_atoms_", {}),
             "threshold": self.threshold_,
             "threshold_source": self.threshold_source_,
+            "two_level": getattr(self, "two_level_", None),
         }
         return state, arrays
+
+    def summary(self) -> str:
+        """:meth:`UQMethod.summary`, saying when the active sets come from a two-level
+        MaxVol over several chunks (a different local maximum than the single pass)."""
+        text = super().summary()
+        chunked = {el: info for el, info in (getattr(self, "two_level_", None) or {}).items()
+                   if info.get("n_chunks", 1) > 1}
+        if chunked:
+            text += "; active sets from two-level MaxVol (" + ", ".join(
+                f"{el}: {info['n_chunks']} chunks" for el, info in sorted(chunked.items())) + ")"
+        return text
 
     def _set_state(self, state: dict, arrays: Any, directory: Any) -> None:
         sets = {
@@ -496,6 +508,8 @@ class DOptimalityEstimator(UQMethod):
         self.n_train_atoms_ = state.get("n_train_atoms", {})
         self.threshold_ = float(state["threshold"])
         self.threshold_source_ = state["threshold_source"]
+        if state.get("two_level"):
+            self.two_level_ = state["two_level"]
 
     @classmethod
     def from_active_sets(

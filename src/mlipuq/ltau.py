@@ -458,6 +458,11 @@ class LTAUEstimator(UQMethod):
         norms = self._resolve_force_norm(force_norm, store_norms, len(symbols))
         atol = self._resolve_atol(store)
         limits = float(atol) if self.rtol == 0 or norms is None else atol + self.rtol * norms
+        earlier = self.__dict__.pop("_work_directory", None)
+        if earlier is not None:  # a refit: the earlier fit's mass.npy and shards go
+            import shutil
+
+            shutil.rmtree(earlier, ignore_errors=True)
         work = dist.work_directory(store.path.parent, owner=self)
         self._work_directory = work
         distributions, train_p, expected = dist.distributions_on_cluster(

@@ -32,7 +32,7 @@ swapped in (:func:`mlipuq.io.atomic_directory`)::
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -235,7 +235,8 @@ class UQMethod(BaseEstimator):
         """Constructor parameters as read back from JSON (lists to tuples, ...)."""
         return params
 
-    def save(self, directory: str | os.PathLike, *, provenance: Mapping | None = None) -> None:
+    def save(self, directory: str | os.PathLike, *, provenance: Mapping | None = None,
+             extra: Callable[[Path], Any] | None = None) -> None:
         """Write the fitted method to ``directory`` (replaced atomically as a whole).
 
         Parameters
@@ -244,6 +245,10 @@ class UQMethod(BaseEstimator):
         provenance : dict, optional
             What the fit depended on (backend, model files with SHA-256, atom-table
             fingerprint, member); checked by :func:`provenance_mismatch` on load.
+        extra : callable, optional
+            Called with the temporary directory before it is swapped in, to write more
+            files that belong to this save (e.g. a backend's export of the method,
+            pacemaker ``.asi``); if it raises, nothing is replaced.
         """
         from mlipuq import __version__
         from mlipuq.io import atomic_directory, save_npz, write_json
@@ -251,6 +256,8 @@ class UQMethod(BaseEstimator):
         state, arrays = self._get_state()
         with atomic_directory(directory, marker=HEADER_FILE) as tmp:
             files = self._write_files(tmp)
+            if extra is not None:
+                extra(tmp)
             save_npz(tmp / ARRAYS_FILE, **arrays)
             write_json(tmp / HEADER_FILE, {
                 "format": FORMAT_NAME,

@@ -14,6 +14,7 @@ SHA-256, atom-table fingerprint)::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -255,7 +256,7 @@ def fit_methods(
             train_outputs, _ = model_outputs(run, run.train_frames(), model_ids=members,
                                              threads=threads)
         else:
-            train_outputs = _worker_outputs(run, members, client, progress)
+            train_outputs = _worker_outputs(run, members, client, progress, threads=threads)
     X = committee(train_outputs, model_id)
     store = None
     for name, method in built.items():
@@ -282,7 +283,8 @@ def fit_methods(
 
 
 def _worker_outputs(run: RunFolder, members: Sequence[str], client: Any,
-                    progress: Callable[[str], None]) -> dict[str, ModelOutputs]:
+                    progress: Callable[[str], None], *, threads: int = 1
+                    ) -> dict[str, ModelOutputs]:
     """The members' outputs on the training frames, computed by the cluster's workers
     (each loads the model once) into a scratch directory beside the run; descriptors and
     forces come back as dask arrays over its files."""
@@ -293,7 +295,8 @@ def _worker_outputs(run: RunFolder, members: Sequence[str], client: Any,
     scratch = work_directory(run.path, owner=client)
     progress(f"model outputs of {len(members)} member(s) on {len(frames)} training "
              "configurations, computed by the workers")
-    return {member: worker_outputs(run, frames, scratch / member, client, model_id=member)
+    return {member: worker_outputs(run, frames, scratch / member, client, model_id=member,
+                                   threads=threads)
             for member in members}
 
 
@@ -367,16 +370,16 @@ def provenance_reason(run: RunFolder, method: UQMethod, model_id: str) -> str | 
 
 
 def save_methods(run: RunFolder, methods: Mapping[str, UQMethod], *, model_id: str) -> None:
-    """Write each method to ``RUN/methods/<name>/`` with its provenance (atomic each),
-    plus what the run's backend exports for it there (its optional ``export_method``,
-    e.g. pacemaker ``.asi`` active sets; single-model methods get ``model_id``,
-    committee methods None)."""
+    """Write each method to ``RUN/methods/<name>/`` with its provenance, plus what the
+    run's backend exports for it there (its optional ``export_method``, e.g. pacemaker
+    ``.asi`` active sets; single-model methods get ``model_id``, committee methods None),
+    each directory swapped in atomically with its exports."""
     export = getattr(run.backend_class, "export_method", None)
     for name, method in methods.items():
-        method.save(method_dir(run, name), provenance=method_provenance(run, method, model_id))
-        if export is not None:
-            export(run, model_id if method.min_members <= 1 else None, method,
-                   method_dir(run, name))
+        member = model_id if method.min_members <= 1 else None
+        method.save(method_dir(run, name), provenance=method_provenance(run, method, model_id),
+                    extra=None if export is None else functools.partial(export, run, member,
+                                                                        method))
 
 
 def load_methods(

@@ -44,7 +44,7 @@ class PaceUQCalculator(UncertaintyResults, PyACECalculator):
     estimators : dict of str -> UQMethod, optional
         Fitted methods that need only one model's outputs.
     keep_descriptors : bool
-        Also store ``results["descriptors"]`` (n_atoms, n_features) float32.
+        Also store ``results["descriptors"]`` (n_atoms, n_features) float64.
     store_arrays : bool
         Also copy the per-atom uncertainty arrays into ``atoms.arrays``.
     **kwargs

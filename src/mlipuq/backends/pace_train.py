@@ -127,6 +127,8 @@ def train_pace(
     -------
     RunFolder
     """
+    if ignored.pop("processes", None) not in (None, 1):
+        raise InputError("--processes: a pace fit runs in one process (give 1 or leave it out)")
     unknown = sorted(set(ignored) - set(IGNORED_OPTIONS))
     if unknown:
         raise InputError(f"pace training: unknown option(s) {unknown}")

@@ -57,7 +57,7 @@ DEFAULT_SHARD_FRAMES = 64
 
 _MAX_CACHED_MODELS = 2
 _models: OrderedDict[tuple, Any] = OrderedDict()  # this worker process's loaded members
-_loads: dict[tuple, int] = {}  # how often each member was loaded here (for tests)
+_loads: dict[tuple, int] = {}  # how often each member was loaded here (model_loads)
 
 __all__ = [
     "model_loads",
@@ -143,7 +143,9 @@ def _backend(run_path: str, model_id: str, device: str, batch_size: int,
 
 
 def model_loads() -> dict[str, int]:
-    """How often each member was loaded in this process: ``"run:model_id"`` -> count."""
+    """How often each member was loaded in this worker process, ``"run:model_id"`` ->
+    count (``client.run(model_loads)`` shows the model cache works: one load per worker
+    and member)."""
     counts: dict[str, int] = {}
     for key, value in _loads.items():
         name = f"{key[0]}:{key[1]}"

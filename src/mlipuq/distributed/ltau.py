@@ -119,9 +119,14 @@ def _add_shard(index_bytes: np.ndarray, block: np.ndarray, path: str) -> int:
 
     from mlipuq.knn_index import save_index
 
+    block = np.ascontiguousarray(block, dtype=np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(block).all(axis=1)))
+    if bad:
+        raise InputError(f"descriptors: {bad} training row(s) with NaN or inf in the block "
+                         f"written to {Path(path).name} (every descriptor must be finite)")
     index = faiss.deserialize_index(index_bytes)
     with _one_thread():
-        index.add(np.ascontiguousarray(block, dtype=np.float32))
+        index.add(block)
     save_index(index, path)
     return int(index.ntotal)
 

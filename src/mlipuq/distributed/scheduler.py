@@ -174,7 +174,12 @@ def client_for(spec: str | None, *, wait_timeout: float = 600.0) -> Iterator[Any
             cluster, jobs = slurm_cluster(value)
             cluster.scale(jobs=jobs)
             client = Client(cluster)
-            client.wait_for_workers(1, timeout=wait_timeout)
+            try:
+                client.wait_for_workers(1, timeout=wait_timeout)
+            except TimeoutError:
+                client.close()
+                raise InputError(f"--scheduler {spec}: no worker started within "
+                                 f"{wait_timeout:g} s (jobs still queued?)") from None
     except BaseException:
         if cluster is not None:
             cluster.close()

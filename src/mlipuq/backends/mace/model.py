@@ -137,7 +137,9 @@ def build_model(hyper: dict) -> Any:
                             for ell in range(max_l + 1))
         from e3nn import o3
 
-        with _keep_environment(), mace.torch_tools.default_dtype(dtype):
+        # the initial weights follow the seed; the caller's global RNG state is restored
+        with (_keep_environment(), mace.torch_tools.default_dtype(dtype),
+              torch.random.fork_rng(devices=[])):
             torch.manual_seed(int(hyper["seed"]))
             model = mace.modules.ScaleShiftMACE(
                 r_max=float(hyper["r_max"]),

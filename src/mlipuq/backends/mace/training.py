@@ -168,6 +168,7 @@ def train_ensemble(
     progress: bool = True,
     package: bool = False,
     config: str | os.PathLike | None = None,
+    processes: int | None = None,
 ) -> RunFolder:
     """Train ``n_models`` MACE models into a run folder with their error trajectories.
 
@@ -217,6 +218,9 @@ def train_ensemble(
         Ignored (NequIP's packaging step; a MACE member is always its ``.pt`` + json).
     config : None
         NequIP YAML configs do not apply; anything else is an InputError.
+    processes : None or 1
+        Training processes per member; MACE members train in one process (anything
+        else is an InputError).
 
     Returns
     -------
@@ -225,6 +229,9 @@ def train_ensemble(
     from mlipuq.trajectory_store import TrajectoryStore
 
     del package
+    if processes not in (None, 1):
+        raise InputError(f"--processes {processes}: the MACE backend trains each member in "
+                         "one process (give 1 or leave it out)")
     if config is not None:
         raise InputError(f"--config {config}: a NequIP YAML; the MACE backend trains its "
                          f"presets {sorted(PRESETS)} (change fields with preset overrides)")

@@ -503,6 +503,7 @@ class ErrorTrajectoryCallback(lightning.Callback):
             self._evaluate_into(pl_module, buffer, mine, self.weights)
         if world > 1:
             buffer = self._gather(trainer, buffer)
+        error = None
         if rank == 0:
             missing = np.flatnonzero(~buffer.seen)
             if len(missing):
@@ -512,9 +513,17 @@ class ErrorTrajectoryCallback(lightning.Callback):
                     stacklevel=1,
                 )
                 self._evaluate_into(pl_module, buffer, missing, weights="raw")
-            self.writer_.append(buffer.errors, epoch=epoch, energy_errors=buffer.energy)
-        if world > 1:  # no rank leaves the epoch before its file is written
-            trainer.strategy.barrier("mlipuq_error_trajectory")
+            try:
+                self.writer_.append(buffer.errors, epoch=epoch, energy_errors=buffer.energy)
+            except (OSError, InputError) as exc:  # e.g. disk full
+                if world == 1:
+                    raise
+                error = f"{type(exc).__name__}: {exc}"
+        if world > 1:  # no rank leaves the epoch before its file is written; a failed
+            # write stops every rank with rank 0's message instead of leaving them waiting
+            error = trainer.strategy.broadcast(error, src=0)
+            if error is not None:
+                raise InputError(f"error trajectory, epoch {epoch}: {error}")
         self._logged_epoch = epoch
         self._buffer = None
 
