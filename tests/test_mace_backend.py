@@ -203,3 +203,29 @@ def test_safe_loading(run, tmp_path):
     with pytest.raises(InputError, match="not a plain weights file"):
         mace_model.load_model(bad)
     assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+def test_processes_and_build_leave_no_side_effects(tmp_path, capsys):
+    """--processes 2 is a one-line error (MACE members train in one process), and
+    building a model from its hyper-parameters leaves the caller's torch RNG alone."""
+    from mlipuq.cli import main
+
+    status = main(["train", str(tmp_path / "train.extxyz"), "--run", str(tmp_path / "run"),
+                   "--backend", "mace", "--processes", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "--processes 2: the MACE backend" in err[0]
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    from mlipuq.backends.mace.training import PRESETS
+
+    keys = ("num_interactions", "num_channels", "max_L", "max_ell", "correlation",
+            "num_bessel", "num_polynomial_cutoff", "radial_mlp", "mlp_irreps", "dtype")
+    hyper = {**{key: PRESETS["tiny"][key] for key in keys}, "seed": 7, "r_max": 4.0,
+             "elements": ["Cu"], "atomic_numbers": [29], "atomic_energies": [0.0],
+             "avg_num_neighbors": 10.0, "atomic_inter_scale": 1.0, "atomic_inter_shift": 0.0}
+    first = mace_model.build_model(hyper)
+    np.testing.assert_array_equal(torch.rand(3), expected)
+    again = mace_model.build_model(hyper)  # the weights still follow the seed
+    for a, b in zip(first.parameters(), again.parameters(), strict=True):
+        np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy())
