@@ -43,7 +43,7 @@ def test_progress_lines_and_report_path(demo):
     stamps = [float(re.match(r"mlipuq: \[\s*([\d.]+) s\]", line).group(1))
               for line in progress]
     assert len(stamps) >= 5 and stamps == sorted(stamps)  # elapsed time per stage
-    assert any("training 2 NequIP model(s)" in line for line in progress)
+    assert any("training 2 nequip model(s)" in line for line in progress)
     for name in SETS | {"train"}:
         assert (out / "data" / f"{name}.extxyz").is_file()
 
@@ -153,3 +153,14 @@ def test_rerun_into_the_same_folder_and_refuses_foreign_folder(demo, tmp_path, c
     assert len(err) == 1 and "not an mlipuq demo folder" in err[0]
     assert main(["demo", "--quick", "--models", "0"]) == 2
     assert "--models: expected a positive integer" in capsys.readouterr().err
+
+
+def test_demo_backend_must_be_one_that_trains(tmp_path, capsys):
+    """--backend names a registered backend with a train capability, in one line."""
+    assert main(["demo", "--quick", "--backend", "arrays", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "backend 'arrays' cannot train models" in err[0]
+    assert "nequip" in err[0] and "pace" in err[0]
+    assert main(["demo", "--quick", "--backend", "schnet", "--out", str(tmp_path / "b")]) == 2
+    assert "unknown backend 'schnet'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
