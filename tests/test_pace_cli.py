@@ -93,6 +93,19 @@ def test_linear_fit_gives_a_usable_potential_with_trajectories(fitted_run):
     assert not np.allclose(first, second)
 
 
+def test_last_logged_epoch_equals_errors_of_the_saved_potential(fitted_run):
+    """The store's last epoch is the force error of the potential written to the run,
+    recomputed here by pyace on every training atom (atom-table order)."""
+    run = fitted_run
+    frames = run.train_frames()
+    reference = np.concatenate([atoms.get_forces() for atoms in frames])
+    for model_id in run.model_ids:
+        predicted = PaceBackend.from_run(run, model_id).outputs(frames).forces
+        recomputed = np.linalg.norm(reference - predicted, axis=1)
+        logged = run.store.read_norms(model_id)[-1]
+        np.testing.assert_allclose(logged, recomputed, rtol=1e-4, atol=1e-6)
+
+
 def test_calculator_forces_equal_pyace(fitted_run, data):
     from ase.io import read
 
