@@ -214,7 +214,14 @@ def main() -> None:
                         "all; cost N x queries distance evaluations)")
     parser.add_argument("--skip-recall", action="store_true",
                         help="no exact search (no recall figure): timings and memory only")
+    parser.add_argument("--merge-fan-in", type=int, default=None,
+                        help="shard results per top-k merge task (default: mlipuq's "
+                             "MERGE_FAN_IN; a huge value merges all shards in one task)")
     args = parser.parse_args()
+    if args.merge_fan_in is not None:
+        import mlipuq.distributed.ltau as distributed_ltau
+
+        distributed_ltau.MERGE_FAN_IN = args.merge_fan_in
     n_atoms, n_queries = int(args.atoms), int(args.queries)
     args.cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

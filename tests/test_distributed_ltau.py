@@ -98,7 +98,10 @@ def _fit_both(store, desc, client, **params):
     ("force_components", {"index": "ivfpq", "per_element": False, "ivf_nlist": 4,
                           "pq_m": 2}),
 ])
-def test_distributed_fit_equals_single_process(tmp_path, client, kind, params):
+def test_distributed_fit_equals_single_process(tmp_path, client, kind, params, monkeypatch):
+    import mlipuq.distributed.ltau as distributed_ltau
+
+    monkeypatch.setattr(distributed_ltau, "MERGE_FAN_IN", 2)  # a merge tree of 2+ levels
     store, desc = _store(tmp_path / "store", kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FAISS: few points for 256 PQ centroids
@@ -113,6 +116,7 @@ def test_distributed_fit_equals_single_process(tmp_path, client, kind, params):
     assert spread.atol_ == single.atol_
     assert spread.reference_distance_ == single.reference_distance_
     assert all(len(shards) > 1 for shards in spread.index_files_.values())  # sharded
+    assert max(len(shards) for shards in spread.index_files_.values()) > 2  # a deeper tree
     # identical predictions, in this process and with the search on the workers
     rng = np.random.default_rng(5)
     queries = rng.normal(size=(40, DIM)).astype(np.float32) * 1.5

@@ -56,6 +56,8 @@ RETRIES = 3
 """Times Dask reruns a task whose worker died (then the fit fails as a whole)."""
 SHARDABLE = ("flat", "ivfflat", "ivfpq")
 """Index kinds built shard by shard on the workers."""
+MERGE_FAN_IN = 8
+"""Shard results merged by one top-k merge task (the merge is a tree above that)."""
 WORK_NAME = "mlipuq-dask"
 """Work directories are ``.mlipuq-dask.tmp-HOST-PID-*`` beside the store."""
 
@@ -355,14 +357,22 @@ def search_on_cluster(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-NN of ``queries`` in a sharded index: one task per (query block, shard), then a
-    top-k merge by distance per query block. Rows numbered within the group."""
+    top-k merge by distance per query block, as a tree of :data:`MERGE_FAN_IN` inputs per
+    merge task (so a worker holds at most that many shards' results of a block whatever
+    the number of shards). Rows numbered within the group."""
     results = []
     for block in row_blocks(len(queries), chunk_size):
         part = client.scatter(np.ascontiguousarray(queries[block]), hash=False)
-        found = [client.submit(_search_shard, file, start, part, k, nprobe, ef_search,
+        level = [client.submit(_search_shard, file, start, part, k, nprobe, ef_search,
                                retries=RETRIES, pure=False)
                  for file, start, _ in shards]
-        results.append(client.submit(_merge, k, *found, retries=RETRIES, pure=False))
+        while True:  # consecutive shards merged in order: ties keep the lower rows first
+            level = [client.submit(_merge, k, *level[i:i + MERGE_FAN_IN], retries=RETRIES,
+                                   pure=False)
+                     for i in range(0, len(level), MERGE_FAN_IN)]
+            if len(level) == 1:
+                break
+        results.append(level[0])
     parts = client.gather(results)
     if not parts:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
