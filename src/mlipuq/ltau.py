@@ -100,6 +100,17 @@ DEFAULT_FPR = 0.05
 """In-domain false-positive rate (per configuration) of the fitted flag threshold."""
 
 
+def _check_store_order(table: Any, symbols: np.ndarray) -> None:
+    """InputError unless ``symbols`` (N,) are the store's atom table, atom by atom."""
+    check_consistent_length(store=np.empty(table.n_atoms), species=symbols)
+    if not np.array_equal(table.species, symbols):
+        first = int(np.flatnonzero(table.species != symbols)[0])
+        raise InputError(
+            f"species: atom {first} is {symbols[first]} but the store's atom table "
+            f"has {table.species[first]} (descriptors not in the store's atom order?)"
+        )
+
+
 class LTAUEstimator(UQMethod):
     """LTAU uncertainty from training error distributions and k-NN in descriptor space.
 
@@ -443,13 +454,7 @@ class LTAUEstimator(UQMethod):
 
         symbols = as_species(species)
         table = store.atom_table
-        check_consistent_length(store=np.empty(table.n_atoms), species=symbols)
-        if not np.array_equal(table.species, symbols):
-            first = int(np.flatnonzero(table.species != symbols)[0])
-            raise InputError(
-                f"species: atom {first} is {symbols[first]} but the store's atom table "
-                f"has {table.species[first]} (descriptors not in the store's atom order?)"
-            )
+        _check_store_order(table, symbols)
         chunk = int(self.chunk_size)
         desc = dist.as_row_chunks(descriptors, chunk)
         check_consistent_length(store=np.empty(table.n_atoms),
@@ -548,13 +553,7 @@ class LTAUEstimator(UQMethod):
             errors = TrajectoryStore.open(errors)
         if isinstance(errors, TrajectoryStore):
             table = errors.atom_table
-            check_consistent_length(store=np.empty(table.n_atoms), species=symbols)
-            if not np.array_equal(table.species, symbols):
-                first = int(np.flatnonzero(table.species != symbols)[0])
-                raise InputError(
-                    f"species: atom {first} is {symbols[first]} but the store's atom table "
-                    f"has {table.species[first]} (descriptors not in the store's atom order?)"
-                )
+            _check_store_order(table, symbols)
             dists = distributions_from_store(errors, n_bins=self.n_bins, window=self.window)
             norms = table.force_norm if not np.any(np.isnan(table.force_norm)) else None
             return dists, errors, norms, table.config_index

@@ -203,6 +203,28 @@ def split_or_read_val(
     return np.arange(len(frames)), np.zeros(0, dtype=int), val_frames
 
 
+def split_meta(train_file: str | os.PathLike, *, val_file: str | os.PathLike | None,
+               val_fraction: float, train_idx: Sequence[int], val_idx: Sequence[int],
+               seed: int, n_models: int) -> dict:
+    """The ``run.json`` fields every backend's new run records about its members and
+    data: seeds, model ids, the training file and its SHA-256, the split
+    (:func:`split_or_read_val`) or the validation file and its SHA-256."""
+    from mlipuq.provenance import file_sha256
+
+    train_file = Path(train_file)
+    return {
+        "seeds": [seed + i for i in range(n_models)],
+        "model_ids": [f"model_{i}" for i in range(n_models)],
+        "train_file": train_file.name,
+        "train_sha256": file_sha256(train_file),
+        "val_fraction": None if val_file is not None else float(val_fraction),
+        "val_file": None if val_file is None else Path(val_file).name,
+        "val_sha256": None if val_file is None else file_sha256(Path(val_file)),
+        "train_frames": [int(i) for i in train_idx],
+        "val_frames": [int(i) for i in val_idx],
+    }
+
+
 def fit_isolated_energies(frames: Sequence[Atoms], elements: Sequence[str]) -> dict[str, float]:
     """Least-squares per-element energies (eV): E_config ~ sum_el n_el e_el (min-norm)."""
     index = {el: k for k, el in enumerate(elements)}

@@ -34,6 +34,7 @@ from mlipuq.training_data import (
     check_elements,
     create_run,
     read_training_set,
+    split_meta,
     split_or_read_val,
 )
 
@@ -208,7 +209,6 @@ def _new_run(train_file, run_dir: Path, *, paths, preset, epochs, n_models, seed
              val_fraction, val_file, r_max, overwrite) -> RunFolder:
     from mlipuq.backends.pace import PaceBackend
     from mlipuq.backends.pace_fit import BASIS_PRESETS
-    from mlipuq.provenance import file_sha256
 
     train_file = Path(train_file)
     frames = read_training_set(train_file)
@@ -227,14 +227,8 @@ def _new_run(train_file, run_dir: Path, *, paths, preset, epochs, n_models, seed
         **_versions(),
         "elements": elements,
         "n_models": n_models,
-        "seeds": [seed + i for i in range(n_models)],
-        "model_ids": [f"model_{i}" for i in range(n_models)],
-        "train_file": train_file.name,
-        "train_sha256": file_sha256(train_file),
-        "val_fraction": None if val_file is not None else float(val_fraction),
-        "val_file": None if val_file is None else Path(val_file).name,
-        "train_frames": [int(i) for i in train_idx],
-        "val_frames": [int(i) for i in val_idx],
+        **split_meta(train_file, val_file=val_file, val_fraction=val_fraction,
+                     train_idx=train_idx, val_idx=val_idx, seed=seed, n_models=n_models),
         "trained_epochs": {},
     }
     if paths is None:

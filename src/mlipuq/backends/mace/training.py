@@ -57,6 +57,7 @@ from mlipuq.training_data import (
     fit_isolated_energies,
     read_isolated_energies,
     read_training_set,
+    split_meta,
     split_or_read_val,
 )
 
@@ -287,7 +288,6 @@ def train_ensemble(
 def _new_run(train_file, run_dir: Path, *, preset, epochs, n_models, seed, val_fraction,
              val_file, isolated_energies, log_mode, weights, threads, r_max,
              every_n_epochs, preset_overrides, overwrite) -> RunFolder:
-    from mlipuq.provenance import file_sha256
 
     train_file = Path(train_file)
     frames = read_training_set(train_file)
@@ -309,15 +309,8 @@ def _new_run(train_file, run_dir: Path, *, preset, epochs, n_models, seed, val_f
         "r_max": r_max,
         "epochs": epochs,
         "n_models": n_models,
-        "seeds": [seed + i for i in range(n_models)],
-        "model_ids": [f"model_{i}" for i in range(n_models)],
-        "train_file": train_file.name,
-        "train_sha256": file_sha256(train_file),
-        "val_fraction": None if val_file is not None else float(val_fraction),
-        "val_file": None if val_file is None else Path(val_file).name,
-        "val_sha256": None if val_file is None else file_sha256(Path(val_file)),
-        "train_frames": [int(i) for i in train_idx],
-        "val_frames": [int(i) for i in val_idx],
+        **split_meta(train_file, val_file=val_file, val_fraction=val_fraction,
+                     train_idx=train_idx, val_idx=val_idx, seed=seed, n_models=n_models),
         "isolated_energies": energies,
         "isolated_energies_source": source,
         "threads": threads,

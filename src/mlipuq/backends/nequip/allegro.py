@@ -198,20 +198,10 @@ class AllegroBackend(NequIPBackend):
         self.hooks_ = install_descriptor_hooks(self.model_)
 
     @classmethod
-    def uq_calculator(
-        cls,
-        run: RunFolder,
-        model_id: str,
-        *,
-        estimators: dict[str, Any] | str | None = "auto",
-        device: str = "cpu",
-        **kwargs: Any,
-    ) -> Any:
-        """:class:`AllegroUQCalculator` for member ``model_id`` (``estimators="auto"``:
-        the run's fitted methods that one forward pass can drive)."""
-        calculator_class = allegro_calculator_class()
-        return calculator_class.from_run(run.path, model_id=model_id, estimators=estimators,
-                                         device=device, **kwargs)
+    def calculator_class(cls) -> type:
+        """:class:`AllegroUQCalculator` (NequIP's calculator plus the descriptor hooks);
+        ``uq_calculator`` is NequIP's."""
+        return allegro_calculator_class()
 
     @classmethod
     def train(cls, train_file: str | os.PathLike, run_dir: str | os.PathLike,

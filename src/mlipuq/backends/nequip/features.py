@@ -406,12 +406,18 @@ class NequIPBackend:
         device: str = "cpu",
         **kwargs: Any,
     ) -> Any:
-        """:meth:`UQCalculator.from_run <mlipuq.backends.nequip.calculator.UQCalculator.from_run>`
-        for member ``model_id`` (``estimators="auto"``: the run's fitted LTAU)."""
+        """``from_run`` of :meth:`calculator_class` for member ``model_id``
+        (``estimators="auto"``: the run's fitted methods one forward pass can drive)."""
+        return cls.calculator_class().from_run(run.path, model_id=model_id,
+                                               estimators=estimators, device=device, **kwargs)
+
+    @classmethod
+    def calculator_class(cls) -> type:
+        """The ASE calculator class of this backend's models
+        (:class:`~mlipuq.backends.nequip.calculator.UQCalculator`)."""
         from mlipuq.backends.nequip.calculator import UQCalculator
 
-        return UQCalculator.from_run(run.path, model_id=model_id, estimators=estimators,
-                                     device=device, **kwargs)
+        return UQCalculator
 
     @classmethod
     def train(cls, train_file: str | os.PathLike, run_dir: str | os.PathLike,
